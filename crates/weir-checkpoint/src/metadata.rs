@@ -1,0 +1,128 @@
+//! The metadata model of a completed checkpoint: what `chk-<n>/_metadata` holds.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{CheckpointId, TaskId};
+
+/// The version of the `_metadata` format this build writes and reads.
+pub const METADATA_VERSION: u32 = 1;
+
+/// What Flink calls externalized checkpoint retention: what happens to checkpoints on cancel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum RetentionPolicy {
+    /// Keep retained checkpoints when the job is cancelled (Flink's `RETAIN_ON_CANCELLATION`).
+    #[default]
+    RetainOnCancellation,
+    /// Delete them on cancel (Flink's `DELETE_ON_CANCELLATION`).
+    DeleteOnCancellation,
+}
+
+/// One key group's block inside a state file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyGroupBlock {
+    /// The key group.
+    pub key_group: u32,
+    /// Byte offset of the block in the file.
+    pub offset: u64,
+    /// Length of the block in bytes.
+    pub len: u64,
+    /// crc32c of the block.
+    pub crc32c: u32,
+}
+
+/// A state file written by one subtask.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateFileHandle {
+    /// Path relative to the job's checkpoint directory (e.g. `chk-7/op1-0.state`).
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// crc32c of the whole file.
+    pub crc32c: u32,
+    /// The key-group index: which bytes hold which key group.
+    pub key_groups: Vec<KeyGroupBlock>,
+}
+
+/// A replayable source split's position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitOffset {
+    /// The split's id (stable across parallelism changes).
+    pub split: u64,
+    /// Records (or bytes, per source) consumed.
+    pub offset: u64,
+}
+
+/// The cost split of one subtask's part of a checkpoint (Flink's cost model).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubtaskStats {
+    /// Trigger → the subtask's input frontier passed the epoch (µs).
+    pub barrier_us: u64,
+    /// The synchronous pause of the snapshot (µs).
+    pub sync_us: u64,
+    /// The asynchronous write to checkpoint storage (µs).
+    pub async_us: u64,
+    /// Bytes written to checkpoint storage.
+    pub bytes: u64,
+    /// Entries in the subtask's state.
+    pub state_entries: u64,
+}
+
+/// What one subtask contributed to a checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubtaskSnapshot {
+    /// The operator's name (for humans; the id is what restores).
+    pub operator_name: String,
+    /// Keyed state files.
+    pub state_files: Vec<StateFileHandle>,
+    /// Source positions.
+    pub splits: Vec<SplitOffset>,
+    /// Cost split.
+    pub stats: SubtaskStats,
+}
+
+/// The `_metadata` of a completed checkpoint: it exists if and only if the checkpoint does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointMetadata {
+    /// Format version ([`METADATA_VERSION`]).
+    pub version: u32,
+    /// The job's name.
+    pub job: String,
+    /// The checkpoint id (= last epoch included).
+    pub id: CheckpointId,
+    /// Trigger time, ms since the Unix epoch.
+    pub triggered_ms: u64,
+    /// Completion time, ms since the Unix epoch.
+    pub completed_ms: u64,
+    /// Parallelism of the job when it was taken.
+    pub parallelism: u32,
+    /// Key groups (the upper bound of parallelism).
+    pub max_parallelism: u32,
+    /// Whether it is the final checkpoint of a bounded job.
+    pub is_final: bool,
+    /// One entry per stateful subtask.
+    pub subtasks: Vec<(TaskId, SubtaskSnapshot)>,
+}
+
+impl CheckpointMetadata {
+    /// Total bytes written by all subtasks.
+    pub fn bytes(&self) -> u64 {
+        self.subtasks.iter().map(|(_, s)| s.stats.bytes).sum()
+    }
+
+    /// Total state entries.
+    pub fn state_entries(&self) -> u64 {
+        self.subtasks.iter().map(|(_, s)| s.stats.state_entries).sum()
+    }
+
+    /// Trigger → completion.
+    pub fn duration_ms(&self) -> u64 {
+        self.completed_ms.saturating_sub(self.triggered_ms)
+    }
+
+    /// The largest of each cost component across subtasks (µs): (barrier, sync, async).
+    pub fn max_costs(&self) -> (u64, u64, u64) {
+        self.subtasks.iter().fold((0, 0, 0), |(b, s, a), (_, t)| {
+            (b.max(t.stats.barrier_us), s.max(t.stats.sync_us), a.max(t.stats.async_us))
+        })
+    }
+}
