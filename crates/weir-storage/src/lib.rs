@@ -1,0 +1,266 @@
+//! Checkpoint storage for Weir.
+//!
+//! Layout: `<dir>/<job>/chk-<n>/<files>` and `<dir>/<job>/chk-<n>/_metadata`, written last and
+//! atomically (temporary file, fsync, rename, fsync of the directory). A checkpoint without a
+//! valid `_metadata` does not exist. All access goes through `object_store`, so the same code
+//! serves a local directory (the default) and, later, S3-compatible stores.
+//!
+//! ```
+//! # let dir = std::env::temp_dir().join(format!("weir-doc-{}", std::process::id()));
+//! use weir_storage::CheckpointStorage;
+//! let storage = CheckpointStorage::open(dir.to_str().unwrap(), "job").unwrap();
+//! storage.put("chk-1/a.state", b"hello".to_vec()).unwrap();
+//! assert_eq!(&storage.read("chk-1/a.state").unwrap()[..], b"hello");
+//! assert!(storage.completed_checkpoints().unwrap().is_empty(), "no _metadata, no checkpoint");
+//! # std::fs::remove_dir_all(dir).ok();
+//! ```
+#![forbid(unsafe_code)]
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::executor::block_on;
+use futures::TryStreamExt;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use weir_checkpoint::{CheckpointId, CheckpointMetadata, METADATA_VERSION};
+
+/// Errors of checkpoint storage; each names the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// An I/O error on a file.
+    #[error("checkpoint storage: {op} {file}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        file: String,
+        /// The cause.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A file failed validation.
+    #[error("corrupt checkpoint file {file}: {what}")]
+    Corrupt {
+        /// The file.
+        file: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// The configured location cannot be used.
+    #[error("execution.checkpointing.dir: {0}")]
+    Location(String),
+}
+
+/// A job's checkpoint directory.
+#[derive(Clone, Debug)]
+pub struct CheckpointStorage {
+    store: Arc<dyn ObjectStore>,
+    /// The job directory on the local file system (for fsync and display).
+    local: PathBuf,
+}
+
+fn io(op: &'static str, file: String) -> impl FnOnce(object_store::Error) -> StorageError {
+    move |e| StorageError::Io { op, file, source: Box::new(e) }
+}
+
+fn std_io(op: &'static str, file: String) -> impl FnOnce(std::io::Error) -> StorageError {
+    move |e| StorageError::Io { op, file, source: Box::new(e) }
+}
+
+/// The directory name of checkpoint `id`.
+pub fn checkpoint_dir_name(id: CheckpointId) -> String {
+    format!("chk-{id}")
+}
+
+impl CheckpointStorage {
+    /// Open (creating) `<dir>/<job>`. `dir` is a local path or a `file://` URL.
+    pub fn open(dir: &str, job: &str) -> Result<Self, StorageError> {
+        let base = match dir.split_once("://") {
+            None => PathBuf::from(dir),
+            Some(("file", rest)) => PathBuf::from(rest),
+            Some((scheme, _)) => {
+                return Err(StorageError::Location(format!(
+                    "'{dir}': scheme '{scheme}://' is not built into this binary (supported: a local path, file://)"
+                )))
+            }
+        };
+        if job.is_empty() || job.contains('/') || job.starts_with('.') {
+            return Err(StorageError::Location(format!("job name '{job}' cannot name a directory")));
+        }
+        let local = base.join(job);
+        std::fs::create_dir_all(&local).map_err(std_io("create", local.display().to_string()))?;
+        let local = std::fs::canonicalize(&local).map_err(std_io("resolve", local.display().to_string()))?;
+        let fs = LocalFileSystem::new_with_prefix(&local)
+            .map_err(|e| StorageError::Location(format!("'{}': {e}", local.display())))?;
+        Ok(Self { store: Arc::new(fs), local })
+    }
+
+    /// Open the job directory that holds checkpoint directory `chk_dir` (`.../<job>/chk-<n>`),
+    /// returning the storage and `n`.
+    pub fn open_checkpoint_path(chk_dir: &str) -> Result<(Self, CheckpointId), StorageError> {
+        let p = PathBuf::from(chk_dir.trim_end_matches('/'));
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let id = name
+            .strip_prefix("chk-")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| StorageError::Location(format!("'{chk_dir}' is not a chk-<n> directory")))?;
+        let job_dir = p.parent().ok_or_else(|| StorageError::Location(format!("'{chk_dir}' has no parent")))?;
+        let job = job_dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let base = job_dir.parent().map(|b| b.to_path_buf()).unwrap_or_default();
+        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+        Ok((Self::open(base.to_str().unwrap_or("."), &job)?, id))
+    }
+
+    /// The job directory, for messages.
+    pub fn location(&self) -> &std::path::Path {
+        &self.local
+    }
+
+    /// The full name of a file, for messages.
+    pub fn display(&self, rel: &str) -> String {
+        self.local.join(rel).display().to_string()
+    }
+
+    /// Write a file durably (the object store's atomic put, then fsync).
+    pub fn put(&self, rel: &str, bytes: Vec<u8>) -> Result<(), StorageError> {
+        block_on(self.store.put(&Path::from(rel), PutPayload::from(bytes))).map_err(io("write", self.display(rel)))?;
+        self.fsync(rel)
+    }
+
+    fn fsync(&self, rel: &str) -> Result<(), StorageError> {
+        let full = self.local.join(rel);
+        std::fs::File::open(&full).and_then(|f| f.sync_all()).map_err(std_io("fsync", self.display(rel)))?;
+        if let Some(parent) = full.parent() {
+            std::fs::File::open(parent).and_then(|f| f.sync_all()).map_err(std_io("fsync", parent.display().to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Read a whole file.
+    pub fn read(&self, rel: &str) -> Result<Bytes, StorageError> {
+        let file = self.display(rel);
+        block_on(async { self.store.get(&Path::from(rel)).await?.bytes().await }).map_err(io("read", file))
+    }
+
+    /// Read a byte range of a file.
+    pub fn read_range(&self, rel: &str, range: Range<u64>) -> Result<Bytes, StorageError> {
+        block_on(self.store.get_range(&Path::from(rel), range)).map_err(io("read", self.display(rel)))
+    }
+
+    /// Commit checkpoint `meta.id`: write its `_metadata` atomically. After this returns, the
+    /// checkpoint exists.
+    pub fn commit_metadata(&self, meta: &CheckpointMetadata) -> Result<u64, StorageError> {
+        let rel = format!("{}/_metadata", checkpoint_dir_name(meta.id));
+        let mut body = serde_json::to_vec_pretty(meta).map_err(|e| StorageError::Corrupt {
+            file: self.display(&rel),
+            what: format!("cannot encode: {e}"),
+        })?;
+        let crc = crc32c::crc32c(&body);
+        body.extend_from_slice(format!("\ncrc32c:{crc:08x}\n").as_bytes());
+        let n = body.len() as u64;
+        self.put(&rel, body)?;
+        Ok(n)
+    }
+
+    /// Load and check the `_metadata` of checkpoint `id`.
+    pub fn load_metadata(&self, id: CheckpointId) -> Result<CheckpointMetadata, StorageError> {
+        let rel = format!("{}/_metadata", checkpoint_dir_name(id));
+        let file = self.display(&rel);
+        let bytes = self.read(&rel)?;
+        let corrupt = |what: String| StorageError::Corrupt { file: file.clone(), what };
+        let text = &bytes[..];
+        let split = text
+            .windows(8)
+            .rposition(|w| w == b"\ncrc32c:")
+            .ok_or_else(|| corrupt("truncated: no checksum trailer".into()))?;
+        let body = &text[..split];
+        let trailer = std::str::from_utf8(&text[split + 8..]).map_err(|_| corrupt("bad checksum trailer".into()))?;
+        let stored = u32::from_str_radix(trailer.trim(), 16).map_err(|_| corrupt("bad checksum trailer".into()))?;
+        let actual = crc32c::crc32c(body);
+        if stored != actual {
+            return Err(corrupt(format!("checksum mismatch: stored {stored:08x}, computed {actual:08x}")));
+        }
+        let meta: CheckpointMetadata = serde_json::from_slice(body).map_err(|e| corrupt(format!("{e}")))?;
+        if meta.version != METADATA_VERSION {
+            return Err(corrupt(format!("version {}, this build reads {METADATA_VERSION}", meta.version)));
+        }
+        if meta.id != id {
+            return Err(corrupt(format!("holds checkpoint {} where {id} was expected", meta.id)));
+        }
+        Ok(meta)
+    }
+
+    /// Check every state file of a checkpoint against the sizes and checksums in its metadata.
+    pub fn verify(&self, meta: &CheckpointMetadata) -> Result<(), StorageError> {
+        for (_, sub) in &meta.subtasks {
+            for f in &sub.state_files {
+                let bytes = self.read(&f.path)?;
+                let crc = crc32c::crc32c(&bytes);
+                if bytes.len() as u64 != f.size {
+                    return Err(StorageError::Corrupt {
+                        file: self.display(&f.path),
+                        what: format!("truncated: {} bytes, {} expected", bytes.len(), f.size),
+                    });
+                }
+                if crc != f.crc32c {
+                    return Err(StorageError::Corrupt {
+                        file: self.display(&f.path),
+                        what: format!("checksum mismatch: expected {:08x}, computed {crc:08x}", f.crc32c),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ids of checkpoints that have a `_metadata` file, ascending (not yet validated).
+    pub fn completed_checkpoints(&self) -> Result<Vec<CheckpointId>, StorageError> {
+        let listing = block_on(self.store.list_with_delimiter(None)).map_err(io("list", self.display("")))?;
+        let mut ids = Vec::new();
+        for p in listing.common_prefixes {
+            let Some(id) = p.as_ref().strip_prefix("chk-").and_then(|n| n.parse::<u64>().ok()) else { continue };
+            if self.local.join(format!("chk-{id}/_metadata")).exists() {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// The newest checkpoint whose metadata and files all check out, skipping (and reporting) the
+    /// corrupt ones: nothing corrupt is ever loaded.
+    pub fn latest_valid(&self) -> Result<(Option<CheckpointMetadata>, Vec<StorageError>), StorageError> {
+        let mut skipped = Vec::new();
+        for id in self.completed_checkpoints()?.into_iter().rev() {
+            match self.load_metadata(id).and_then(|m| self.verify(&m).map(|()| m)) {
+                Ok(m) => return Ok((Some(m), skipped)),
+                Err(e) => {
+                    tracing::error!("skipping checkpoint {id}: {e}");
+                    skipped.push(e);
+                }
+            }
+        }
+        Ok((None, skipped))
+    }
+
+    /// Delete checkpoint `id`: `_metadata` first, so a half-deleted checkpoint never looks valid.
+    pub fn discard(&self, id: CheckpointId) -> Result<(), StorageError> {
+        let dir = checkpoint_dir_name(id);
+        let meta = Path::from(format!("{dir}/_metadata"));
+        match block_on(self.store.delete(&meta)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(io("delete", self.display(&format!("{dir}/_metadata")))(e)),
+        }
+        let prefix = Path::from(dir.as_str());
+        let files: Vec<_> =
+            block_on(self.store.list(Some(&prefix)).try_collect::<Vec<_>>()).map_err(io("list", self.display(&dir)))?;
+        for f in files {
+            block_on(self.store.delete(&f.location)).map_err(io("delete", self.display(f.location.as_ref())))?;
+        }
+        std::fs::remove_dir_all(self.local.join(&dir)).ok();
+        Ok(())
+    }
+}
