@@ -33,6 +33,8 @@ pub struct KeyGroupBlock {
 /// A state file written by one subtask.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateFileHandle {
+    /// The state's name (as registered by the operator).
+    pub state: String,
     /// Path relative to the job's checkpoint directory (e.g. `chk-7/op1-0.state`).
     pub path: String,
     /// Size in bytes.

@@ -28,7 +28,6 @@ pub struct CowMap<K, V> {
 #[derive(Clone, Debug)]
 pub struct CowSnapshot<K, V> {
     range: KeyGroupRange,
-    max_parallelism: u32,
     shards: Vec<Shard<K, V>>,
 }
 
@@ -113,7 +112,7 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
 
     /// Freeze the current contents (O(shards)).
     pub fn snapshot(&self) -> CowSnapshot<K, V> {
-        CowSnapshot { range: self.range, max_parallelism: self.max_parallelism, shards: self.shards.clone() }
+        CowSnapshot { range: self.range, shards: self.shards.clone() }
     }
 
     /// Insert an entry read from a snapshot, checking that it belongs here.

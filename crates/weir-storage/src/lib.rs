@@ -230,6 +230,19 @@ impl CheckpointStorage {
         Ok(ids)
     }
 
+    /// Ids of checkpoints with a `_metadata` file (ascending), and the highest id of any
+    /// `chk-<n>` directory, complete or not (0 if none): new checkpoints must not reuse it.
+    pub fn checkpoint_ids(&self) -> Result<(Vec<CheckpointId>, CheckpointId), StorageError> {
+        let listing = block_on(self.store.list_with_delimiter(None)).map_err(io("list", self.display("")))?;
+        let newest = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.as_ref().strip_prefix("chk-").and_then(|n| n.parse::<u64>().ok()))
+            .max()
+            .unwrap_or(0);
+        Ok((self.completed_checkpoints()?, newest))
+    }
+
     /// The newest checkpoint whose metadata and files all check out, skipping (and reporting) the
     /// corrupt ones: nothing corrupt is ever loaded.
     pub fn latest_valid(&self) -> Result<(Option<CheckpointMetadata>, Vec<StorageError>), StorageError> {

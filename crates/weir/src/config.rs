@@ -1,0 +1,302 @@
+//! Job configuration with Flink 2.x key names.
+//!
+//! Every key is known and typed: an unknown key or an ill-typed value is refused at start, with
+//! the key and the expected type in the message. Flink 1.x names are accepted with a warning.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use weir_checkpoint::{CoordinatorConfig, RetentionPolicy};
+
+/// A configuration error: names the key and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config key '{key}': {message}")]
+pub struct ConfigError {
+    /// The key at fault.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The restart strategy after a failure (Flink's `restart-strategy.*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartStrategy {
+    /// Fail the job on the first failure.
+    None,
+    /// Restart from the latest checkpoint up to `attempts` times, `delay` apart.
+    FixedDelay {
+        /// Restarts allowed.
+        attempts: u32,
+        /// Wait before each restart.
+        delay: Duration,
+    },
+}
+
+/// Checkpointing settings (`execution.checkpointing.*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointSettings {
+    /// Periodic interval; `None` = checkpointing off.
+    pub interval: Option<Duration>,
+    /// Abort a checkpoint not complete after this long.
+    pub timeout: Duration,
+    /// Least pause between one checkpoint's completion and the next trigger.
+    pub min_pause: Duration,
+    /// Checkpoints pending at once.
+    pub max_concurrent: u32,
+    /// Consecutive failed checkpoints tolerated.
+    pub tolerable_failed: u32,
+    /// Completed checkpoints retained.
+    pub num_retained: u32,
+    /// Checkpoint directory (a local path or file:// URL).
+    pub dir: String,
+    /// What happens to checkpoints on cancel.
+    pub retention: RetentionPolicy,
+}
+
+impl CheckpointSettings {
+    /// The coordinator's view of these settings.
+    pub fn coordinator(&self) -> CoordinatorConfig {
+        CoordinatorConfig {
+            interval_ms: self.interval.map(|d| d.as_millis() as u64),
+            timeout_ms: self.timeout.as_millis() as u64,
+            min_pause_ms: self.min_pause.as_millis() as u64,
+            max_concurrent: self.max_concurrent as usize,
+            tolerable_failed: self.tolerable_failed,
+            num_retained: self.num_retained as usize,
+        }
+    }
+}
+
+/// A validated job configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobConfig {
+    /// Total parallelism (worker threads × processes).
+    pub parallelism: u32,
+    /// Key groups.
+    pub max_parallelism: u32,
+    /// Checkpointing.
+    pub checkpoint: CheckpointSettings,
+    /// Restart strategy.
+    pub restart: RestartStrategy,
+    /// Records a source emits per batch.
+    pub source_batch: usize,
+    /// Batches a source may have in flight (not yet through every sink): the flow-control window.
+    pub max_inflight_batches: usize,
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        JobConfig::from_pairs(std::iter::empty::<(String, String)>()).expect("defaults are valid")
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    DurationOrOff,
+    Duration,
+    Int { min: u64, max: u64 },
+    Str,
+    Enum(&'static [&'static str]),
+}
+
+impl Kind {
+    fn describe(&self) -> String {
+        match self {
+            Kind::DurationOrOff => "a duration (e.g. 200ms, 10 s, 1 min) or 'off'".into(),
+            Kind::Duration => "a duration (e.g. 200ms, 10 s, 1 min)".into(),
+            Kind::Int { min, max } => format!("an integer in {min}..={max}"),
+            Kind::Str => "a string".into(),
+            Kind::Enum(v) => format!("one of {}", v.join(", ")),
+        }
+    }
+}
+
+const KEYS: &[(&str, Kind, &str)] = &[
+    ("execution.checkpointing.interval", Kind::DurationOrOff, "off"),
+    ("execution.checkpointing.timeout", Kind::Duration, "10 min"),
+    ("execution.checkpointing.min-pause", Kind::Duration, "0 ms"),
+    ("execution.checkpointing.max-concurrent-checkpoints", Kind::Int { min: 1, max: 64 }, "1"),
+    ("execution.checkpointing.tolerable-failed-checkpoints", Kind::Int { min: 0, max: u32::MAX as u64 }, "0"),
+    ("execution.checkpointing.num-retained", Kind::Int { min: 1, max: 1000 }, "1"),
+    ("execution.checkpointing.dir", Kind::Str, "weir-checkpoints"),
+    (
+        "execution.checkpointing.externalized-checkpoint-retention",
+        Kind::Enum(&["RETAIN_ON_CANCELLATION", "DELETE_ON_CANCELLATION", "NO_EXTERNALIZED_CHECKPOINTS"]),
+        "RETAIN_ON_CANCELLATION",
+    ),
+    ("state.backend.type", Kind::Enum(&["hashmap", "heap"]), "hashmap"),
+    ("parallelism.default", Kind::Int { min: 1, max: 32768 }, "1"),
+    ("pipeline.max-parallelism", Kind::Int { min: 1, max: 32768 }, "128"),
+    ("restart-strategy.type", Kind::Enum(&["none", "off", "disable", "fixed-delay", "fixeddelay"]), ""),
+    ("restart-strategy.fixed-delay.attempts", Kind::Int { min: 0, max: u32::MAX as u64 }, "10"),
+    ("restart-strategy.fixed-delay.delay", Kind::Duration, "1 s"),
+    ("weir.source.batch-size", Kind::Int { min: 1, max: 1 << 20 }, "4096"),
+    ("weir.source.max-inflight-batches", Kind::Int { min: 1, max: 1 << 16 }, "16"),
+];
+
+/// Flink 1.x names and the keys that replace them.
+const DEPRECATED: &[(&str, &str)] = &[
+    ("state.checkpoints.dir", "execution.checkpointing.dir"),
+    ("state.checkpoints.num-retained", "execution.checkpointing.num-retained"),
+    ("state.backend", "state.backend.type"),
+    ("restart-strategy", "restart-strategy.type"),
+    ("execution.checkpointing.externalized-checkpoint-retention.mode", "execution.checkpointing.externalized-checkpoint-retention"),
+];
+
+/// The keys this build knows, with their defaults (for documentation and `weir config`).
+pub fn known_keys() -> impl Iterator<Item = (&'static str, String, &'static str)> {
+    KEYS.iter().map(|(k, kind, d)| (*k, kind.describe(), *d))
+}
+
+/// Parse a Flink-style duration: `500ms`, `10 s`, `1min`, `2 h`; a bare number is milliseconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let ms = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "ms" | "milli" | "millis" | "millisecond" | "milliseconds" => 1.0,
+        "s" | "sec" | "secs" | "second" | "seconds" => 1e3,
+        "m" | "min" | "mins" | "minute" | "minutes" => 60e3,
+        "h" | "hour" | "hours" => 3600e3,
+        "d" | "day" | "days" => 86_400e3,
+        "us" | "µs" | "micro" | "micros" => 1e-3,
+        _ => return None,
+    };
+    Some(Duration::from_micros((n * ms * 1e3) as u64))
+}
+
+impl JobConfig {
+    /// Validate `key = value` pairs (later pairs override earlier ones).
+    pub fn from_pairs<K: AsRef<str>, V: AsRef<str>>(pairs: impl IntoIterator<Item = (K, V)>) -> Result<Self, ConfigError> {
+        let mut map: BTreeMap<&'static str, String> = BTreeMap::new();
+        for (k, v) in pairs {
+            let (k, v) = (k.as_ref().trim(), v.as_ref().trim());
+            let key = match DEPRECATED.iter().find(|(old, _)| *old == k) {
+                Some((old, new)) => {
+                    tracing::warn!("config key '{old}' is deprecated: use '{new}'");
+                    *new
+                }
+                None => k,
+            };
+            let Some((name, kind, _)) = KEYS.iter().find(|(n, _, _)| *n == key) else {
+                let hint = KEYS
+                    .iter()
+                    .map(|(n, _, _)| *n)
+                    .find(|n| n.rsplit('.').next() == key.rsplit('.').next())
+                    .map(|n| format!(" (did you mean '{n}'?)"))
+                    .unwrap_or_default();
+                return Err(ConfigError { key: k.to_string(), message: format!("unknown key{hint}") });
+            };
+            check(name, *kind, v)?;
+            map.insert(name, v.to_string());
+        }
+        let get = |k: &str| -> String {
+            map.get(k).cloned().unwrap_or_else(|| KEYS.iter().find(|(n, _, _)| *n == k).expect("known").2.to_string())
+        };
+        let dur = |k: &str| parse_duration(&get(k)).expect("checked");
+        let int = |k: &str| get(k).parse::<u64>().expect("checked");
+        let interval = match get("execution.checkpointing.interval").as_str() {
+            "off" | "" | "none" => None,
+            v => Some(parse_duration(v).expect("checked")).filter(|d| !d.is_zero()),
+        };
+        let retention = match get("execution.checkpointing.externalized-checkpoint-retention").as_str() {
+            "DELETE_ON_CANCELLATION" => RetentionPolicy::DeleteOnCancellation,
+            _ => RetentionPolicy::RetainOnCancellation,
+        };
+        let restart = match get("restart-strategy.type").as_str() {
+            "none" | "off" | "disable" => RestartStrategy::None,
+            "" if interval.is_none() => RestartStrategy::None,
+            _ => RestartStrategy::FixedDelay {
+                attempts: int("restart-strategy.fixed-delay.attempts") as u32,
+                delay: dur("restart-strategy.fixed-delay.delay"),
+            },
+        };
+        let parallelism = int("parallelism.default") as u32;
+        let max_parallelism = int("pipeline.max-parallelism") as u32;
+        if parallelism > max_parallelism {
+            return Err(ConfigError {
+                key: "parallelism.default".into(),
+                message: format!("{parallelism} exceeds pipeline.max-parallelism {max_parallelism}"),
+            });
+        }
+        Ok(JobConfig {
+            parallelism,
+            max_parallelism,
+            checkpoint: CheckpointSettings {
+                interval,
+                timeout: dur("execution.checkpointing.timeout"),
+                min_pause: dur("execution.checkpointing.min-pause"),
+                max_concurrent: int("execution.checkpointing.max-concurrent-checkpoints") as u32,
+                tolerable_failed: int("execution.checkpointing.tolerable-failed-checkpoints") as u32,
+                num_retained: int("execution.checkpointing.num-retained") as u32,
+                dir: get("execution.checkpointing.dir"),
+                retention,
+            },
+            restart,
+            source_batch: int("weir.source.batch-size") as usize,
+            max_inflight_batches: int("weir.source.max-inflight-batches") as usize,
+        })
+    }
+}
+
+fn check(key: &str, kind: Kind, v: &str) -> Result<(), ConfigError> {
+    let ok = match kind {
+        Kind::DurationOrOff => matches!(v, "off" | "none") || parse_duration(v).is_some(),
+        Kind::Duration => parse_duration(v).is_some(),
+        Kind::Int { min, max } => v.parse::<u64>().is_ok_and(|n| n >= min && n <= max),
+        Kind::Str => !v.is_empty(),
+        Kind::Enum(values) => values.contains(&v),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError { key: key.to_string(), message: format!("expected {}, got '{v}'", kind.describe()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("200ms"), Some(Duration::from_millis(200)));
+        assert_eq!(parse_duration("10 s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1 min"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1500"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("ten"), None);
+        assert_eq!(parse_duration("5 parsecs"), None);
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = JobConfig::default();
+        assert_eq!(c.checkpoint.interval, None);
+        assert_eq!(c.restart, RestartStrategy::None);
+        let c = JobConfig::from_pairs([
+            ("execution.checkpointing.interval", "1s"),
+            ("parallelism.default", "2"),
+            ("state.checkpoints.dir", "/tmp/x"),
+            ("execution.checkpointing.interval", "200ms"),
+        ])
+        .unwrap();
+        assert_eq!(c.checkpoint.interval, Some(Duration::from_millis(200)));
+        assert_eq!(c.checkpoint.dir, "/tmp/x");
+        assert_eq!(c.parallelism, 2);
+        assert!(matches!(c.restart, RestartStrategy::FixedDelay { attempts: 10, .. }));
+    }
+
+    #[test]
+    fn bad_config_names_key_and_type() {
+        let e = JobConfig::from_pairs([("execution.checkpointing.interval", "soon")]).unwrap_err();
+        assert_eq!(e.key, "execution.checkpointing.interval");
+        assert!(e.to_string().contains("expected a duration"), "{e}");
+        let e = JobConfig::from_pairs([("parallelism.default", "-1")]).unwrap_err();
+        assert!(e.to_string().contains("an integer in 1..=32768"), "{e}");
+        let e = JobConfig::from_pairs([("execution.checkpoint.interval", "1s")]).unwrap_err();
+        assert!(e.to_string().contains("unknown key (did you mean 'execution.checkpointing.interval'?)"), "{e}");
+        let e = JobConfig::from_pairs([("state.backend.type", "rocks")]).unwrap_err();
+        assert!(e.to_string().contains("one of hashmap, heap"), "{e}");
+    }
+}

@@ -1,0 +1,89 @@
+//! The control plane: messages between the coordinator (worker 0) and every worker, and each
+//! worker's view of them.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+use timely::scheduling::Activator;
+use weir_checkpoint::{CheckpointId, SubtaskSnapshot, TaskId};
+
+/// Coordinator → every worker (broadcast).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) enum Control {
+    /// Inject barrier `id` at the sources.
+    Trigger { id: CheckpointId, at_us: u64, is_final: bool },
+    /// Checkpoint `id` is committed: sinks commit epochs `<= id`.
+    Notify { id: CheckpointId },
+    /// The final checkpoint is committed: stop.
+    Finish,
+    /// The job failed: stop and restart per strategy.
+    Fail { reason: String },
+}
+
+/// Every worker → coordinator (exchanged to worker 0).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) enum AckMsg {
+    Ack { id: CheckpointId, task: TaskId, snapshot: SubtaskSnapshot },
+    Decline { id: CheckpointId, task: TaskId, reason: String },
+    SourceFinished { task: TaskId },
+}
+
+/// A barrier for one source.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Trigger {
+    pub id: CheckpointId,
+    pub is_final: bool,
+}
+
+type Committer = Box<dyn FnMut(CheckpointId) -> Result<(), String>>;
+
+/// What one worker knows of the control plane; shared by its operators (single-threaded).
+#[derive(Default)]
+pub(crate) struct WorkerShared {
+    pub source_triggers: Vec<VecDeque<Trigger>>,
+    pub activators: Vec<Activator>,
+    pub trigger_us: BTreeMap<CheckpointId, u64>,
+    pub notified: CheckpointId,
+    pub final_id: Option<CheckpointId>,
+    pub outbox: Vec<AckMsg>,
+    pub finish: bool,
+    pub fail: Option<String>,
+    pub committers: Vec<Committer>,
+}
+
+impl WorkerShared {
+    pub(crate) fn on_control(&mut self, c: &Control) {
+        match c {
+            Control::Trigger { id, at_us, is_final } => {
+                self.trigger_us.insert(*id, *at_us);
+                if *is_final {
+                    self.final_id = Some(*id);
+                }
+                for q in &mut self.source_triggers {
+                    q.push_back(Trigger { id: *id, is_final: *is_final });
+                }
+                for a in &self.activators {
+                    a.activate();
+                }
+            }
+            Control::Notify { id } => {
+                self.notified = self.notified.max(*id);
+                // Trigger times of committed checkpoints are no longer needed.
+                self.trigger_us = self.trigger_us.split_off(&(*id + 1));
+            }
+            Control::Finish => self.finish = true,
+            Control::Fail { reason } => {
+                if self.fail.is_none() {
+                    self.fail = Some(reason.clone());
+                }
+            }
+        }
+    }
+
+    /// Record a failure of this worker (the first one wins).
+    pub(crate) fn set_fail(&mut self, reason: String) {
+        if self.fail.is_none() {
+            self.fail = Some(reason);
+        }
+    }
+}

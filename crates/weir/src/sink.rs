@@ -1,0 +1,267 @@
+//! Sinks. A sink writes each epoch as one transaction: pre-committed (made durable) when the
+//! epoch closes at the sink, committed when the checkpoint that closes it completes.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+use crate::row::Row;
+
+/// A sink failed; the message names the file.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct SinkError(pub String);
+
+/// Where a sink instance runs.
+#[derive(Debug, Clone, Copy)]
+pub struct SinkContext {
+    /// This instance.
+    pub subtask: u32,
+    /// Instances in all.
+    pub parallelism: u32,
+    /// The checkpoint the job restored from: pending transactions of epochs up to it commit,
+    /// later ones are discarded.
+    pub restored: Option<u64>,
+}
+
+/// A transactional sink.
+pub trait Sink<T>: 'static {
+    /// Open instance `ctx.subtask`, recovering its predecessors' transactions.
+    fn open(&self, ctx: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError>;
+}
+
+/// One sink instance.
+pub trait SinkWriter<T> {
+    /// Write records of `epoch` (drains `batch`).
+    fn write(&mut self, epoch: u64, batch: &mut Vec<T>) -> Result<(), SinkError>;
+    /// Epoch `epoch` is closed here: make it durable (phase one). Returns bytes written.
+    fn pre_commit(&mut self, epoch: u64) -> Result<u64, SinkError>;
+    /// Checkpoint `upto` completed: publish every pre-committed epoch `<= upto` (phase two).
+    fn commit(&mut self, upto: u64) -> Result<(), SinkError>;
+}
+
+/// Discards everything (Flink's blackhole connector), for benchmarks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BlackholeSink;
+
+impl<T: 'static> Sink<T> for BlackholeSink {
+    fn open(&self, _: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError> {
+        Ok(Box::new(BlackholeSink))
+    }
+}
+
+impl<T> SinkWriter<T> for BlackholeSink {
+    fn write(&mut self, _: u64, batch: &mut Vec<T>) -> Result<(), SinkError> {
+        batch.clear();
+        Ok(())
+    }
+    fn pre_commit(&mut self, _: u64) -> Result<u64, SinkError> {
+        Ok(0)
+    }
+    fn commit(&mut self, _: u64) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+/// Collects committed records in memory (tests and examples). Exactly once within a process.
+pub struct CollectSink<T> {
+    committed: Arc<Mutex<Vec<T>>>,
+}
+
+impl<T> Clone for CollectSink<T> {
+    fn clone(&self) -> Self {
+        Self { committed: self.committed.clone() }
+    }
+}
+
+impl<T> Default for CollectSink<T> {
+    fn default() -> Self {
+        Self { committed: Arc::default() }
+    }
+}
+
+impl<T> CollectSink<T> {
+    /// An empty sink.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Take what was committed so far.
+    pub fn take(&self) -> Vec<T> {
+        std::mem::take(&mut *self.committed.lock().expect("collect sink"))
+    }
+}
+
+struct CollectWriter<T> {
+    committed: Arc<Mutex<Vec<T>>>,
+    pending: BTreeMap<u64, Vec<T>>,
+}
+
+impl<T: 'static> Sink<T> for CollectSink<T> {
+    fn open(&self, _: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError> {
+        Ok(Box::new(CollectWriter { committed: self.committed.clone(), pending: BTreeMap::new() }))
+    }
+}
+
+impl<T> SinkWriter<T> for CollectWriter<T> {
+    fn write(&mut self, epoch: u64, batch: &mut Vec<T>) -> Result<(), SinkError> {
+        self.pending.entry(epoch).or_default().append(batch);
+        Ok(())
+    }
+    fn pre_commit(&mut self, _: u64) -> Result<u64, SinkError> {
+        Ok(0)
+    }
+    fn commit(&mut self, upto: u64) -> Result<(), SinkError> {
+        let later = self.pending.split_off(&(upto + 1));
+        let mut c = self.committed.lock().expect("collect sink");
+        for (_, mut v) in std::mem::replace(&mut self.pending, later) {
+            c.append(&mut v);
+        }
+        Ok(())
+    }
+}
+
+/// Formats one record as bytes (a line, with its newline).
+pub type Formatter<T> = Rc<dyn Fn(&T, &mut Vec<u8>)>;
+
+/// An exactly-once file sink (two-phase commit over renames).
+///
+/// Instance `s` writes epoch `e` into `.part-<s>-<e>.inprogress`; when `e` closes it is flushed,
+/// fsynced and renamed `.part-<s>-<e>.pending`; when the checkpoint that closes `e` completes it
+/// is renamed `part-<s>-<e>`. Hidden files are never output. On restore from checkpoint `n`,
+/// pending files of epochs `<= n` are committed and all other hidden files are deleted.
+pub struct FileSink<T> {
+    dir: PathBuf,
+    format: Formatter<T>,
+}
+
+impl FileSink<Row> {
+    /// Rows as CSV lines.
+    pub fn csv(dir: impl Into<PathBuf>) -> Self {
+        FileSink::new(dir, |r: &Row, out: &mut Vec<u8>| r.write_csv(out))
+    }
+}
+
+impl<T> FileSink<T> {
+    /// A sink into directory `dir`, formatting records with `format`.
+    pub fn new(dir: impl Into<PathBuf>, format: impl Fn(&T, &mut Vec<u8>) + 'static) -> Self {
+        Self { dir: dir.into(), format: Rc::new(format) }
+    }
+}
+
+fn io_err(what: &str, path: &Path, e: std::io::Error) -> SinkError {
+    SinkError(format!("file sink: {what} {}: {e}", path.display()))
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), SinkError> {
+    File::open(dir).and_then(|f| f.sync_all()).map_err(|e| io_err("fsync", dir, e))
+}
+
+/// `(subtask, epoch, suffix)` of a hidden part file name.
+fn parse_hidden(name: &str) -> Option<(u32, u64, &str)> {
+    let rest = name.strip_prefix(".part-")?;
+    let (stem, suffix) = rest.split_once('.')?;
+    let (s, e) = stem.split_once('-')?;
+    Some((s.parse().ok()?, e.parse().ok()?, suffix))
+}
+
+fn part_name(subtask: u32, epoch: u64) -> String {
+    format!("part-{subtask:05}-{epoch:012}")
+}
+
+struct FileSinkWriter<T> {
+    dir: PathBuf,
+    subtask: u32,
+    format: Formatter<T>,
+    open: Option<(u64, BufWriter<File>, u64)>,
+    pending: Vec<u64>,
+    buf: Vec<u8>,
+}
+
+impl<T: 'static> Sink<T> for FileSink<T> {
+    fn open(&self, ctx: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| io_err("create", &self.dir, e))?;
+        // Recover the transactions of every earlier instance this one inherits.
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| io_err("list", &self.dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| io_err("list", &self.dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some((sub, epoch, suffix)) = parse_hidden(&name) else { continue };
+            if sub % ctx.parallelism != ctx.subtask {
+                continue;
+            }
+            let path = entry.path();
+            if suffix == "pending" && ctx.restored.is_some_and(|n| epoch <= n) {
+                let to = self.dir.join(part_name(sub, epoch));
+                std::fs::rename(&path, &to).map_err(|e| io_err("commit", &path, e))?;
+            } else {
+                std::fs::remove_file(&path).map_err(|e| io_err("discard", &path, e))?;
+            }
+        }
+        fsync_dir(&self.dir)?;
+        Ok(Box::new(FileSinkWriter {
+            dir: self.dir.clone(),
+            subtask: ctx.subtask,
+            format: self.format.clone(),
+            open: None,
+            pending: Vec::new(),
+            buf: Vec::with_capacity(1 << 16),
+        }))
+    }
+}
+
+impl<T> FileSinkWriter<T> {
+    fn hidden(&self, epoch: u64, suffix: &str) -> PathBuf {
+        self.dir.join(format!(".part-{:05}-{epoch:012}.{suffix}", self.subtask))
+    }
+}
+
+impl<T> SinkWriter<T> for FileSinkWriter<T> {
+    fn write(&mut self, epoch: u64, batch: &mut Vec<T>) -> Result<(), SinkError> {
+        if self.open.as_ref().is_some_and(|(e, _, _)| *e != epoch) {
+            return Err(SinkError(format!("file sink: epoch {epoch} written before the previous one closed")));
+        }
+        if self.open.is_none() {
+            let path = self.hidden(epoch, "inprogress");
+            let f = OpenOptions::new().create(true).write(true).truncate(true).open(&path).map_err(|e| io_err("create", &path, e))?;
+            self.open = Some((epoch, BufWriter::with_capacity(1 << 16, f), 0));
+        }
+        self.buf.clear();
+        for r in batch.drain(..) {
+            (self.format)(&r, &mut self.buf);
+        }
+        let (_, w, bytes) = self.open.as_mut().expect("open");
+        w.write_all(&self.buf).map_err(|e| SinkError(format!("file sink: write {}: {e}", self.dir.display())))?;
+        *bytes += self.buf.len() as u64;
+        Ok(())
+    }
+
+    fn pre_commit(&mut self, epoch: u64) -> Result<u64, SinkError> {
+        let Some((e, w, bytes)) = self.open.take() else { return Ok(0) };
+        debug_assert_eq!(e, epoch);
+        let from = self.hidden(e, "inprogress");
+        let f = w.into_inner().map_err(|e| io_err("flush", &from, e.into_error()))?;
+        f.sync_data().map_err(|e| io_err("fsync", &from, e))?;
+        let to = self.hidden(e, "pending");
+        std::fs::rename(&from, &to).map_err(|err| io_err("rename", &from, err))?;
+        fsync_dir(&self.dir)?;
+        self.pending.push(e);
+        Ok(bytes)
+    }
+
+    fn commit(&mut self, upto: u64) -> Result<(), SinkError> {
+        let mut any = false;
+        for &e in self.pending.iter().filter(|&&e| e <= upto) {
+            let from = self.hidden(e, "pending");
+            std::fs::rename(&from, self.dir.join(part_name(self.subtask, e))).map_err(|err| io_err("commit", &from, err))?;
+            any = true;
+        }
+        self.pending.retain(|&e| e > upto);
+        if any {
+            fsync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+}

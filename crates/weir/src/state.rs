@@ -1,0 +1,246 @@
+//! Keyed state for process functions: [`ValueState`], [`MapState`], [`ListState`].
+//!
+//! A keyed operator owns a [`StateTables`] holding one copy-on-write map per registered state.
+//! A function registers its states in [`KeyedProcessFunction::open`] and reads or writes them for
+//! the current key through a [`KeyedContext`].
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::marker::PhantomData;
+
+use weir_state::cow::CowMap;
+use weir_state::format::{read_block, write_snapshot, WrittenSnapshot};
+use weir_state::keygroup::KeyGroupRange;
+use weir_state::StateError;
+use weir_checkpoint::KeyGroupBlock;
+
+use crate::{Data, Key};
+
+/// The serialiser of one state's snapshot, run on a background thread.
+pub(crate) type SnapshotJob = Box<dyn FnOnce() -> Result<WrittenSnapshot, StateError> + Send>;
+
+/// One registered state, type-erased.
+pub(crate) trait StateTable<K>: Any {
+    fn name(&self) -> &str;
+    fn snapshot(&self) -> SnapshotJob;
+    fn restore_block(&mut self, bytes: &[u8], block: &KeyGroupBlock, file: &str) -> Result<(), StateError>;
+    fn len(&self) -> usize;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+    fn as_any(&self) -> &dyn Any;
+}
+
+struct Table<K, V> {
+    name: String,
+    map: CowMap<K, V>,
+}
+
+impl<K: Key, V: Data + Sync> StateTable<K> for Table<K, V> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn snapshot(&self) -> SnapshotJob {
+        let snap = self.map.snapshot();
+        Box::new(move || write_snapshot(&snap))
+    }
+    fn restore_block(&mut self, bytes: &[u8], block: &KeyGroupBlock, file: &str) -> Result<(), StateError> {
+        read_block(&mut self.map, bytes, block, file)
+    }
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// All states of one keyed operator instance.
+pub struct StateTables<K> {
+    range: KeyGroupRange,
+    max_parallelism: u32,
+    pub(crate) tables: Vec<Box<dyn StateTable<K>>>,
+}
+
+impl<K: Key> StateTables<K> {
+    pub(crate) fn new(range: KeyGroupRange, max_parallelism: u32) -> Self {
+        Self { range, max_parallelism, tables: Vec::new() }
+    }
+
+    fn register<V: Data + Sync>(&mut self, name: &str) -> usize {
+        assert!(
+            self.tables.iter().all(|t| t.name() != name),
+            "state '{name}' is registered twice in one operator"
+        );
+        self.tables.push(Box::new(Table::<K, V> {
+            name: name.to_string(),
+            map: CowMap::new(self.range, self.max_parallelism),
+        }));
+        self.tables.len() - 1
+    }
+
+    /// Register a value per key.
+    pub fn value_state<V: Data + Sync>(&mut self, name: &str) -> ValueState<V> {
+        ValueState { idx: self.register::<V>(name), _v: PhantomData }
+    }
+
+    /// Register a map per key.
+    pub fn map_state<UK: Key, UV: Data + Sync>(&mut self, name: &str) -> MapState<UK, UV> {
+        MapState { idx: self.register::<HashMap<UK, UV>>(name), _v: PhantomData }
+    }
+
+    /// Register a list per key.
+    pub fn list_state<V: Data + Sync>(&mut self, name: &str) -> ListState<V> {
+        ListState { idx: self.register::<Vec<V>>(name), _v: PhantomData }
+    }
+
+    #[inline]
+    fn map<V: 'static>(&mut self, idx: usize) -> &mut CowMap<K, V> {
+        &mut self.tables[idx].as_any_mut().downcast_mut::<Table<K, V>>().expect("state handle of another type").map
+    }
+
+    #[inline]
+    fn map_ref<V: 'static>(&self, idx: usize) -> &CowMap<K, V> {
+        &self.tables[idx].as_any().downcast_ref::<Table<K, V>>().expect("state handle of another type").map
+    }
+
+    /// Entries across all states.
+    pub fn entries(&self) -> usize {
+        self.tables.iter().map(|t| t.len()).sum()
+    }
+}
+
+/// The current key and its state, handed to [`KeyedProcessFunction::process`].
+pub struct KeyedContext<'a, K> {
+    pub(crate) key: &'a K,
+    pub(crate) tables: &'a mut StateTables<K>,
+}
+
+impl<K: Key> KeyedContext<'_, K> {
+    /// The key of the record being processed.
+    pub fn key(&self) -> &K {
+        self.key
+    }
+}
+
+/// A value per key.
+pub struct ValueState<V> {
+    idx: usize,
+    _v: PhantomData<fn() -> V>,
+}
+
+impl<V> Clone for ValueState<V> {
+    fn clone(&self) -> Self {
+        Self { idx: self.idx, _v: PhantomData }
+    }
+}
+
+impl<V: Data + Sync> ValueState<V> {
+    /// The current key's value.
+    #[inline]
+    pub fn get<'c, K: Key>(&self, ctx: &'c KeyedContext<'_, K>) -> Option<&'c V> {
+        ctx.tables.map_ref::<V>(self.idx).get(ctx.key)
+    }
+
+    /// The current key's value for update, inserting `init()` if absent.
+    #[inline]
+    pub fn get_or_insert_with<'c, K: Key>(&self, ctx: &'c mut KeyedContext<'_, K>, init: impl FnOnce() -> V) -> &'c mut V {
+        let key = ctx.key;
+        let map = ctx.tables.map::<V>(self.idx);
+        if map.get(key).is_none() {
+            map.insert(key.clone(), init());
+        }
+        map.get_mut(key).expect("just inserted")
+    }
+
+    /// Set the current key's value.
+    #[inline]
+    pub fn set<K: Key>(&self, ctx: &mut KeyedContext<'_, K>, value: V) {
+        let key = ctx.key.clone();
+        ctx.tables.map::<V>(self.idx).insert(key, value);
+    }
+
+    /// Remove the current key's value.
+    pub fn clear<K: Key>(&self, ctx: &mut KeyedContext<'_, K>) {
+        let key = ctx.key;
+        ctx.tables.map::<V>(self.idx).remove(key);
+    }
+}
+
+/// A map per key.
+pub struct MapState<UK, UV> {
+    idx: usize,
+    _v: PhantomData<fn() -> (UK, UV)>,
+}
+
+impl<UK: Key, UV: Data + Sync> MapState<UK, UV> {
+    /// The current key's entry `uk`.
+    pub fn get<'c, K: Key>(&self, ctx: &'c KeyedContext<'_, K>, uk: &UK) -> Option<&'c UV> {
+        ctx.tables.map_ref::<HashMap<UK, UV>>(self.idx).get(ctx.key).and_then(|m| m.get(uk))
+    }
+
+    /// Put `uk -> uv` for the current key.
+    pub fn put<K: Key>(&self, ctx: &mut KeyedContext<'_, K>, uk: UK, uv: UV) {
+        let key = ctx.key;
+        let map = ctx.tables.map::<HashMap<UK, UV>>(self.idx);
+        match map.get_mut(key) {
+            Some(m) => {
+                m.insert(uk, uv);
+            }
+            None => {
+                map.insert(key.clone(), HashMap::from([(uk, uv)]));
+            }
+        }
+    }
+
+    /// Remove `uk` for the current key.
+    pub fn remove<K: Key>(&self, ctx: &mut KeyedContext<'_, K>, uk: &UK) -> Option<UV> {
+        let key = ctx.key;
+        ctx.tables.map::<HashMap<UK, UV>>(self.idx).get_mut(key).and_then(|m| m.remove(uk))
+    }
+
+    /// The current key's entries.
+    pub fn entries<'c, K: Key>(&self, ctx: &'c KeyedContext<'_, K>) -> impl Iterator<Item = (&'c UK, &'c UV)> {
+        ctx.tables.map_ref::<HashMap<UK, UV>>(self.idx).get(ctx.key).into_iter().flat_map(|m| m.iter())
+    }
+}
+
+/// A list per key.
+pub struct ListState<V> {
+    idx: usize,
+    _v: PhantomData<fn() -> V>,
+}
+
+impl<V: Data + Sync> ListState<V> {
+    /// Append to the current key's list.
+    pub fn add<K: Key>(&self, ctx: &mut KeyedContext<'_, K>, v: V) {
+        let key = ctx.key;
+        let map = ctx.tables.map::<Vec<V>>(self.idx);
+        match map.get_mut(key) {
+            Some(l) => l.push(v),
+            None => {
+                map.insert(key.clone(), vec![v]);
+            }
+        }
+    }
+
+    /// The current key's list.
+    pub fn get<'c, K: Key>(&self, ctx: &'c KeyedContext<'_, K>) -> &'c [V] {
+        ctx.tables.map_ref::<Vec<V>>(self.idx).get(ctx.key).map(|v| v.as_slice()).unwrap_or(&[])
+    }
+
+    /// Clear the current key's list.
+    pub fn clear<K: Key>(&self, ctx: &mut KeyedContext<'_, K>) {
+        let key = ctx.key;
+        ctx.tables.map::<Vec<V>>(self.idx).remove(key);
+    }
+}
+
+/// A keyed process function (Flink's `KeyedProcessFunction`): one instance per worker.
+pub trait KeyedProcessFunction<K, I, O>: 'static {
+    /// Register states (called once per instance, before any record).
+    fn open(&mut self, states: &mut StateTables<K>);
+    /// Process one record of the current key; emit into `out`.
+    fn process(&mut self, ctx: &mut KeyedContext<'_, K>, value: I, out: &mut Vec<O>);
+}
