@@ -106,9 +106,9 @@ pub struct CheckpointMetadata {
 }
 
 impl CheckpointMetadata {
-    /// Total bytes written by all subtasks.
+    /// Bytes of state written to checkpoint storage (sinks' own output not included).
     pub fn bytes(&self) -> u64 {
-        self.subtasks.iter().map(|(_, s)| s.stats.bytes).sum()
+        self.subtasks.iter().flat_map(|(_, s)| s.state_files.iter().map(|f| f.size)).sum()
     }
 
     /// Total state entries.

@@ -1,1 +1,575 @@
-//! YAML jobs.
+//! Declarative YAML jobs of built-in operators, run by `weir run JOB.yaml`.
+//!
+//! ```yaml
+//! name: keyed-sum
+//! config:
+//!   parallelism.default: 2
+//!   execution.checkpointing.interval: 1s
+//! source: {type: generator, count: 1000000, keys: 1000}
+//! pipeline:
+//!   - filter: {field: value, op: gt, value: 10}
+//!   - key_by: key
+//!   - aggregate: [sum(value), count]
+//! sink: {type: file, path: out/keyed-sum}
+//! ```
+//!
+//! A job is checked completely before it starts: unknown fields, unknown config keys, fields
+//! that the schema at a step does not have, and ill-typed values are errors naming the place.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use smallvec::SmallVec;
+
+use crate::config::JobConfig;
+use crate::row::{Row, Value};
+use crate::sink::{BlackholeSink, FileSink};
+use crate::source::{FileFormat, FileSource, GeneratorSource};
+use crate::state::{KeyedContext, KeyedProcessFunction, StateTables, ValueState};
+use crate::stream::{DataStream, Job};
+
+/// A job file that cannot be run; the message names the file and the place in it.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct SpecError {
+    /// The job file.
+    pub file: String,
+    /// What and where.
+    pub message: String,
+}
+
+/// The job file, as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// The job's name (its checkpoint directory is `<dir>/<name>`).
+    pub name: String,
+    /// Configuration (Flink key names).
+    #[serde(default)]
+    pub config: BTreeMap<String, serde_json::Value>,
+    /// The source.
+    pub source: SourceSpec,
+    /// Transformations, in order.
+    #[serde(default)]
+    pub pipeline: Vec<Step>,
+    /// The sink.
+    pub sink: SinkSpec,
+}
+
+fn default_keys() -> u64 {
+    1_000_000
+}
+
+/// A source of a YAML job.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceSpec {
+    /// Seeded `(key, value)` rows.
+    Generator {
+        /// Records in all.
+        count: u64,
+        /// Distinct keys.
+        #[serde(default = "default_keys")]
+        keys: u64,
+        /// Seed.
+        #[serde(default)]
+        seed: u64,
+        /// Records per second (unlimited if absent).
+        #[serde(default)]
+        rate: Option<f64>,
+    },
+    /// Lines or JSON lines of a file or a directory of files.
+    File {
+        /// File or directory.
+        path: String,
+        /// `lines` (one field `line`) or `json` (the listed `fields`).
+        #[serde(default)]
+        format: FileFormatSpec,
+        /// Fields of JSON objects.
+        #[serde(default)]
+        fields: Vec<String>,
+    },
+}
+
+/// File formats.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FileFormatSpec {
+    /// Plain lines.
+    #[default]
+    Lines,
+    /// JSON objects, one per line.
+    Json,
+}
+
+/// A sink of a YAML job.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SinkSpec {
+    /// Exactly-once CSV files in a directory.
+    File {
+        /// The directory.
+        path: String,
+    },
+    /// Discard (for benchmarks).
+    Blackhole {},
+}
+
+/// Comparison of a filter.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CmpOp {
+    /// `==`
+    Eq,
+    /// `!=`
+    Ne,
+    /// `<`
+    Lt,
+    /// `<=`
+    Le,
+    /// `>`
+    Gt,
+    /// `>=`
+    Ge,
+}
+
+/// Operation of a map.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MapOp {
+    /// Add a number.
+    Add,
+    /// Multiply by a number.
+    Mul,
+    /// Lower-case a string.
+    Lower,
+    /// Upper-case a string.
+    Upper,
+}
+
+/// One transformation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Step {
+    /// Keep rows where `field op value`.
+    Filter {
+        /// Field.
+        field: String,
+        /// Comparison.
+        op: CmpOp,
+        /// Constant.
+        value: serde_json::Value,
+    },
+    /// Change a field in place.
+    Map {
+        /// Field.
+        field: String,
+        /// Operation.
+        op: MapOp,
+        /// Operand of add/mul.
+        #[serde(default)]
+        value: Option<serde_json::Value>,
+    },
+    /// Keep these fields, in this order.
+    Select(Vec<String>),
+    /// Split a text field into words: one row `(word)` per word.
+    Tokenize {
+        /// The text field.
+        field: String,
+        /// Lower-case the words.
+        #[serde(default = "yes")]
+        lowercase: bool,
+    },
+    /// Partition by a field; must be followed by `aggregate`.
+    KeyBy(String),
+    /// Per-key running aggregates: `sum(f)`, `count`, `min(f)`, `max(f)`; emits
+    /// `(key, aggregates…)` on every update.
+    Aggregate(Vec<String>),
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AggFn {
+    Sum,
+    Count,
+    Min,
+    Max,
+}
+
+#[derive(Debug, Clone)]
+enum PlanStep {
+    Filter { idx: usize, op: CmpOp, value: Value },
+    Map { idx: usize, op: MapOp, value: Value },
+    Select(Vec<usize>),
+    Tokenize { idx: usize, lowercase: bool },
+    KeyAgg { key: usize, aggs: Vec<(AggFn, usize)> },
+}
+
+/// A checked job, ready to run on every worker.
+#[derive(Debug, Clone)]
+pub struct JobPlan {
+    /// The job's name.
+    pub name: String,
+    /// The validated configuration.
+    pub config: JobConfig,
+    source: SourceSpec,
+    steps: Vec<PlanStep>,
+    sink: SinkSpec,
+    /// Field names of the rows that reach the sink.
+    pub output_schema: Vec<String>,
+}
+
+fn scalar_to_string(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "off".into(),
+        other => other.to_string(),
+    }
+}
+
+fn json_value(v: &serde_json::Value) -> Value {
+    match v {
+        serde_json::Value::Number(n) => n.as_i64().map(Value::Int).unwrap_or_else(|| Value::Float(n.as_f64().unwrap_or(0.0))),
+        serde_json::Value::String(s) => Value::Str(s.as_str().into()),
+        serde_json::Value::Bool(b) => Value::Int(*b as i64),
+        _ => Value::Null,
+    }
+}
+
+/// Set `path` (dots; list indices as numbers) in a YAML tree to `value` (parsed as YAML).
+pub fn set_path(tree: &mut serde_json::Value, path: &str, value: &str) -> Result<(), String> {
+    let parsed: serde_json::Value =
+        serde_saphyr::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
+    let mut cur = tree;
+    let parts: Vec<&str> = path.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let last = i + 1 == parts.len();
+        cur = match cur {
+            serde_json::Value::Object(map) => {
+                if last {
+                    map.insert(part.to_string(), parsed);
+                    return Ok(());
+                }
+                map.entry(part.to_string()).or_insert_with(|| serde_json::Value::Object(Default::default()))
+            }
+            serde_json::Value::Array(list) => {
+                let idx: usize = part.parse().map_err(|_| format!("--set {path}: '{part}' is not a list index"))?;
+                let len = list.len();
+                let slot = list.get_mut(idx).ok_or_else(|| format!("--set {path}: index {idx} beyond {len} steps"))?;
+                if last {
+                    *slot = parsed;
+                    return Ok(());
+                }
+                slot
+            }
+            _ => return Err(format!("--set {path}: '{}' is not a mapping", parts[..i].join("."))),
+        };
+    }
+    Ok(())
+}
+
+impl JobPlan {
+    /// Load, override and check a job file: `sets` are `--set path=value`, `defines` are
+    /// `-D key=value` config overrides.
+    pub fn load(path: &Path, sets: &[(String, String)], defines: &[(String, String)]) -> Result<JobPlan, SpecError> {
+        let file = path.display().to_string();
+        let err = |message: String| SpecError { file: file.clone(), message };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let mut tree: serde_json::Value = serde_saphyr::from_str(&text).map_err(|e| err(e.to_string()))?;
+        for (p, v) in sets {
+            set_path(&mut tree, p, v).map_err(err)?;
+        }
+        let spec: JobSpec = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let at = e.path().to_string();
+            err(format!("{}{}", if at == "." { String::new() } else { format!("{at}: ") }, e.inner()))
+        })?;
+        Self::from_spec(spec, defines).map_err(err)
+    }
+
+    /// Check a parsed spec.
+    pub fn from_spec(spec: JobSpec, defines: &[(String, String)]) -> Result<JobPlan, String> {
+        let pairs = spec
+            .config
+            .iter()
+            .map(|(k, v)| (k.clone(), scalar_to_string(v)))
+            .chain(defines.iter().cloned());
+        let config = JobConfig::from_pairs(pairs).map_err(|e| e.to_string())?;
+        let mut schema: Vec<String> = match &spec.source {
+            SourceSpec::Generator { keys, count, .. } => {
+                if *keys == 0 {
+                    return Err("source.keys: must be at least 1".into());
+                }
+                let _ = count;
+                vec!["key".into(), "value".into()]
+            }
+            SourceSpec::File { format: FileFormatSpec::Lines, fields, .. } => {
+                if !fields.is_empty() {
+                    return Err("source.fields: only for format: json".into());
+                }
+                vec!["line".into()]
+            }
+            SourceSpec::File { format: FileFormatSpec::Json, fields, .. } => {
+                if fields.is_empty() {
+                    return Err("source.fields: format json needs the list of fields to read".into());
+                }
+                fields.clone()
+            }
+        };
+        let mut steps = Vec::new();
+        let mut it = spec.pipeline.iter().enumerate().peekable();
+        while let Some((i, step)) = it.next() {
+            let field = |name: &str, schema: &[String]| {
+                schema.iter().position(|f| f == name).ok_or_else(|| {
+                    format!("pipeline[{i}]: no field '{name}' here (fields: {})", schema.join(", "))
+                })
+            };
+            match step {
+                Step::Filter { field: f, op, value } => {
+                    steps.push(PlanStep::Filter { idx: field(f, &schema)?, op: *op, value: json_value(value) })
+                }
+                Step::Map { field: f, op, value } => {
+                    let v = value.as_ref().map(json_value).unwrap_or_default();
+                    if matches!(op, MapOp::Add | MapOp::Mul) && v.as_f64().is_none() {
+                        return Err(format!("pipeline[{i}].map.value: {op:?} needs a number"));
+                    }
+                    steps.push(PlanStep::Map { idx: field(f, &schema)?, op: *op, value: v })
+                }
+                Step::Select(fields) => {
+                    let idx = fields.iter().map(|f| field(f, &schema)).collect::<Result<Vec<_>, _>>()?;
+                    steps.push(PlanStep::Select(idx));
+                    schema = fields.clone();
+                }
+                Step::Tokenize { field: f, lowercase } => {
+                    steps.push(PlanStep::Tokenize { idx: field(f, &schema)?, lowercase: *lowercase });
+                    schema = vec!["word".into()];
+                }
+                Step::KeyBy(k) => {
+                    let key = field(k, &schema)?;
+                    let Some((_, Step::Aggregate(list))) = it.next() else {
+                        return Err(format!("pipeline[{i}]: key_by must be followed by aggregate"));
+                    };
+                    let mut aggs = Vec::new();
+                    let mut out = vec![schema[key].clone()];
+                    for a in list {
+                        let a = a.trim();
+                        let (f, arg) = match a.split_once('(') {
+                            Some((f, rest)) => (f.trim(), Some(rest.trim_end_matches(')').trim())),
+                            None => (a, None),
+                        };
+                        let agg = match f {
+                            "sum" => AggFn::Sum,
+                            "count" => AggFn::Count,
+                            "min" => AggFn::Min,
+                            "max" => AggFn::Max,
+                            other => {
+                                return Err(format!(
+                                    "pipeline[{}].aggregate: unknown function '{other}' (sum, count, min, max)",
+                                    i + 1
+                                ))
+                            }
+                        };
+                        let idx = match (agg, arg) {
+                            (AggFn::Count, _) => 0,
+                            (_, Some(arg)) => field(arg, &schema)?,
+                            (_, None) => return Err(format!("pipeline[{}].aggregate: '{a}' needs a field", i + 1)),
+                        };
+                        out.push(match arg {
+                            Some(arg) if agg != AggFn::Count => format!("{f}_{arg}"),
+                            _ => f.to_string(),
+                        });
+                        aggs.push((agg, idx));
+                    }
+                    steps.push(PlanStep::KeyAgg { key, aggs });
+                    schema = out;
+                }
+                Step::Aggregate(_) => return Err(format!("pipeline[{i}]: aggregate needs a key_by before it")),
+            }
+        }
+        Ok(JobPlan { name: spec.name, config, source: spec.source, steps, sink: spec.sink, output_schema: schema })
+    }
+
+    /// Build this job on one worker.
+    pub fn build(&self, job: &mut Job<'_>) {
+        let mut stream: DataStream<'_, Row> = match &self.source {
+            SourceSpec::Generator { count, keys, seed, rate } => {
+                job.source("generator", GeneratorSource { count: *count, keys: *keys, seed: *seed, rate: *rate })
+            }
+            SourceSpec::File { path, format, fields } => {
+                let format = match format {
+                    FileFormatSpec::Lines => FileFormat::Lines,
+                    FileFormatSpec::Json => FileFormat::JsonLines(fields.clone()),
+                };
+                job.source("file", FileSource::new(path, format))
+            }
+        };
+        for (i, step) in self.steps.iter().cloned().enumerate() {
+            stream = match step {
+                PlanStep::Filter { idx, op, value } => stream.filter(move |r| compare(r.get(idx), op, &value)),
+                PlanStep::Map { idx, op, value } => stream.map(move |mut r| {
+                    if let Some(v) = r.0.get_mut(idx) {
+                        *v = apply(v, op, &value);
+                    }
+                    r
+                }),
+                PlanStep::Select(idx) => stream.map(move |r| Row(idx.iter().map(|&i| r.get(i).clone()).collect())),
+                PlanStep::Tokenize { idx, lowercase } => stream.flat_map(move |r| {
+                    let text = match r.get(idx) {
+                        Value::Str(s) => s.clone(),
+                        _ => Arc::from(""),
+                    };
+                    let words: Vec<Row> = text
+                        .split(|c: char| !c.is_alphanumeric() && c != '\'')
+                        .map(|w| w.trim_matches('\''))
+                        .filter(|w| !w.is_empty())
+                        .map(|w| {
+                            let w: Arc<str> = if lowercase { w.to_lowercase().into() } else { w.into() };
+                            Row::new([Value::Str(w)])
+                        })
+                        .collect();
+                    words
+                }),
+                PlanStep::KeyAgg { key, aggs } => stream
+                    .key_by(move |r: &Row| r.get(key).clone())
+                    .process(&format!("aggregate-{i}"), Aggregate { aggs, state: None }),
+            };
+        }
+        match &self.sink {
+            SinkSpec::File { path } => stream.sink("file-sink", FileSink::csv(path)),
+            SinkSpec::Blackhole {} => stream.sink("blackhole", BlackholeSink),
+        }
+    }
+}
+
+fn compare(v: &Value, op: CmpOp, c: &Value) -> bool {
+    use std::cmp::Ordering::*;
+    let ord = match (v, c) {
+        (Value::Str(a), Value::Str(b)) => Some(a.cmp(b)),
+        _ => match (v.as_f64(), c.as_f64()) {
+            (Some(a), Some(b)) => a.partial_cmp(&b),
+            _ => None,
+        },
+    };
+    match (op, ord) {
+        (CmpOp::Eq, o) => o == Some(Equal),
+        (CmpOp::Ne, o) => o != Some(Equal),
+        (CmpOp::Lt, Some(o)) => o == Less,
+        (CmpOp::Le, Some(o)) => o != Greater,
+        (CmpOp::Gt, Some(o)) => o == Greater,
+        (CmpOp::Ge, Some(o)) => o != Less,
+        _ => false,
+    }
+}
+
+fn apply(v: &Value, op: MapOp, c: &Value) -> Value {
+    match (op, v, c) {
+        (MapOp::Add, Value::Int(a), Value::Int(b)) => Value::Int(a.wrapping_add(*b)),
+        (MapOp::Mul, Value::Int(a), Value::Int(b)) => Value::Int(a.wrapping_mul(*b)),
+        (MapOp::Add, a, b) => a.as_f64().zip(b.as_f64()).map(|(a, b)| Value::Float(a + b)).unwrap_or(Value::Null),
+        (MapOp::Mul, a, b) => a.as_f64().zip(b.as_f64()).map(|(a, b)| Value::Float(a * b)).unwrap_or(Value::Null),
+        (MapOp::Lower, Value::Str(s), _) => Value::Str(s.to_lowercase().into()),
+        (MapOp::Upper, Value::Str(s), _) => Value::Str(s.to_uppercase().into()),
+        (_, v, _) => v.clone(),
+    }
+}
+
+/// Running aggregates per key.
+struct Aggregate {
+    aggs: Vec<(AggFn, usize)>,
+    state: Option<ValueState<SmallVec<[Value; 4]>>>,
+}
+
+fn add(a: &Value, b: &Value) -> Value {
+    match (a, b) {
+        (Value::Null, b) => b.clone(),
+        (Value::Int(x), Value::Int(y)) => Value::Int(x.wrapping_add(*y)),
+        (x, y) => Value::Float(x.as_f64().unwrap_or(0.0) + y.as_f64().unwrap_or(0.0)),
+    }
+}
+
+fn extreme(a: &Value, b: &Value, want: std::cmp::Ordering) -> Value {
+    match (a, b) {
+        (Value::Null, b) => b.clone(),
+        (a, Value::Null) => a.clone(),
+        (Value::Int(x), Value::Int(y)) => Value::Int(if y.cmp(x) == want { *y } else { *x }),
+        (Value::Str(x), Value::Str(y)) => Value::Str(if y.cmp(x) == want { y.clone() } else { x.clone() }),
+        (x, y) => match (x.as_f64(), y.as_f64()) {
+            (Some(p), Some(q)) if q.partial_cmp(&p) == Some(want) => y.clone(),
+            _ => x.clone(),
+        },
+    }
+}
+
+impl KeyedProcessFunction<Value, Row, Row> for Aggregate {
+    fn open(&mut self, states: &mut StateTables<Value>) {
+        self.state = Some(states.value_state("aggregates"));
+    }
+
+    fn process(&mut self, ctx: &mut KeyedContext<'_, Value>, row: Row, out: &mut Vec<Row>) {
+        let n = self.aggs.len();
+        let key = ctx.key().clone();
+        let state = self.state.as_ref().expect("opened");
+        let acc = state.get_or_insert_with(ctx, || SmallVec::from_elem(Value::Null, n));
+        for ((f, idx), a) in self.aggs.iter().zip(acc.iter_mut()) {
+            let v = row.get(*idx);
+            *a = match f {
+                AggFn::Sum => add(a, v),
+                AggFn::Count => add(a, &Value::Int(1)),
+                AggFn::Min => extreme(a, v, std::cmp::Ordering::Less),
+                AggFn::Max => extreme(a, v, std::cmp::Ordering::Greater),
+            };
+        }
+        let mut r: SmallVec<[Value; 4]> = SmallVec::with_capacity(n + 1);
+        r.push(key);
+        r.extend(acc.iter().cloned());
+        out.push(Row(r));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(yaml: &str) -> Result<JobPlan, String> {
+        let tree: serde_json::Value = serde_saphyr::from_str(yaml).unwrap();
+        let spec: JobSpec = serde_path_to_error::deserialize(tree).map_err(|e| format!("{}: {}", e.path(), e.inner()))?;
+        JobPlan::from_spec(spec, &[])
+    }
+
+    #[test]
+    fn plans_keyed_sum() {
+        let p = plan(
+            "name: t\nsource: {type: generator, count: 10}\npipeline:\n  - key_by: key\n  - aggregate: [sum(value), count]\nsink: {type: blackhole}\n",
+        )
+        .unwrap();
+        assert_eq!(p.output_schema, ["key", "sum_value", "count"]);
+    }
+
+    #[test]
+    fn errors_name_the_place() {
+        let e = plan("name: t\nsource: {type: generator, count: 10}\npipeline:\n  - key_by: nope\n  - aggregate: [count]\nsink: {type: blackhole}\n").unwrap_err();
+        assert!(e.contains("pipeline[0]: no field 'nope' here (fields: key, value)"), "{e}");
+        let e = plan("name: t\nsource: {type: generator, count: 10, kees: 5}\nsink: {type: blackhole}\n").unwrap_err();
+        assert!(e.contains("kees"), "{e}");
+        let e = plan("name: t\nsource: {type: generator, count: 10}\npipeline:\n  - key_by: key\n  - aggregate: [avg(value)]\nsink: {type: blackhole}\n").unwrap_err();
+        assert!(e.contains("pipeline[1].aggregate: unknown function 'avg'"), "{e}");
+        let e = plan("name: t\nconfig: {execution.checkpointing.interval: soon}\nsource: {type: generator, count: 1}\nsink: {type: blackhole}\n").unwrap_err();
+        assert!(e.contains("config key 'execution.checkpointing.interval'"), "{e}");
+    }
+
+    #[test]
+    fn set_path_overrides() {
+        let mut t: serde_json::Value = serde_saphyr::from_str("source: {count: 1}\npipeline: [{key_by: a}]").unwrap();
+        set_path(&mut t, "source.count", "2000000").unwrap();
+        set_path(&mut t, "sink.type", "blackhole").unwrap();
+        set_path(&mut t, "pipeline.0.key_by", "b").unwrap();
+        assert_eq!(t["source"]["count"], 2_000_000);
+        assert_eq!(t["sink"]["type"], "blackhole");
+        assert_eq!(t["pipeline"][0]["key_by"], "b");
+        assert!(set_path(&mut t, "pipeline.7.x", "1").is_err());
+    }
+}

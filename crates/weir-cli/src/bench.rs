@@ -1,0 +1,4 @@
+use anyhow::Result;
+#[derive(clap::Args)]
+pub struct BenchArgs {}
+pub fn main(_: BenchArgs) -> Result<()> { Ok(()) }

@@ -1,0 +1,119 @@
+//! `weir`: run YAML jobs, inspect checkpoints, benchmark the engine.
+
+mod bench;
+mod checkpoints;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use weir::job::JobPlan;
+use weir::{ClusterConfig, Restore, StreamEnv};
+
+#[derive(Parser)]
+#[command(name = "weir", version, about = "Weir: stream processing with exactly-once checkpoints")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a YAML job.
+    Run(RunArgs),
+    /// List or inspect checkpoints.
+    Checkpoints {
+        #[command(subcommand)]
+        cmd: checkpoints::CheckpointCmd,
+    },
+    /// Benchmark the engine (keyed sum: throughput with checkpointing off and on).
+    Bench(bench::BenchArgs),
+    /// Print the configuration keys this build knows, with their types and defaults.
+    Config,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The job file.
+    job: PathBuf,
+    /// Override a config key: -D execution.checkpointing.interval=1s
+    #[arg(short = 'D', value_name = "KEY=VALUE")]
+    define: Vec<String>,
+    /// Override a field of the job file: --set source.count=1000
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    set: Vec<String>,
+    /// Start from a checkpoint: `latest` (of the job's checkpoint directory) or a chk-<n> path.
+    #[arg(long)]
+    restore: Option<String>,
+    /// This process's index in a multi-process job.
+    #[arg(long, default_value_t = 0)]
+    process: usize,
+    /// A file with one host:port per line, one line per process.
+    #[arg(long)]
+    hostfile: Option<PathBuf>,
+}
+
+fn split_pair(s: &str, flag: &str) -> Result<(String, String)> {
+    match s.split_once('=') {
+        Some((k, v)) => Ok((k.trim().to_string(), v.trim().to_string())),
+        None => bail!("{flag} {s}: expected KEY=VALUE"),
+    }
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let defines = args.define.iter().map(|d| split_pair(d, "-D")).collect::<Result<Vec<_>>>()?;
+    let sets = args.set.iter().map(|d| split_pair(d, "--set")).collect::<Result<Vec<_>>>()?;
+    let plan = JobPlan::load(&args.job, &sets, &defines)?;
+    let mut cluster = ClusterConfig { process: args.process, hosts: vec![] };
+    if let Some(h) = &args.hostfile {
+        let text = std::fs::read_to_string(h).with_context(|| format!("--hostfile {}", h.display()))?;
+        cluster.hosts = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
+        if args.process >= cluster.processes() {
+            bail!("--process {} but {} lists {} processes", args.process, h.display(), cluster.processes());
+        }
+    }
+    let restore = match args.restore.as_deref() {
+        None => Restore::None,
+        Some("latest") => Restore::Latest,
+        Some(p) => Restore::Path(p.to_string()),
+    };
+    let env = StreamEnv::new(&plan.name, plan.config.clone()).cluster(cluster).restore(restore);
+    let started = std::time::Instant::now();
+    let plan2 = plan.clone();
+    let result = env.execute(move |job| plan2.build(job))?;
+    tracing::info!(
+        "job {} finished in {:.2} s: {} checkpoint(s){}{}",
+        plan.name,
+        started.elapsed().as_secs_f64(),
+        result.checkpoints.len(),
+        result.restored_from.map(|c| format!(", restored from checkpoint {c}")).unwrap_or_default(),
+        if result.restarts > 0 { format!(", {} restart(s)", result.restarts) } else { String::new() },
+    );
+    Ok(())
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Run(a) => run(a),
+        Cmd::Checkpoints { cmd } => checkpoints::main(cmd),
+        Cmd::Bench(a) => bench::main(a),
+        Cmd::Config => {
+            println!("{:<60} {:<45} default", "key", "type");
+            for (k, t, d) in weir::config::known_keys() {
+                println!("{k:<60} {t:<45} {d}");
+            }
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
