@@ -131,7 +131,9 @@ pub type Formatter<T> = Rc<dyn Fn(&T, &mut Vec<u8>)>;
 /// Instance `s` writes epoch `e` into `.part-<s>-<e>.inprogress`; when `e` closes it is flushed,
 /// fsynced and renamed `.part-<s>-<e>.pending`; when the checkpoint that closes `e` completes it
 /// is renamed `part-<s>-<e>`. Hidden files are never output. On restore from checkpoint `n`,
-/// pending files of epochs `<= n` are committed and all other hidden files are deleted.
+/// pending files of epochs `<= n` are committed and all other hidden files are deleted; part
+/// files of epochs `> n` (committed by a newer checkpoint that could not be restored, e.g. a
+/// corrupt one) are rolled back, since the replay produces them again.
 pub struct FileSink<T> {
     dir: PathBuf,
     format: Formatter<T>,
@@ -167,6 +169,12 @@ fn parse_hidden(name: &str) -> Option<(u32, u64, &str)> {
     Some((s.parse().ok()?, e.parse().ok()?, suffix))
 }
 
+/// `(subtask, epoch)` of a committed part file name.
+fn parse_committed(name: &str) -> Option<(u32, u64)> {
+    let (s, e) = name.strip_prefix("part-")?.split_once('-')?;
+    Some((s.parse().ok()?, e.parse().ok()?))
+}
+
 fn part_name(subtask: u32, epoch: u64) -> String {
     format!("part-{subtask:05}-{epoch:012}")
 }
@@ -188,6 +196,15 @@ impl<T: 'static> Sink<T> for FileSink<T> {
         for entry in entries {
             let entry = entry.map_err(|e| io_err("list", &self.dir, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some((sub, epoch)) = parse_committed(&name) {
+                // Output committed by a checkpoint newer than the one restored is produced again
+                // by the replay: roll it back, or it would appear twice.
+                if sub % ctx.parallelism == ctx.subtask && ctx.restored.is_some_and(|n| epoch > n) {
+                    tracing::warn!("file sink: rolling back {name}: its epoch {epoch} is newer than the restored checkpoint");
+                    std::fs::remove_file(entry.path()).map_err(|e| io_err("roll back", &entry.path(), e))?;
+                }
+                continue;
+            }
             let Some((sub, epoch, suffix)) = parse_hidden(&name) else { continue };
             if sub % ctx.parallelism != ctx.subtask {
                 continue;

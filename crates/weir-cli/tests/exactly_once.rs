@@ -1,0 +1,166 @@
+//! End-to-end exactly-once: kill the `weir` process, corrupt checkpoints, change parallelism;
+//! every time, the committed output must equal a failure-free run's (no loss, no duplicate).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+/// The command: keyed sum of 2 M records over 100 k keys, 200 ms checkpoints.
+fn keyed_sum(out: &Path, ck: &Path, extra: &[&str]) -> Command {
+    let mut c = weir();
+    c.args(["run", "examples/keyed_sum.yaml", "--set", "source.count=2000000", "--set", "source.keys=100000"])
+        .arg("--set")
+        .arg(format!("sink.path={}", out.display()))
+        .arg("-D")
+        .arg(format!("execution.checkpointing.dir={}", ck.display()))
+        .args(["-D", "execution.checkpointing.interval=200ms"])
+        .args(extra);
+    c
+}
+
+fn reference(tmp: &TempDir) -> std::collections::BTreeMap<String, usize> {
+    let out = tmp.join("ref-out");
+    run_ok(&mut keyed_sum(&out, &tmp.join("ref-ck"), &[]));
+    let lines = committed_lines(&out);
+    assert_eq!(lines.values().sum::<usize>(), 2_000_000, "one line per record");
+    lines
+}
+
+#[test]
+fn sigkill_at_three_random_moments_then_restore_latest() {
+    let tmp = TempDir::new("kill");
+    let expected = reference(&tmp);
+    let mut rng = Rng::from_env("sigkill");
+    let (out, ck) = (tmp.join("out"), tmp.join("ck"));
+    // Slow the source a little so that kills land mid-run, across several checkpoints.
+    let rate = ["--set", "source.rate=1500000"];
+    for round in 0..3 {
+        let mut cmd = keyed_sum(&out, &ck, &rate);
+        if round > 0 {
+            cmd.args(["--restore", "latest"]);
+        }
+        let mut child = spawn(&mut cmd);
+        std::thread::sleep(Duration::from_millis(rng.range(100, 1000)));
+        kill9(&mut child);
+    }
+    let mut cmd = keyed_sum(&out, &ck, &["--restore", "latest"]);
+    run_ok(&mut cmd);
+    assert_exactly_once(&expected, &committed_lines(&out));
+    let hidden = std::fs::read_dir(&out).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.')).count();
+    assert_eq!(hidden, 0, "a finished job leaves no pending transaction");
+}
+
+#[test]
+fn corrupt_latest_checkpoint_falls_back_to_previous() {
+    let tmp = TempDir::new("corrupt");
+    let expected = reference(&tmp);
+    let (out, ck) = (tmp.join("out"), tmp.join("ck"));
+    let job_dir = ck.join("keyed-sum");
+    for (round, damage) in ["flip", "truncate"].into_iter().enumerate() {
+        let mut cmd = keyed_sum(&out, &ck, &["--set", "source.rate=1000000"]);
+        if round > 0 {
+            cmd.args(["--restore", "latest"]);
+        }
+        let mut child = spawn(&mut cmd);
+        // Two new checkpoints, so that the one before the corrupt one is also of this round.
+        let before = latest_checkpoint(&job_dir);
+        assert!(wait_for_checkpoint_after(&mut child, &job_dir, before + 1, Duration::from_secs(60)), "no checkpoints");
+        kill9(&mut child);
+        let ids = completed_checkpoints(&job_dir);
+        let latest = *ids.last().unwrap();
+        let chk = job_dir.join(format!("chk-{latest}"));
+        let state = std::fs::read_dir(&chk)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "state"))
+            .expect("a state file");
+        let mut bytes = std::fs::read(&state).unwrap();
+        match damage {
+            "flip" => {
+                let at = bytes.len() / 2;
+                bytes[at] ^= 0x04;
+            }
+            _ => bytes.truncate(bytes.len() - 100),
+        }
+        std::fs::write(&state, bytes).unwrap();
+        let mut child = spawn(&mut keyed_sum(&out, &ck, &["--restore", "latest", "--set", "source.rate=1000000"]));
+        assert!(wait_for_checkpoint_after(&mut child, &job_dir, latest, Duration::from_secs(60)), "no progress after restore");
+        kill9(&mut child);
+        let stderr = {
+            use std::io::Read;
+            let mut s = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut s).unwrap();
+            s
+        };
+        let name = state.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(stderr.contains(&name), "the error names the corrupt file {name}:\n{stderr}");
+        assert!(
+            stderr.contains(&format!("restoring keyed-sum from checkpoint {}", ids[ids.len() - 2])),
+            "restores the previous checkpoint:\n{stderr}"
+        );
+    }
+    run_ok(&mut keyed_sum(&out, &ck, &["--restore", "latest"]));
+    assert_exactly_once(&expected, &committed_lines(&out));
+}
+
+#[test]
+fn rescale_one_to_two_and_two_to_one() {
+    let tmp = TempDir::new("rescale");
+    let expected = reference(&tmp);
+    for (from, to) in [(1, 2), (2, 1)] {
+        let out = tmp.join(&format!("out-{from}-{to}"));
+        let ck = tmp.join(&format!("ck-{from}-{to}"));
+        let par = |p: u32| format!("parallelism.default={p}");
+        let mut child = spawn(&mut keyed_sum(&out, &ck, &["-D", &par(from), "--set", "source.rate=1000000"]));
+        assert!(wait_for_checkpoint_after(&mut child, &ck.join("keyed-sum"), 1, Duration::from_secs(60)));
+        kill9(&mut child);
+        let out_run = run_ok(&mut keyed_sum(&out, &ck, &["-D", &par(to), "--restore", "latest"]));
+        let log = String::from_utf8_lossy(&out_run.stderr);
+        assert!(log.contains(&format!("(parallelism {from} → {to})")), "{log}");
+        assert_exactly_once(&expected, &committed_lines(&out));
+    }
+}
+
+#[test]
+fn two_processes_one_killed() {
+    let tmp = TempDir::new("cluster");
+    let expected = reference(&tmp);
+    let (out, ck) = (tmp.join("out"), tmp.join("ck"));
+    let mut rng = Rng::from_env("cluster");
+    let job_dir = ck.join("keyed-sum");
+    let cluster = |restore: bool| {
+        let hosts = tmp.join("hosts.txt");
+        std::fs::write(&hosts, format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port())).unwrap();
+        (0..2)
+            .map(|p| {
+                let mut c = keyed_sum(&out, &ck, &["-D", "restart-strategy.type=none", "--set", "source.rate=1000000"]);
+                c.arg("--process").arg(p.to_string()).arg("--hostfile").arg(&hosts);
+                if restore {
+                    c.args(["--restore", "latest"]);
+                }
+                spawn(&mut c)
+            })
+            .collect::<Vec<_>>()
+    };
+    for round in 0..2 {
+        let mut procs = cluster(round > 0);
+        let have = latest_checkpoint(&job_dir);
+        assert!(wait_for_checkpoint_after(&mut procs[0], &job_dir, have, Duration::from_secs(60)), "cluster checkpoints");
+        std::thread::sleep(Duration::from_millis(rng.range(0, 300)));
+        let victim = rng.range(0, 2) as usize;
+        kill9(&mut procs[victim]);
+        let other = 1 - victim;
+        // The survivor fails fast (no partial failover in timely); never let it hang the test.
+        let ok = wait_success(&mut procs[other], Duration::from_secs(20));
+        assert!(!ok, "the surviving process must fail when its peer dies");
+    }
+    let mut procs = cluster(true);
+    for p in procs.iter_mut() {
+        assert!(wait_success(p, Duration::from_secs(120)), "restored cluster run failed");
+    }
+    assert_exactly_once(&expected, &committed_lines(&out));
+}
