@@ -268,7 +268,14 @@ fn run_attempt(env: Arc<AttemptEnv>, workers: usize, cluster: &ClusterConfig) ->
     let env2 = env.clone();
     let guards = timely::execute(config, move |worker| {
         let env = &env2;
-        match std::panic::catch_unwind(AssertUnwindSafe(|| worker_main(worker, env))) {
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| worker_main(worker, env)));
+        if !matches!(result, Ok(Ok(_))) {
+            // timely steps a worker until its dataflows complete; a failed attempt's never do.
+            for id in worker.installed_dataflows() {
+                worker.drop_dataflow(id);
+            }
+        }
+        match result {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => {
                 env.failed.store(true, Ordering::SeqCst);

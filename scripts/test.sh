@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Runs Weir's whole test suite: unit, property, doc and end-to-end tests (which kill processes,
+# corrupt checkpoints and change parallelism). Installs whatever the tests need first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-test-deps.sh
+# Release: the end-to-end tests push millions of records through the engine.
+cargo test --workspace --release --locked "$@"
