@@ -5,16 +5,31 @@
 //! that a snapshot still shares copies that shard alone (`Arc::make_mut`), so processing goes on
 //! while a background thread serialises the snapshot.
 
-use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Arc;
 
-use crate::keygroup::{key_group_of_hash, KeyGroupRange, StableBuildHasher, StableHasher};
+use hashbrown::hash_table::Entry;
+use hashbrown::HashTable;
+
+use crate::keygroup::{key_group_of_hash, KeyGroupRange, StableHasher};
 
 /// Shards per key group: the unit of copy-on-write.
 pub const SHARDS_PER_KEY_GROUP: u32 = 8;
 
-type Shard<K, V> = Arc<HashMap<K, V, StableBuildHasher>>;
+type Shard<K, V> = Arc<HashTable<(K, V)>>;
+
+/// The hash a shard's table uses. The key's hash picks the key group (high bits) and the shard
+/// (low bits), so within one shard those bits are alike; remix them so that the table's bucket
+/// index (low bits) and tag (high bits) are spread again. One key hash per access.
+#[inline]
+fn table_hash(h: u64) -> u64 {
+    (h ^ (h >> 31)).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(26)
+}
+
+#[inline]
+fn rehash<K: Hash, V>(e: &(K, V)) -> u64 {
+    table_hash(StableHasher::hash_one(&e.0))
+}
 
 /// A keyed map over a key-group range, with O(shards) snapshots.
 #[derive(Clone, Debug)]
@@ -44,7 +59,7 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
     }
 
     #[inline]
-    fn locate(&self, key: &K) -> usize {
+    fn locate(&self, key: &K) -> (usize, u64) {
         let h = StableHasher::hash_one(key);
         let kg = key_group_of_hash(h, self.max_parallelism);
         assert!(
@@ -52,20 +67,33 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
             "key of key group {kg} routed to the instance that owns {:?}",
             self.range
         );
-        ((kg - self.range.start) * SHARDS_PER_KEY_GROUP + (h as u32 % SHARDS_PER_KEY_GROUP)) as usize
+        let i = ((kg - self.range.start) * SHARDS_PER_KEY_GROUP + (h as u32 % SHARDS_PER_KEY_GROUP)) as usize;
+        (i, table_hash(h))
     }
 
     /// The value of `key`.
     #[inline]
     pub fn get(&self, key: &K) -> Option<&V> {
-        self.shards[self.locate(key)].get(key)
+        let (i, h) = self.locate(key);
+        self.shards[i].find(h, |e| e.0 == *key).map(|e| &e.1)
     }
 
     /// The value of `key`, for update (copies its shard if a snapshot shares it).
     #[inline]
     pub fn get_mut(&mut self, key: &K) -> Option<&mut V> {
-        let i = self.locate(key);
-        Arc::make_mut(&mut self.shards[i]).get_mut(key)
+        let (i, h) = self.locate(key);
+        Arc::make_mut(&mut self.shards[i]).find_mut(h, |e| e.0 == *key).map(|e| &mut e.1)
+    }
+
+    /// The value of `key`, inserting `init()` first if absent: one lookup, and the key is
+    /// cloned only when inserted.
+    #[inline]
+    pub fn get_or_insert_with(&mut self, key: &K, init: impl FnOnce() -> V) -> &mut V {
+        let (i, h) = self.locate(key);
+        match Arc::make_mut(&mut self.shards[i]).entry(h, |e| e.0 == *key, rehash) {
+            Entry::Occupied(o) => &mut o.into_mut().1,
+            Entry::Vacant(v) => &mut v.insert((key.clone(), init())).into_mut().1,
+        }
     }
 
     /// The value of `key`, inserting the default first if absent.
@@ -74,25 +102,31 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
     where
         V: Default,
     {
-        let i = self.locate(&key);
-        Arc::make_mut(&mut self.shards[i]).entry(key).or_default()
+        self.get_or_insert_with(&key, V::default)
     }
 
     /// Set `key` to `value`.
     #[inline]
     pub fn insert(&mut self, key: K, value: V) -> Option<V> {
-        let i = self.locate(&key);
-        Arc::make_mut(&mut self.shards[i]).insert(key, value)
+        let (i, h) = self.locate(&key);
+        match Arc::make_mut(&mut self.shards[i]).entry(h, |e| e.0 == key, rehash) {
+            Entry::Occupied(mut o) => Some(std::mem::replace(&mut o.get_mut().1, value)),
+            Entry::Vacant(v) => {
+                v.insert((key, value));
+                None
+            }
+        }
     }
 
     /// Remove `key`.
     #[inline]
     pub fn remove(&mut self, key: &K) -> Option<V> {
-        let i = self.locate(key);
-        if !self.shards[i].contains_key(key) {
-            return None; // no copy for a no-op
+        let (i, h) = self.locate(key);
+        self.shards[i].find(h, |e| e.0 == *key)?; // no copy for a no-op
+        match Arc::make_mut(&mut self.shards[i]).find_entry(h, |e| e.0 == *key) {
+            Ok(o) => Some(o.remove().0 .1),
+            Err(_) => None,
         }
-        Arc::make_mut(&mut self.shards[i]).remove(key)
     }
 
     /// Number of keys.
@@ -107,7 +141,7 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
 
     /// All entries, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
-        self.shards.iter().flat_map(|s| s.iter())
+        self.shards.iter().flat_map(|s| s.iter().map(|e| (&e.0, &e.1)))
     }
 
     /// Freeze the current contents (O(shards)).
@@ -135,7 +169,7 @@ impl<K, V> CowSnapshot<K, V> {
     /// The entries of key group `kg`.
     pub fn key_group(&self, kg: u32) -> impl Iterator<Item = (&K, &V)> {
         let first = ((kg - self.range.start) * SHARDS_PER_KEY_GROUP) as usize;
-        self.shards[first..first + SHARDS_PER_KEY_GROUP as usize].iter().flat_map(|s| s.iter())
+        self.shards[first..first + SHARDS_PER_KEY_GROUP as usize].iter().flat_map(|s| s.iter().map(|e| (&e.0, &e.1)))
     }
 
     /// Number of keys.

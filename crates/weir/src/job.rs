@@ -235,10 +235,15 @@ fn scalar_to_string(v: &serde_json::Value) -> String {
 fn json_value(v: &serde_json::Value) -> Value {
     match v {
         serde_json::Value::Number(n) => n.as_i64().map(Value::Int).unwrap_or_else(|| Value::Float(n.as_f64().unwrap_or(0.0))),
-        serde_json::Value::String(s) => Value::Str(s.as_str().into()),
+        serde_json::Value::String(s) => Value::text(s.as_str()),
         serde_json::Value::Bool(b) => Value::Int(*b as i64),
         _ => Value::Null,
     }
+}
+
+/// Parse YAML text into a tree (for `--set` edits before checking).
+pub fn parse_yaml(text: &str) -> Result<serde_json::Value, String> {
+    serde_saphyr::from_str(text).map_err(|e| e.to_string())
 }
 
 /// Set `path` (dots; list indices as numbers) in a YAML tree to `value` (parsed as YAML).
@@ -420,15 +425,14 @@ impl JobPlan {
                 PlanStep::Tokenize { idx, lowercase } => stream.flat_map(move |r| {
                     let text = match r.get(idx) {
                         Value::Str(s) => s.clone(),
-                        _ => Arc::from(""),
+                        _ => Arc::new(String::new()),
                     };
                     let words: Vec<Row> = text
                         .split(|c: char| !c.is_alphanumeric() && c != '\'')
                         .map(|w| w.trim_matches('\''))
                         .filter(|w| !w.is_empty())
                         .map(|w| {
-                            let w: Arc<str> = if lowercase { w.to_lowercase().into() } else { w.into() };
-                            Row::new([Value::Str(w)])
+                            Row::new([Value::text(if lowercase { w.to_lowercase() } else { w.to_string() })])
                         })
                         .collect();
                     words
@@ -471,8 +475,8 @@ fn apply(v: &Value, op: MapOp, c: &Value) -> Value {
         (MapOp::Mul, Value::Int(a), Value::Int(b)) => Value::Int(a.wrapping_mul(*b)),
         (MapOp::Add, a, b) => a.as_f64().zip(b.as_f64()).map(|(a, b)| Value::Float(a + b)).unwrap_or(Value::Null),
         (MapOp::Mul, a, b) => a.as_f64().zip(b.as_f64()).map(|(a, b)| Value::Float(a * b)).unwrap_or(Value::Null),
-        (MapOp::Lower, Value::Str(s), _) => Value::Str(s.to_lowercase().into()),
-        (MapOp::Upper, Value::Str(s), _) => Value::Str(s.to_uppercase().into()),
+        (MapOp::Lower, Value::Str(s), _) => Value::text(s.to_lowercase()),
+        (MapOp::Upper, Value::Str(s), _) => Value::text(s.to_uppercase()),
         (_, v, _) => v.clone(),
     }
 }
@@ -480,7 +484,7 @@ fn apply(v: &Value, op: MapOp, c: &Value) -> Value {
 /// Running aggregates per key.
 struct Aggregate {
     aggs: Vec<(AggFn, usize)>,
-    state: Option<ValueState<SmallVec<[Value; 4]>>>,
+    state: Option<ValueState<SmallVec<[Value; 2]>>>,
 }
 
 fn add(a: &Value, b: &Value) -> Value {
@@ -523,7 +527,7 @@ impl KeyedProcessFunction<Value, Row, Row> for Aggregate {
                 AggFn::Max => extreme(a, v, std::cmp::Ordering::Greater),
             };
         }
-        let mut r: SmallVec<[Value; 4]> = SmallVec::with_capacity(n + 1);
+        let mut r: SmallVec<[Value; 3]> = SmallVec::with_capacity(n + 1);
         r.push(key);
         r.extend(acc.iter().cloned());
         out.push(Row(r));

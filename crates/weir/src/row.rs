@@ -1,5 +1,5 @@
 //! Dynamic records for YAML jobs: a row of a few typed values, inline (no heap allocation for
-//! rows of up to four numeric fields).
+//! rows of up to three numeric fields).
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -17,8 +17,8 @@ pub enum Value {
     Int(i64),
     /// A 64-bit float.
     Float(f64),
-    /// A string (shared: cloning does not copy it).
-    Str(Arc<str>),
+    /// A string (shared: cloning does not copy it; a thin pointer keeps `Value` at 16 bytes).
+    Str(Arc<String>),
 }
 
 impl PartialEq for Value {
@@ -47,6 +47,11 @@ impl Hash for Value {
 }
 
 impl Value {
+    /// A string value.
+    pub fn text(s: impl Into<String>) -> Value {
+        Value::Str(Arc::new(s.into()))
+    }
+
     /// As a float, if numeric.
     pub fn as_f64(&self) -> Option<f64> {
         match self {
@@ -92,7 +97,7 @@ impl std::fmt::Display for Value {
 
 /// A record of a YAML job: fields by position; names live in the job's schema.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
-pub struct Row(pub SmallVec<[Value; 4]>);
+pub struct Row(pub SmallVec<[Value; 3]>);
 
 impl Row {
     /// A row of these values.

@@ -290,8 +290,8 @@ fn json_to_value(v: &serde_json::Value) -> Value {
         serde_json::Value::Null => Value::Null,
         serde_json::Value::Bool(b) => Value::Int(*b as i64),
         serde_json::Value::Number(n) => n.as_i64().map(Value::Int).unwrap_or_else(|| Value::Float(n.as_f64().unwrap_or(f64::NAN))),
-        serde_json::Value::String(s) => Value::Str(s.as_str().into()),
-        other => Value::Str(other.to_string().into()),
+        serde_json::Value::String(s) => Value::text(s.as_str()),
+        other => Value::text(other.to_string()),
     }
 }
 
@@ -322,7 +322,7 @@ impl SourceReader<Row> for FileReader {
             }
             let text = self.line.trim_end_matches(['\n', '\r']);
             let row = match &self.format {
-                FileFormat::Lines => Row::new([Value::Str(text.into())]),
+                FileFormat::Lines => Row::new([Value::text(text)]),
                 FileFormat::JsonLines(fields) => {
                     if text.trim().is_empty() {
                         s.offset += n as u64;

@@ -147,11 +147,7 @@ impl<V: Data + Sync> ValueState<V> {
     #[inline]
     pub fn get_or_insert_with<'c, K: Key>(&self, ctx: &'c mut KeyedContext<'_, K>, init: impl FnOnce() -> V) -> &'c mut V {
         let key = ctx.key;
-        let map = ctx.tables.map::<V>(self.idx);
-        if map.get(key).is_none() {
-            map.insert(key.clone(), init());
-        }
-        map.get_mut(key).expect("just inserted")
+        ctx.tables.map::<V>(self.idx).get_or_insert_with(key, init)
     }
 
     /// Set the current key's value.
