@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Installs the system packages the tests need (Debian). Idempotent; quiet when all is present.
+# Installs the system packages the tests need (Debian): Mesa's software Vulkan driver (lavapipe)
+# and the Vulkan loader, so that the GPU kernels run for real on a machine without a GPU.
+# Idempotent; quiet when all is present.
 set -euo pipefail
 need=()
-# Nothing beyond Rust is needed yet; GPU tests will add mesa-vulkan-drivers here.
-for pkg in "${WEIR_EXTRA_TEST_PACKAGES[@]:-}"; do
-  [ -n "$pkg" ] || continue
+for pkg in mesa-vulkan-drivers libvulkan1; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "installing ${need[*]}" >&2
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi

@@ -4,5 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh
+# Vulkan loaders warn without a runtime dir; lavapipe needs nothing else.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 # Release: the end-to-end tests push millions of records through the engine.
 cargo test --workspace --release --locked "$@"

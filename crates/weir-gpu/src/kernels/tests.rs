@@ -1,0 +1,145 @@
+//! One test suite, run on the CPU path and on the GPU path. On the GPU path a missing adapter
+//! fails the tests when `WEIR_REQUIRE_GPU=1` (CI, on Mesa's lavapipe); it never skips silently.
+
+use std::sync::{Arc, OnceLock};
+
+use proptest::prelude::*;
+
+use super::cpu::CpuKernels;
+use super::gpu::GpuKernels;
+use super::*;
+use crate::device::{GpuConfig, GpuContext, GpuMode};
+
+fn gpu() -> Option<&'static GpuKernels> {
+    static GPU: OnceLock<Option<GpuKernels>> = OnceLock::new();
+    GPU.get_or_init(|| {
+        let required = std::env::var("WEIR_REQUIRE_GPU").is_ok_and(|v| v == "1");
+        let cfg = GpuConfig { mode: if required { GpuMode::On } else { GpuMode::Auto }, ..GpuConfig::default() };
+        let ctx = GpuContext::select(&cfg).expect("WEIR_REQUIRE_GPU=1 but no GPU adapter (install mesa-vulkan-drivers)");
+        if ctx.is_none() {
+            eprintln!("NO GPU ADAPTER: the GPU half of the kernel suite ran on nothing (set WEIR_REQUIRE_GPU=1 to fail)");
+        }
+        ctx.map(|c| GpuKernels::new(Arc::clone(&c)))
+    })
+    .as_ref()
+}
+
+fn paths() -> Vec<&'static dyn Kernels> {
+    static CPU: OnceLock<CpuKernels> = OnceLock::new();
+    let mut v: Vec<&'static dyn Kernels> = vec![CPU.get_or_init(|| CpuKernels::new(2))];
+    if let Some(g) = gpu() {
+        v.push(g);
+    }
+    v
+}
+
+fn naive_gemm(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
+    let mut c = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            c[i * n + j] = (0..k).map(|p| a[i * k + p] as f64 * b[p * n + j] as f64).sum();
+        }
+    }
+    c
+}
+
+fn lcg(seed: u64, n: usize) -> Vec<f32> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// f32 GEMM against an f64 reference: |error| <= 1e-5 × k × max|a|·max|b| + 1e-6.
+fn check_gemm_on(kern: &dyn Kernels, m: usize, n: usize, k: usize, seed: u64) {
+    let a = lcg(seed, m * k);
+    let b = lcg(seed ^ 0xABCD, k * n);
+    let got = kern.gemm(&a, &b, m, n, k).unwrap();
+    let want = naive_gemm(&a, &b, m, n, k);
+    assert_eq!(got.len(), want.len());
+    let tol = 1e-5 * k as f64 + 1e-6;
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!((*g as f64 - w).abs() <= tol, "{}: C[{}][{}] = {g}, expected {w} ({m}×{n}×{k})", kern.name(), i / n, i % n);
+    }
+}
+
+#[test]
+fn gemm_matches_reference_on_every_path() {
+    for kern in paths() {
+        for (m, n, k) in [(1, 1, 1), (64, 64, 64), (65, 63, 17), (130, 7, 200), (3, 129, 64), (200, 200, 1)] {
+            check_gemm_on(kern, m, n, k, (m * 1000 + n * 10 + k) as u64);
+        }
+    }
+}
+
+#[test]
+fn gpu_path_is_present_when_required() {
+    if std::env::var("WEIR_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+        assert!(gpu().is_some(), "WEIR_REQUIRE_GPU=1 and no GPU path");
+        assert_eq!(paths().len(), 2);
+    }
+}
+
+#[test]
+fn kmeans_step_matches_on_every_path() {
+    let d = 8;
+    let points = lcg(7, 1000 * d);
+    let centroids = lcg(9, 16 * d);
+    let want = CpuKernels::new(1).kmeans_step(&points, &centroids, d).unwrap();
+    assert_eq!(want.counts.iter().sum::<u32>(), 1000);
+    for kern in paths() {
+        let got = kern.kmeans_step(&points, &centroids, d).unwrap();
+        assert_eq!(got.counts, want.counts, "{}", kern.name());
+        for (g, w) in got.sums.iter().zip(&want.sums) {
+            assert!((g - w).abs() <= 1e-3, "{}: sum {g} vs {w}", kern.name());
+        }
+    }
+}
+
+#[test]
+fn no_buffer_creation_per_batch_after_warm_up() {
+    let Some(g) = gpu() else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
+    let a = lcg(1, 100 * 100);
+    g.gemm(&a, &a, 100, 100, 100).unwrap();
+    let before = g.buffer_creations();
+    for _ in 0..20 {
+        g.gemm(&a, &a, 100, 100, 100).unwrap();
+    }
+    assert_eq!(g.buffer_creations(), before);
+}
+
+#[test]
+fn out_of_memory_is_a_typed_error() {
+    let required = std::env::var("WEIR_REQUIRE_GPU").is_ok_and(|v| v == "1");
+    let cfg = GpuConfig { mode: if required { GpuMode::On } else { GpuMode::Auto }, memory: 1 << 20, fraction: 1.0, ..GpuConfig::default() };
+    let Some(ctx) = GpuContext::select(&cfg).unwrap() else { return };
+    let g = GpuKernels::new(ctx);
+    let a = vec![1f32; 512 * 512]; // 1 MiB per matrix: three do not fit in 1 MiB
+    let err = g.gemm(&a, &a, 512, 512, 512).unwrap_err();
+    assert!(matches!(err, crate::GpuError::OutOfMemory { .. }), "{err}");
+    // The pool is intact afterwards.
+    assert_eq!(g.gemm(&[2.0], &[3.0], 1, 1, 1).unwrap(), vec![6.0]);
+}
+
+#[test]
+fn device_selection() {
+    let missing = GpuConfig { device: Some("no-such-gpu-xyz".into()), mode: GpuMode::Auto, ..GpuConfig::default() };
+    assert!(GpuContext::select(&missing).unwrap().is_none(), "auto falls back to the CPU path");
+    let err = GpuContext::select(&GpuConfig { mode: GpuMode::On, ..missing }).unwrap_err();
+    assert!(err.to_string().contains("no-such-gpu-xyz"), "{err}");
+    let off = GpuConfig { mode: GpuMode::Off, ..GpuConfig::default() };
+    assert!(GpuContext::select(&off).unwrap().is_none());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn gemm_random_shapes(m in 1usize..150, n in 1usize..150, k in 1usize..150, seed in any::<u64>()) {
+        for kern in paths() {
+            check_gemm_on(kern, m, n, k, seed);
+        }
+    }
+}
