@@ -93,6 +93,10 @@ fn run(args: RunArgs) -> Result<()> {
 }
 
 fn main() {
+    // Vulkan loaders complain without a runtime directory; nothing else needs one.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

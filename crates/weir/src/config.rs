@@ -68,7 +68,7 @@ impl CheckpointSettings {
 }
 
 /// A validated job configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct JobConfig {
     /// Total parallelism (worker threads × processes).
     pub parallelism: u32,
@@ -82,6 +82,12 @@ pub struct JobConfig {
     pub source_batch: usize,
     /// Batches a source may have in flight (not yet through every sink): the flow-control window.
     pub max_inflight_batches: usize,
+    /// GPU selection and budget.
+    pub gpu: weir_gpu::GpuConfig,
+    /// Records a GPU operator collects before a kernel launch.
+    pub gpu_batch_records: usize,
+    /// The longest a record waits in a GPU operator's batch.
+    pub gpu_batch_latency: Duration,
 }
 
 impl Default for JobConfig {
@@ -97,6 +103,25 @@ enum Kind {
     Int { min: u64, max: u64 },
     Str,
     Enum(&'static [&'static str]),
+    Fraction,
+    Bytes,
+}
+
+/// Parse a Flink memory size: `512 mb`, `2g`, `1024` (bytes).
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim().to_ascii_lowercase();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mult = match unit.trim() {
+        "" | "b" | "bytes" => 1u64,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return None,
+    };
+    Some((n * mult as f64) as u64)
 }
 
 impl Kind {
@@ -107,6 +132,8 @@ impl Kind {
             Kind::Int { min, max } => format!("an integer in {min}..={max}"),
             Kind::Str => "a string".into(),
             Kind::Enum(v) => format!("one of {}", v.join(", ")),
+            Kind::Fraction => "a number in (0, 1]".into(),
+            Kind::Bytes => "a memory size (e.g. 512 mb, 2 gb)".into(),
         }
     }
 }
@@ -132,6 +159,13 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("restart-strategy.fixed-delay.delay", Kind::Duration, "1 s"),
     ("weir.source.batch-size", Kind::Int { min: 1, max: 1 << 20 }, "4096"),
     ("weir.source.max-inflight-batches", Kind::Int { min: 1, max: 1 << 16 }, "16"),
+    ("weir.gpu.enabled", Kind::Enum(&["auto", "true", "false"]), "auto"),
+    ("weir.gpu.device", Kind::Str, ""),
+    ("weir.gpu.batch.max-records", Kind::Int { min: 1, max: 1 << 24 }, "8192"),
+    ("weir.gpu.batch.max-latency", Kind::Duration, "100 ms"),
+    ("taskmanager.gpu.fraction", Kind::Fraction, "0.5"),
+    ("taskmanager.gpu.memory", Kind::Bytes, "1 gb"),
+    ("external-resource.gpu.amount", Kind::Int { min: 0, max: 64 }, "1"),
 ];
 
 /// Flink 1.x names and the keys that replace them.
@@ -236,6 +270,21 @@ impl JobConfig {
             restart,
             source_batch: int("weir.source.batch-size") as usize,
             max_inflight_batches: int("weir.source.max-inflight-batches") as usize,
+            gpu: weir_gpu::GpuConfig {
+                mode: match get("weir.gpu.enabled").as_str() {
+                    "true" => weir_gpu::GpuMode::On,
+                    "false" => weir_gpu::GpuMode::Off,
+                    // CI sets WEIR_REQUIRE_GPU=1: a missing adapter must fail, not fall back.
+                    _ if std::env::var("WEIR_REQUIRE_GPU").is_ok_and(|v| v == "1") => weir_gpu::GpuMode::On,
+                    _ => weir_gpu::GpuMode::Auto,
+                },
+                device: Some(get("weir.gpu.device")).filter(|d| !d.is_empty()),
+                fraction: get("taskmanager.gpu.fraction").parse().expect("checked"),
+                memory: parse_bytes(&get("taskmanager.gpu.memory")).expect("checked"),
+                amount: int("external-resource.gpu.amount") as u32,
+            },
+            gpu_batch_records: int("weir.gpu.batch.max-records") as usize,
+            gpu_batch_latency: dur("weir.gpu.batch.max-latency"),
         })
     }
 }
@@ -246,6 +295,8 @@ fn check(key: &str, kind: Kind, v: &str) -> Result<(), ConfigError> {
         Kind::Duration => parse_duration(v).is_some(),
         Kind::Int { min, max } => v.parse::<u64>().is_ok_and(|n| n >= min && n <= max),
         Kind::Str => !v.is_empty(),
+        Kind::Fraction => v.parse::<f64>().is_ok_and(|f| f > 0.0 && f <= 1.0),
+        Kind::Bytes => parse_bytes(v).is_some_and(|b| b > 0),
         Kind::Enum(values) => values.contains(&v),
     };
     if ok {

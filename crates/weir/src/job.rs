@@ -80,6 +80,24 @@ pub enum SourceSpec {
         #[serde(default)]
         rate: Option<f64>,
     },
+    /// Seeded Gaussian blobs: rows `(key, point)`.
+    Blobs {
+        /// Points in all.
+        count: u64,
+        /// Gaussians per key.
+        centers: usize,
+        /// Dimensions.
+        dim: usize,
+        /// Standard deviation.
+        #[serde(default = "one")]
+        sigma: f32,
+        /// Independent streams (keys).
+        #[serde(default = "one_u64")]
+        keys: u64,
+        /// Seed.
+        #[serde(default)]
+        seed: u64,
+    },
     /// Lines or JSON lines of a file or a directory of files.
     File {
         /// File or directory.
@@ -184,9 +202,25 @@ pub enum Step {
     },
     /// Partition by a field; must be followed by `aggregate`.
     KeyBy(String),
+    /// Streaming mini-batch K-means per key over a vector field (GPU, or the CPU path);
+    /// must follow `key_by`. Emits `(key, centroid, vector)` per centroid after each batch.
+    Kmeans {
+        /// The vector field.
+        field: String,
+        /// Centroids.
+        k: usize,
+    },
     /// Per-key running aggregates: `sum(f)`, `count`, `min(f)`, `max(f)`; emits
     /// `(key, aggregates…)` on every update.
     Aggregate(Vec<String>),
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+fn one_u64() -> u64 {
+    1
 }
 
 fn yes() -> bool {
@@ -208,6 +242,7 @@ enum PlanStep {
     Select(Vec<usize>),
     Tokenize { idx: usize, lowercase: bool },
     KeyAgg { key: usize, aggs: Vec<(AggFn, usize)> },
+    KeyKmeans { key: usize, field: usize, k: usize },
 }
 
 /// A checked job, ready to run on every worker.
@@ -312,6 +347,13 @@ impl JobPlan {
                 let _ = count;
                 vec!["key".into(), "value".into()]
             }
+            SourceSpec::Blobs { centers, dim, count, .. } => {
+                if *centers == 0 || *dim == 0 {
+                    return Err("source: blobs need centers >= 1 and dim >= 1".into());
+                }
+                let _ = count;
+                vec!["key".into(), "point".into()]
+            }
             SourceSpec::File { format: FileFormatSpec::Lines, fields, .. } => {
                 if !fields.is_empty() {
                     return Err("source.fields: only for format: json".into());
@@ -355,8 +397,17 @@ impl JobPlan {
                 }
                 Step::KeyBy(k) => {
                     let key = field(k, &schema)?;
-                    let Some((_, Step::Aggregate(list))) = it.next() else {
-                        return Err(format!("pipeline[{i}]: key_by must be followed by aggregate"));
+                    let list = match it.next() {
+                        Some((_, Step::Aggregate(list))) => list,
+                        Some((j, Step::Kmeans { field: f, k: kk })) => {
+                            if *kk == 0 {
+                                return Err(format!("pipeline[{j}].kmeans.k: must be at least 1"));
+                            }
+                            steps.push(PlanStep::KeyKmeans { key, field: field(f, &schema)?, k: *kk });
+                            schema = vec![schema[key].clone(), "centroid".into(), "vector".into()];
+                            continue;
+                        }
+                        _ => return Err(format!("pipeline[{i}]: key_by must be followed by aggregate or kmeans")),
                     };
                     let mut aggs = Vec::new();
                     let mut out = vec![schema[key].clone()];
@@ -393,7 +444,13 @@ impl JobPlan {
                     schema = out;
                 }
                 Step::Aggregate(_) => return Err(format!("pipeline[{i}]: aggregate needs a key_by before it")),
+                Step::Kmeans { .. } => return Err(format!("pipeline[{i}]: kmeans needs a key_by before it")),
             }
+        }
+        if steps.iter().any(|s| matches!(s, PlanStep::KeyKmeans { .. })) {
+            // Open the device now: `weir.gpu.enabled: true` without a usable GPU is refused at
+            // start, not discovered by a worker.
+            weir_gpu::kernels::shared_kernels(&config.gpu).map_err(|e| e.to_string())?;
         }
         Ok(JobPlan { name: spec.name, config, source: spec.source, steps, sink: spec.sink, output_schema: schema })
     }
@@ -404,6 +461,10 @@ impl JobPlan {
             SourceSpec::Generator { count, keys, seed, rate } => {
                 job.source("generator", GeneratorSource { count: *count, keys: *keys, seed: *seed, rate: *rate })
             }
+            SourceSpec::Blobs { count, centers, dim, sigma, keys, seed } => job.source(
+                "blobs",
+                crate::source::BlobSource { count: *count, centers: *centers, dim: *dim, sigma: *sigma, keys: *keys, seed: *seed },
+            ),
             SourceSpec::File { path, format, fields } => {
                 let format = match format {
                     FileFormatSpec::Lines => FileFormat::Lines,
@@ -440,6 +501,18 @@ impl JobPlan {
                 PlanStep::KeyAgg { key, aggs } => stream
                     .key_by(move |r: &Row| r.get(key).clone())
                     .process(&format!("aggregate-{i}"), Aggregate { aggs, state: None }),
+                PlanStep::KeyKmeans { key, field, k } => {
+                    let kernels = match weir_gpu::kernels::shared_kernels(&self.config.gpu) {
+                        Ok(k) => k,
+                        Err(e) => {
+                            job.fail(format!("pipeline[{i}] kmeans: {e}"));
+                            return;
+                        }
+                    };
+                    stream
+                        .key_by(move |r: &Row| r.get(key).clone())
+                        .process_batches(&format!("kmeans-{i}"), crate::kmeans::StreamingKMeans::new(k, field, kernels))
+                }
             };
         }
         match &self.sink {

@@ -30,6 +30,7 @@
 pub mod config;
 pub mod epoch;
 pub mod job;
+pub mod kmeans;
 pub mod row;
 pub mod runtime;
 pub mod sink;

@@ -19,6 +19,8 @@ pub enum Value {
     Float(f64),
     /// A string (shared: cloning does not copy it; a thin pointer keeps `Value` at 16 bytes).
     Str(Arc<String>),
+    /// A vector of floats (points, embeddings).
+    Vector(Arc<Vec<f32>>),
 }
 
 impl PartialEq for Value {
@@ -28,6 +30,7 @@ impl PartialEq for Value {
             (Value::Int(a), Value::Int(b)) => a == b,
             (Value::Float(a), Value::Float(b)) => a.to_bits() == b.to_bits(),
             (Value::Str(a), Value::Str(b)) => a == b,
+            (Value::Vector(a), Value::Vector(b)) => a.iter().map(|x| x.to_bits()).eq(b.iter().map(|x| x.to_bits())),
             _ => false,
         }
     }
@@ -42,6 +45,7 @@ impl Hash for Value {
             Value::Int(i) => state.write_i64(*i),
             Value::Float(f) => state.write_u64(f.to_bits() ^ 0x5555),
             Value::Str(s) => state.write(s.as_bytes()),
+            Value::Vector(v) => v.iter().for_each(|x| state.write_u32(x.to_bits())),
         }
     }
 }
@@ -68,6 +72,7 @@ impl Value {
             Value::Int(_) => "int",
             Value::Float(_) => "float",
             Value::Str(_) => "string",
+            Value::Vector(_) => "vector",
         }
     }
 
@@ -83,6 +88,14 @@ impl Value {
                 let _ = write!(out, "{f}");
             }
             Value::Str(s) => out.extend_from_slice(s.as_bytes()),
+            Value::Vector(v) => {
+                for (i, x) in v.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    let _ = write!(out, "{x}");
+                }
+            }
         }
     }
 }

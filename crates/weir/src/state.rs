@@ -240,3 +240,11 @@ pub trait KeyedProcessFunction<K, I, O>: 'static {
     /// Process one record of the current key; emit into `out`.
     fn process(&mut self, ctx: &mut KeyedContext<'_, K>, value: I, out: &mut Vec<O>);
 }
+
+/// A keyed function over batches of records (for GPU operators): one call per key and batch.
+pub trait KeyedBatchFunction<K, I, O>: 'static {
+    /// Register states (once per instance).
+    fn open(&mut self, states: &mut StateTables<K>);
+    /// Process a batch of the current key's records (drain or leave it; it is cleared after).
+    fn process_batch(&mut self, ctx: &mut KeyedContext<'_, K>, batch: &mut Vec<I>, out: &mut Vec<O>);
+}

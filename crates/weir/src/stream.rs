@@ -20,7 +20,7 @@ use crate::runtime::control::AckMsg;
 use crate::runtime::{now_us, run_job, ClusterConfig, JobCtx, JobError, JobResult, Restore};
 use crate::sink::{Sink, SinkContext};
 use crate::source::{Poll, Source, SourceContext};
-use crate::state::{KeyedContext, KeyedProcessFunction, StateTables, ValueState};
+use crate::state::{KeyedBatchFunction, KeyedContext, KeyedProcessFunction, StateTables, ValueState};
 use crate::{Data, JobConfig, Key};
 
 /// Where and how a job runs: its name, configuration, cluster and restore point.
@@ -96,6 +96,11 @@ impl<'s> Job<'s> {
     /// Workers in all.
     pub fn parallelism(&self) -> usize {
         self.ctx.peers
+    }
+
+    /// Fail the job at start with `message` (a build-time error: bad configuration, no device).
+    pub fn fail(&self, message: String) {
+        self.ctx.fail_build(message);
     }
 
     /// Add a replayable source.
@@ -382,6 +387,105 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
                         }
                         Aligned::Close(e) => snapshot_tables(&ctx, &tables, e, task, &name_owned, &file_prefix),
                     }
+                }
+            }
+        });
+        DataStream { stream, ctx: self.ctx }
+    }
+
+    /// Run a keyed batch function (for GPU operators): records are collected per key and handed
+    /// over in batches of up to `weir.gpu.batch.max-records` (or after
+    /// `weir.gpu.batch.max-latency`, or when the epoch closes), so one kernel launch serves many
+    /// records. The operator holds the epoch's capability until its batches are processed, so
+    /// epochs and checkpoints stay exact.
+    pub fn process_batches<O: Data, P: KeyedBatchFunction<K, T, O>>(self, name: &str, mut func: P) -> DataStream<'s, O> {
+        let ctx = self.ctx.clone();
+        let op = ctx.register(false);
+        let (index, peers, mp) = (ctx.index as u32, ctx.peers as u32, ctx.config.max_parallelism);
+        let task = TaskId::new(op, index);
+        let mut tables: StateTables<K> = StateTables::new(KeyGroupRange::for_operator(mp, peers, index), mp);
+        func.open(&mut tables);
+        if let Err(e) = restore_tables(&ctx, op, &mut tables) {
+            ctx.fail_build(format!("operator '{name}': {e}"));
+        }
+        let route_key = self.key.clone();
+        let key = self.key;
+        let exchange = Exchange::new(move |x: &T| operator_for_key_group(mp, peers, key_group(&route_key(x), mp)) as u64);
+        let mut aligner: EpochAligner<timely::dataflow::operators::Capability<Time>, T> = EpochAligner::new(ctx.first_epoch);
+        let (max_records, max_latency) = (ctx.config.gpu_batch_records, ctx.config.gpu_batch_latency);
+        let mut pending: HashMap<K, Vec<T>> = HashMap::new();
+        let mut buffered = 0usize;
+        let mut oldest: Option<Instant> = None;
+        let mut epoch_cap: Option<timely::dataflow::operators::Capability<Time>> = None;
+        let mut out: Vec<O> = Vec::new();
+        let name_owned = name.to_string();
+        let file_prefix = format!("op{op}-{}", sanitize(name));
+        let scope = self.stream.scope();
+        let stream = self.stream.unary_frontier::<CapacityContainerBuilder<Vec<O>>, _, _, _>(exchange, name, move |_, info| {
+            let activator = scope.activator_for(info.address);
+            move |(input, frontier), output| {
+                let port = output.output_index();
+                let mut flush = |pending: &mut HashMap<K, Vec<T>>, tables: &mut StateTables<K>, cap: &Option<timely::dataflow::operators::Capability<Time>>, output: &mut timely::dataflow::operators::generic::OutputBuilderSession<'_, Time, CapacityContainerBuilder<Vec<O>>>| {
+                    for (k, batch) in pending.iter_mut().filter(|(_, b)| !b.is_empty()) {
+                        func.process_batch(&mut KeyedContext { key: k, tables }, batch, &mut out);
+                        batch.clear();
+                    }
+                    if let (Some(cap), false) = (cap, out.is_empty()) {
+                        output.session(cap).give_container(&mut out);
+                    }
+                    out.clear();
+                };
+                let take = |data: &mut Vec<T>, pending: &mut HashMap<K, Vec<T>>| -> usize {
+                    let n = data.len();
+                    for x in data.drain(..) {
+                        pending.entry(key(&x)).or_default().push(x);
+                    }
+                    n
+                };
+                input.for_each(|cap, data| {
+                    let e = epoch_of(*cap.least().expect("records carry a time"));
+                    if e <= aligner.epoch() {
+                        if epoch_cap.is_none() {
+                            epoch_cap = cap.retain_least(port);
+                        }
+                        buffered += take(data, &mut pending);
+                        oldest.get_or_insert_with(Instant::now);
+                    } else {
+                        let c = cap.retain_least(port).expect("records carry a time");
+                        aligner.stash(e, c, std::mem::take(data));
+                    }
+                });
+                if buffered >= max_records || oldest.is_some_and(|t| t.elapsed() >= max_latency) {
+                    flush(&mut pending, &mut tables, &epoch_cap, output);
+                    buffered = 0;
+                    oldest = None;
+                    // Hold a capability only while records wait: the flow-control probe and
+                    // the frontier move on as soon as a batch is done.
+                    epoch_cap = None;
+                }
+                let fe = frontier.frontier().first().map(|t| epoch_of(*t));
+                let last = ctx.shared.borrow().final_id;
+                while let Some(ev) = aligner.next(fe, last) {
+                    match ev {
+                        Aligned::Stashed(cap, mut data) => {
+                            if epoch_cap.is_none() {
+                                epoch_cap = Some(cap);
+                            }
+                            buffered += take(&mut data, &mut pending);
+                            oldest.get_or_insert_with(Instant::now);
+                        }
+                        Aligned::Close(e) => {
+                            flush(&mut pending, &mut tables, &epoch_cap, output);
+                            pending.clear();
+                            buffered = 0;
+                            oldest = None;
+                            epoch_cap = None;
+                            snapshot_tables(&ctx, &tables, e, task, &name_owned, &file_prefix);
+                        }
+                    }
+                }
+                if buffered > 0 {
+                    activator.activate_after(max_latency);
                 }
             }
         });

@@ -63,3 +63,22 @@ pub fn apply_step(centroids: &mut [f32], seen: &mut [u64], step: &KmeansStep, d:
 
 #[cfg(test)]
 mod tests;
+
+/// The kernels for `cfg` in this process: one device context (and one submission queue) is
+/// shared by every operator and worker; without a usable adapter under `auto`, the CPU path
+/// (one thread per caller: the workers are the parallelism).
+pub fn shared_kernels(cfg: &crate::GpuConfig) -> Result<std::sync::Arc<dyn Kernels>, GpuError> {
+    use std::sync::{Arc, Mutex};
+    type Cache = Mutex<Vec<(crate::GpuConfig, Arc<dyn Kernels>)>>;
+    static CACHE: Cache = Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().map_err(|_| GpuError::Device("kernel cache poisoned".into()))?;
+    if let Some((_, k)) = cache.iter().find(|(c, _)| c == cfg) {
+        return Ok(k.clone());
+    }
+    let k: Arc<dyn Kernels> = match crate::GpuContext::select(cfg)? {
+        Some(ctx) => Arc::new(gpu::GpuKernels::new(ctx)),
+        None => Arc::new(cpu::CpuKernels::new(1)),
+    };
+    cache.push((cfg.clone(), k.clone()));
+    Ok(k)
+}
