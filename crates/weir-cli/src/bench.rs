@@ -16,6 +16,12 @@ use weir_checkpoint::CheckpointMetadata;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
+    /// What to benchmark: `engine` (the keyed-sum job) or `gpu` (the kernels).
+    #[arg(default_value = "engine", value_parser = ["engine", "gpu"])]
+    what: String,
+    /// GPU to benchmark (`weir.gpu.device`: index or name substring).
+    #[arg(long)]
+    device: Option<String>,
     /// Records per run.
     #[arg(long, default_value_t = 10_000_000)]
     records: u64,
@@ -130,6 +136,9 @@ fn bare_timely(args: &BenchArgs) -> f64 {
 }
 
 pub fn main(args: BenchArgs) -> Result<()> {
+    if args.what == "gpu" {
+        return crate::gpu::bench(args.device.clone());
+    }
     println!(
         "keyed sum: {} records, {} keys, parallelism {}, blackhole sink, heap state backend",
         args.records, args.keys, args.parallelism

@@ -2,6 +2,7 @@
 
 mod bench;
 mod checkpoints;
+mod gpu;
 
 use std::path::PathBuf;
 
@@ -26,10 +27,22 @@ enum Cmd {
         #[command(subcommand)]
         cmd: checkpoints::CheckpointCmd,
     },
-    /// Benchmark the engine (keyed sum: throughput with checkpointing off and on).
+    /// Benchmark: `weir bench` (the engine: keyed sum with checkpointing off and on) or
+    /// `weir bench gpu` (every kernel on the GPU against the CPU path).
     Bench(bench::BenchArgs),
+    /// GPU devices.
+    Gpu {
+        #[command(subcommand)]
+        cmd: GpuCmd,
+    },
     /// Print the configuration keys this build knows, with their types and defaults.
     Config,
+}
+
+#[derive(Subcommand)]
+enum GpuCmd {
+    /// The Vulkan adapters found, and the one `weir.gpu.enabled: auto` selects.
+    Info,
 }
 
 #[derive(clap::Args)]
@@ -108,6 +121,7 @@ fn main() {
         Cmd::Run(a) => run(a),
         Cmd::Checkpoints { cmd } => checkpoints::main(cmd),
         Cmd::Bench(a) => bench::main(a),
+        Cmd::Gpu { cmd: GpuCmd::Info } => gpu::info(),
         Cmd::Config => {
             println!("{:<60} {:<45} default", "key", "type");
             for (k, t, d) in weir::config::known_keys() {

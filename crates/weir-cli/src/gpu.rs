@@ -1,0 +1,128 @@
+//! `weir gpu info` and `weir bench gpu`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use weir_gpu::kernels::cpu::CpuKernels;
+use weir_gpu::kernels::gpu::GpuKernels;
+use weir_gpu::kernels::Kernels;
+use weir_gpu::{GpuConfig, GpuContext, GpuMode};
+
+pub fn info() -> Result<()> {
+    let adapters = weir_gpu::device::discover();
+    if adapters.is_empty() {
+        println!("no Vulkan adapter found: GPU operators run on the CPU path (Debian: apt-get install mesa-vulkan-drivers for lavapipe)");
+        return Ok(());
+    }
+    println!("{:<3} {:<36} {:<11} {:<14} {:<8} {:>14} {:>16}  {}", "#", "name", "vendor", "type", "backend", "max buffer", "max storage bind", "uploads");
+    for a in &adapters {
+        println!(
+            "{:<3} {:<36} {:<11} {:<14} {:<8} {:>14} {:>16}  {}",
+            a.index,
+            a.name,
+            a.vendor,
+            a.device_type,
+            a.backend,
+            a.max_buffer_size,
+            a.max_storage_binding,
+            if a.unified_memory { "host-visible" } else { "staged" }
+        );
+    }
+    if let Some(ctx) = GpuContext::select(&GpuConfig::default())? {
+        println!("weir.gpu.enabled=auto selects #{}: {}", ctx.adapter.index, ctx.adapter.name);
+    }
+    Ok(())
+}
+
+fn rand(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+fn time<T>(reps: usize, mut f: impl FnMut() -> T) -> f64 {
+    f(); // warm-up: compile pipelines, fill the pool
+    let t = Instant::now();
+    for _ in 0..reps {
+        std::hint::black_box(f());
+    }
+    t.elapsed().as_secs_f64() / reps as f64
+}
+
+pub fn bench(device: Option<String>) -> Result<()> {
+    let cfg = GpuConfig { mode: GpuMode::On, device, memory: 8 << 30, fraction: 0.5, ..GpuConfig::default() };
+    let ctx = GpuContext::select(&cfg)?.context("no GPU")?;
+    let gpu = GpuKernels::new(Arc::clone(&ctx));
+    let one = CpuKernels::new(1);
+    let all = CpuKernels::all_cores();
+    println!("GPU: {} ({}, {}); CPU: {}", ctx.adapter.name, ctx.adapter.vendor, ctx.adapter.device_type, all.name());
+    println!(
+        "{:<26} {:>11} {:>11} {:>11} {:>9} {:>9} {:>10} {:>10}",
+        "kernel", "T_cpu1 ms", "T_cpuN ms", "T_gpu ms", "S(1 core)", "S(all)", "transfer", "GFLOP/s"
+    );
+    for n in [256usize, 512, 1024] {
+        let (a, b) = (rand(n * n, 1), rand(n * n, 2));
+        let reps = if n <= 256 { 5 } else { 2 };
+        let t1 = time(reps, || one.gemm(&a, &b, n, n, n).unwrap());
+        let tn = time(reps, || all.gemm(&a, &b, n, n, n).unwrap());
+        let tg = time(reps, || gpu.gemm(&a, &b, n, n, n).unwrap());
+        let tt = gpu.last_times();
+        let share = (tt.upload + tt.download).as_secs_f64() / (tt.upload + tt.compute + tt.download).as_secs_f64();
+        println!(
+            "{:<26} {:>11.2} {:>11.2} {:>11.2} {:>9.2} {:>9.2} {:>9.0}% {:>10.1}",
+            format!("gemm {n}×{n}×{n}"),
+            t1 * 1e3,
+            tn * 1e3,
+            tg * 1e3,
+            t1 / tg,
+            tn / tg,
+            100.0 * share,
+            2.0 * (n as f64).powi(3) / tg / 1e9
+        );
+    }
+    let (k, d) = (64usize, 32usize);
+    let cents = rand(k * d, 3);
+    for n in [10_000usize, 100_000, 1_000_000] {
+        let pts = rand(n * d, 4);
+        let reps = if n <= 100_000 { 3 } else { 1 };
+        let t1 = time(reps, || one.kmeans_step(&pts, &cents, d).unwrap());
+        let tn = time(reps, || all.kmeans_step(&pts, &cents, d).unwrap());
+        let tg = time(reps, || gpu.kmeans_step(&pts, &cents, d).unwrap());
+        let tt = gpu.last_times();
+        let share = (tt.upload + tt.download).as_secs_f64() / (tt.upload + tt.compute + tt.download).as_secs_f64();
+        println!(
+            "{:<26} {:>11.2} {:>11.2} {:>11.2} {:>9.2} {:>9.2} {:>9.0}% {:>10.1}",
+            format!("kmeans n={n} k={k} d={d}"),
+            t1 * 1e3,
+            tn * 1e3,
+            tg * 1e3,
+            t1 / tg,
+            tn / tg,
+            100.0 * share,
+            3.0 * (n * k * d) as f64 / tg / 1e9
+        );
+    }
+    // Pool allocations after warm-up: 1000 small batches.
+    let (a, b) = (rand(64 * 64, 5), rand(64 * 64, 6));
+    gpu.gemm(&a, &b, 64, 64, 64)?;
+    let before = gpu.buffer_creations();
+    for _ in 0..1000 {
+        gpu.gemm(&a, &b, 64, 64, 64)?;
+    }
+    let stats = ctx.pool.lock().map_err(|_| anyhow::anyhow!("pool"))?.stats();
+    println!(
+        "\ndevice buffers created per 1000 batches after warm-up: {} (pool: {} MiB reserved, peak {} MiB in use, {} allocations served)",
+        gpu.buffer_creations() - before,
+        stats.reserved >> 20,
+        stats.peak >> 20,
+        stats.allocations
+    );
+    Ok(())
+}
