@@ -500,7 +500,15 @@ fn drive_coordinator(
                     }
                 }
             }
-            Action::Abort { id, reason } => tracing::warn!("checkpoint {id} aborted: {reason}"),
+            Action::Abort { id, reason } => {
+                tracing::warn!("checkpoint {id} aborted: {reason}");
+                // Remove what was written of it (it has no _metadata, so it never existed).
+                if let Some(s) = env.storage.clone() {
+                    env.executor.lock().expect("executor").submit(move || {
+                        let _ = s.discard(id);
+                    });
+                }
+            }
             Action::Notify { id } => {
                 ctl.send(Control::Notify { id });
                 sent = true;
