@@ -91,6 +91,10 @@ fn run(args: RunArgs) -> Result<()> {
         Some(p) => Restore::Path(p.to_string()),
     };
     let env = StreamEnv::new(&plan.name, plan.config.clone()).cluster(cluster).restore(restore);
+    // Ctrl-C / SIGTERM cancel the job (Flink's cancel): checkpoints are kept or deleted per
+    // execution.checkpointing.externalized-checkpoint-retention.
+    let cancel = env.cancel_flag();
+    ctrlc::set_handler(move || cancel.store(true, std::sync::atomic::Ordering::SeqCst)).context("installing the signal handler")?;
     let started = std::time::Instant::now();
     let plan2 = plan.clone();
     let result = env.execute(move |job| plan2.build(job))?;
@@ -132,6 +136,7 @@ fn main() {
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        let cancelled = e.downcast_ref::<weir::JobError>().is_some_and(|e| matches!(e, weir::JobError::Cancelled));
+        std::process::exit(if cancelled { 130 } else { 1 });
     }
 }

@@ -164,3 +164,36 @@ fn two_processes_one_killed() {
     }
     assert_exactly_once(&expected, &committed_lines(&out));
 }
+
+fn sigterm(child: &std::process::Child) {
+    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success();
+    assert!(ok, "kill -TERM");
+}
+
+#[test]
+fn cancel_retains_or_deletes_checkpoints_per_policy() {
+    let tmp = TempDir::new("cancel");
+    let expected = reference(&tmp);
+    let (out, ck) = (tmp.join("out"), tmp.join("ck"));
+    let job_dir = ck.join("keyed-sum");
+    // RETAIN_ON_CANCELLATION (the default): the checkpoints stay and the job resumes from them.
+    let mut child = spawn(&mut keyed_sum(&out, &ck, &["--set", "source.rate=1000000"]));
+    assert!(wait_for_checkpoint_after(&mut child, &job_dir, 1, Duration::from_secs(60)));
+    sigterm(&child);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "a cancelled job exits with 130");
+    assert!(!completed_checkpoints(&job_dir).is_empty(), "checkpoints retained on cancel");
+    let log = run_ok(&mut keyed_sum(&out, &ck, &["--restore", "latest"]));
+    assert!(String::from_utf8_lossy(&log.stderr).contains("restoring keyed-sum from checkpoint"));
+    assert_exactly_once(&expected, &committed_lines(&out));
+
+    // DELETE_ON_CANCELLATION: nothing is left to restore.
+    let (out2, ck2) = (tmp.join("out2"), tmp.join("ck2"));
+    let job_dir2 = ck2.join("keyed-sum");
+    let policy = "execution.checkpointing.externalized-checkpoint-retention=DELETE_ON_CANCELLATION";
+    let mut child = spawn(&mut keyed_sum(&out2, &ck2, &["--set", "source.rate=1000000", "-D", policy]));
+    assert!(wait_for_checkpoint_after(&mut child, &job_dir2, 1, Duration::from_secs(60)));
+    sigterm(&child);
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    assert!(completed_checkpoints(&job_dir2).is_empty(), "checkpoints deleted on cancel");
+}

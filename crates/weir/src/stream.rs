@@ -29,12 +29,18 @@ pub struct StreamEnv {
     config: JobConfig,
     cluster: ClusterConfig,
     restore: Restore,
+    cancel: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl StreamEnv {
     /// An environment for job `name`.
     pub fn new(name: &str, config: JobConfig) -> Self {
-        Self { name: name.to_string(), config, cluster: ClusterConfig::default(), restore: Restore::None }
+        Self { name: name.to_string(), config, cluster: ClusterConfig::default(), restore: Restore::None, cancel: Arc::default() }
+    }
+
+    /// A flag that cancels the running job when set (e.g. from a signal handler).
+    pub fn cancel_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.cancel.clone()
     }
 
     /// Run as one process of a cluster.
@@ -60,7 +66,7 @@ impl StreamEnv {
     where
         F: Fn(&mut Job<'_>) + Send + Sync + 'static,
     {
-        run_job(&self.name, self.config.clone(), &self.cluster, &self.restore, Arc::new(build))
+        run_job(&self.name, self.config.clone(), &self.cluster, &self.restore, self.cancel.clone(), Arc::new(build))
     }
 }
 

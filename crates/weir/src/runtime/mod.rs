@@ -81,6 +81,10 @@ pub enum JobError {
     /// The requested checkpoint cannot be restored.
     #[error("restore: {0}")]
     Restore(String),
+    /// The job was cancelled; checkpoints were kept or deleted per
+    /// `execution.checkpointing.externalized-checkpoint-retention`.
+    #[error("job cancelled")]
+    Cancelled,
     /// The job failed and the restart strategy gave up.
     #[error("job failed after {restarts} restart(s): {message}")]
     Failed {
@@ -147,6 +151,7 @@ struct AttemptEnv {
     first_epoch: u64,
     retained: Vec<u64>,
     failed: AtomicBool,
+    cancel: Arc<AtomicBool>,
     executor: Mutex<SnapshotExecutor>,
     build: Arc<BuildFn>,
 }
@@ -157,6 +162,7 @@ pub(crate) fn run_job(
     config: JobConfig,
     cluster: &ClusterConfig,
     restore: &Restore,
+    cancel: Arc<AtomicBool>,
     build: Arc<BuildFn>,
 ) -> Result<JobResult, JobError> {
     let processes = cluster.processes() as u32;
@@ -200,6 +206,7 @@ pub(crate) fn run_job(
             first_epoch,
             retained,
             failed: AtomicBool::new(false),
+            cancel: cancel.clone(),
             executor: Mutex::new(exec),
             build: build.clone(),
         });
@@ -210,6 +217,7 @@ pub(crate) fn run_job(
             Ok(checkpoints) => {
                 return Ok(JobResult { restored_from: (restored_id > 0).then_some(restored_id), restarts, checkpoints })
             }
+            Err(_) if cancel.load(Ordering::SeqCst) => return Err(JobError::Cancelled),
             Err(message) => {
                 let allowed = match config.restart {
                     RestartStrategy::None => None,
@@ -378,6 +386,7 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
     let mut ctl_time: Time = 0;
     let mut ack_time: Time = 0;
     let mut committed_upto = 0;
+    let mut cancel_sent = false;
     let mut completed = Vec::new();
     let stopped = || format!("stopped: job {} failed on another worker", env.job);
 
@@ -398,6 +407,12 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
             ack_in.advance_to(ack_time);
         }
         if let (Some(c), Some(ctl)) = (coord.as_mut(), ctl_in.as_mut()) {
+            if env.cancel.load(Ordering::Relaxed) && !cancel_sent {
+                cancel_sent = true;
+                cancel_job(c, ctl, env);
+                ctl_time += 1;
+                ctl.advance_to(ctl_time);
+            }
             let sent = drive_coordinator(c, ctl, &inbox, env, &mut completed)?;
             if sent {
                 ctl_time += 1;
@@ -436,6 +451,25 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
         }
     }
     Ok(completed)
+}
+
+/// Cancel: drop pending checkpoints, keep or delete completed ones per the retention policy,
+/// and stop every worker.
+fn cancel_job(c: &mut CheckpointCoordinator<SubtaskSnapshot>, ctl: &mut InputHandle<Time, CapacityContainerBuilder<Vec<Control>>>, env: &AttemptEnv) {
+    let retain = env.config.checkpoint.retention == weir_checkpoint::RetentionPolicy::RetainOnCancellation;
+    for a in c.on_cancel(retain) {
+        if let (Action::Discard { id } | Action::Abort { id, .. }, Some(s)) = (a, &env.storage) {
+            if let Err(e) = s.discard(id) {
+                tracing::warn!("cancel: discarding checkpoint {id}: {e}");
+            }
+        }
+    }
+    tracing::warn!(
+        "job {} cancelled; completed checkpoints {}",
+        env.job,
+        if retain { "retained (RETAIN_ON_CANCELLATION)" } else { "deleted (DELETE_ON_CANCELLATION)" }
+    );
+    ctl.send(Control::Fail { reason: "cancelled".into() });
 }
 
 /// Feed the coordinator time and acks; carry out its actions. Returns whether a control
