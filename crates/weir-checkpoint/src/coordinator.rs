@@ -219,7 +219,7 @@ impl<A> CheckpointCoordinator<A> {
             return out;
         }
         let due = self.last_trigger_ms.unwrap_or(self.started_ms) + interval;
-        let paused = self.last_completion_ms.map_or(true, |c| now_ms >= c + self.cfg.min_pause_ms);
+        let paused = self.last_completion_ms.is_none_or(|c| now_ms >= c + self.cfg.min_pause_ms);
         if now_ms >= due && paused {
             out.push(self.trigger(now_ms, false));
         }

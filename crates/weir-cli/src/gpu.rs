@@ -15,7 +15,7 @@ pub fn info() -> Result<()> {
         println!("no Vulkan adapter found: GPU operators run on the CPU path (Debian: apt-get install mesa-vulkan-drivers for lavapipe)");
         return Ok(());
     }
-    println!("{:<3} {:<36} {:<11} {:<14} {:<8} {:>14} {:>16}  {}", "#", "name", "vendor", "type", "backend", "max buffer", "max storage bind", "uploads");
+    println!("{:<3} {:<36} {:<11} {:<14} {:<8} {:>14} {:>16}  uploads", "#", "name", "vendor", "type", "backend", "max buffer", "max storage bind");
     for a in &adapters {
         println!(
             "{:<3} {:<36} {:<11} {:<14} {:<8} {:>14} {:>16}  {}",
@@ -56,6 +56,23 @@ fn time<T>(reps: usize, mut f: impl FnMut() -> T) -> f64 {
     t.elapsed().as_secs_f64() / reps as f64
 }
 
+/// One result line: times (CPU one core, CPU all cores, GPU), speed-ups, the GPU call's
+/// transfer share, and the GPU's rate for `flop` operations.
+fn row(label: &str, [t1, tn, tg]: [f64; 3], gpu: &GpuKernels, flop: f64) {
+    let tt = gpu.last_times();
+    let share = (tt.upload + tt.download).as_secs_f64() / (tt.upload + tt.compute + tt.download).as_secs_f64();
+    println!(
+        "{label:<26} {:>11.2} {:>11.2} {:>11.2} {:>9.2} {:>9.2} {:>9.0}% {:>10.1}",
+        t1 * 1e3,
+        tn * 1e3,
+        tg * 1e3,
+        t1 / tg,
+        tn / tg,
+        100.0 * share,
+        flop / tg / 1e9
+    );
+}
+
 pub fn bench(device: Option<String>) -> Result<()> {
     let cfg = GpuConfig { mode: GpuMode::On, device, memory: 8 << 30, fraction: 0.5, ..GpuConfig::default() };
     let ctx = GpuContext::select(&cfg)?.context("no GPU")?;
@@ -73,19 +90,7 @@ pub fn bench(device: Option<String>) -> Result<()> {
         let t1 = time(reps, || one.gemm(&a, &b, n, n, n).unwrap());
         let tn = time(reps, || all.gemm(&a, &b, n, n, n).unwrap());
         let tg = time(reps, || gpu.gemm(&a, &b, n, n, n).unwrap());
-        let tt = gpu.last_times();
-        let share = (tt.upload + tt.download).as_secs_f64() / (tt.upload + tt.compute + tt.download).as_secs_f64();
-        println!(
-            "{:<26} {:>11.2} {:>11.2} {:>11.2} {:>9.2} {:>9.2} {:>9.0}% {:>10.1}",
-            format!("gemm {n}×{n}×{n}"),
-            t1 * 1e3,
-            tn * 1e3,
-            tg * 1e3,
-            t1 / tg,
-            tn / tg,
-            100.0 * share,
-            2.0 * (n as f64).powi(3) / tg / 1e9
-        );
+        row(&format!("gemm {n}×{n}×{n}"), [t1, tn, tg], &gpu, 2.0 * (n as f64).powi(3));
     }
     let (k, d) = (64usize, 32usize);
     let cents = rand(k * d, 3);
@@ -95,19 +100,7 @@ pub fn bench(device: Option<String>) -> Result<()> {
         let t1 = time(reps, || one.kmeans_step(&pts, &cents, d).unwrap());
         let tn = time(reps, || all.kmeans_step(&pts, &cents, d).unwrap());
         let tg = time(reps, || gpu.kmeans_step(&pts, &cents, d).unwrap());
-        let tt = gpu.last_times();
-        let share = (tt.upload + tt.download).as_secs_f64() / (tt.upload + tt.compute + tt.download).as_secs_f64();
-        println!(
-            "{:<26} {:>11.2} {:>11.2} {:>11.2} {:>9.2} {:>9.2} {:>9.0}% {:>10.1}",
-            format!("kmeans n={n} k={k} d={d}"),
-            t1 * 1e3,
-            tn * 1e3,
-            tg * 1e3,
-            t1 / tg,
-            tn / tg,
-            100.0 * share,
-            3.0 * (n * k * d) as f64 / tg / 1e9
-        );
+        row(&format!("kmeans n={n} k={k} d={d}"), [t1, tn, tg], &gpu, 3.0 * (n * k * d) as f64);
     }
     // Pool allocations after warm-up: 1000 small batches.
     let (a, b) = (rand(64 * 64, 5), rand(64 * 64, 6));

@@ -99,7 +99,7 @@ fn describe(index: usize, a: &wgpu::Adapter) -> AdapterDesc {
         backend: format!("{:?}", info.backend),
         driver: format!("{} {}", info.driver, info.driver_info),
         max_buffer_size: limits.max_buffer_size,
-        max_storage_binding: limits.max_storage_buffer_binding_size as u64,
+        max_storage_binding: limits.max_storage_buffer_binding_size,
         unified_memory: unified,
     }
 }

@@ -338,26 +338,45 @@ fn sanitize(name: &str) -> String {
     name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
 }
 
+/// What every keyed stateful operator starts with.
+struct KeyedSetup<K> {
+    task: TaskId,
+    tables: StateTables<K>,
+    file_prefix: String,
+}
+
 impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
+    /// Register a keyed stateful operator: its task id, its states (registered by `open`, then
+    /// restored from the checkpoint being restored, key groups of this worker only).
+    fn setup(&self, name: &str, open: impl FnOnce(&mut StateTables<K>)) -> KeyedSetup<K> {
+        let ctx = &self.ctx;
+        let op = ctx.register(false);
+        let mp = ctx.config.max_parallelism;
+        let range = KeyGroupRange::for_operator(mp, ctx.peers as u32, ctx.index as u32);
+        let mut tables = StateTables::new(range, mp);
+        open(&mut tables);
+        if let Err(e) = restore_tables(ctx, op, &mut tables) {
+            ctx.fail_build(format!("operator '{name}': {e}"));
+        }
+        KeyedSetup { task: TaskId::new(op, ctx.index as u32), tables, file_prefix: format!("op{op}-{}", sanitize(name)) }
+    }
+
+    /// The exchange that sends each record to the worker owning its key's key group.
+    fn exchange(&self) -> impl timely::dataflow::channels::pact::ParallelizationContract<Time, Vec<T>> {
+        let (peers, mp) = (self.ctx.peers as u32, self.ctx.config.max_parallelism);
+        let key = self.key.clone();
+        Exchange::new(move |x: &T| operator_for_key_group(mp, peers, key_group(&key(x), mp)) as u64)
+    }
+
     /// Run a keyed process function over the stream.
     pub fn process<O: Data, P: KeyedProcessFunction<K, T, O>>(self, name: &str, mut func: P) -> DataStream<'s, O> {
         let ctx = self.ctx.clone();
-        let op = ctx.register(false);
-        let (index, peers, mp) = (ctx.index as u32, ctx.peers as u32, ctx.config.max_parallelism);
-        let task = TaskId::new(op, index);
-        let range = KeyGroupRange::for_operator(mp, peers, index);
-        let mut tables: StateTables<K> = StateTables::new(range, mp);
-        func.open(&mut tables);
-        if let Err(e) = restore_tables(&ctx, op, &mut tables) {
-            ctx.fail_build(format!("operator '{name}': {e}"));
-        }
-        let route_key = self.key.clone();
+        let KeyedSetup { task, mut tables, file_prefix } = self.setup(name, |t| func.open(t));
+        let exchange = self.exchange();
         let key = self.key;
-        let exchange = Exchange::new(move |x: &T| operator_for_key_group(mp, peers, key_group(&route_key(x), mp)) as u64);
         let mut aligner: EpochAligner<timely::dataflow::operators::Capability<Time>, T> = EpochAligner::new(ctx.first_epoch);
         let mut out: Vec<O> = Vec::new();
         let name_owned = name.to_string();
-        let file_prefix = format!("op{op}-{}", sanitize(name));
         let stream = self.stream.unary_frontier::<CapacityContainerBuilder<Vec<O>>, _, _, _>(exchange, name, move |_, _| {
             move |(input, frontier), output| {
                 let mut run = |data: &mut Vec<T>, tables: &mut StateTables<K>, out: &mut Vec<O>| {
@@ -406,17 +425,9 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
     /// epochs and checkpoints stay exact.
     pub fn process_batches<O: Data, P: KeyedBatchFunction<K, T, O>>(self, name: &str, mut func: P) -> DataStream<'s, O> {
         let ctx = self.ctx.clone();
-        let op = ctx.register(false);
-        let (index, peers, mp) = (ctx.index as u32, ctx.peers as u32, ctx.config.max_parallelism);
-        let task = TaskId::new(op, index);
-        let mut tables: StateTables<K> = StateTables::new(KeyGroupRange::for_operator(mp, peers, index), mp);
-        func.open(&mut tables);
-        if let Err(e) = restore_tables(&ctx, op, &mut tables) {
-            ctx.fail_build(format!("operator '{name}': {e}"));
-        }
-        let route_key = self.key.clone();
+        let KeyedSetup { task, mut tables, file_prefix } = self.setup(name, |t| func.open(t));
+        let exchange = self.exchange();
         let key = self.key;
-        let exchange = Exchange::new(move |x: &T| operator_for_key_group(mp, peers, key_group(&route_key(x), mp)) as u64);
         let mut aligner: EpochAligner<timely::dataflow::operators::Capability<Time>, T> = EpochAligner::new(ctx.first_epoch);
         let (max_records, max_latency) = (ctx.config.gpu_batch_records, ctx.config.gpu_batch_latency);
         let mut pending: HashMap<K, Vec<T>> = HashMap::new();
@@ -425,7 +436,6 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
         let mut epoch_cap: Option<timely::dataflow::operators::Capability<Time>> = None;
         let mut out: Vec<O> = Vec::new();
         let name_owned = name.to_string();
-        let file_prefix = format!("op{op}-{}", sanitize(name));
         let scope = self.stream.scope();
         let stream = self.stream.unary_frontier::<CapacityContainerBuilder<Vec<O>>, _, _, _>(exchange, name, move |_, info| {
             let activator = scope.activator_for(info.address);

@@ -34,7 +34,7 @@ pub(crate) fn check_gemm(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> 
 }
 
 pub(crate) fn check_kmeans(points: &[f32], centroids: &[f32], d: usize) -> Result<(usize, usize), GpuError> {
-    if d == 0 || points.len() % d != 0 || centroids.len() % d != 0 || centroids.is_empty() {
+    if d == 0 || !points.len().is_multiple_of(d) || !centroids.len().is_multiple_of(d) || centroids.is_empty() {
         return Err(GpuError::Input(format!(
             "kmeans: {} point values and {} centroid values are not multiples of d = {d}",
             points.len(),

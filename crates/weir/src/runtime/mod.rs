@@ -166,7 +166,7 @@ pub(crate) fn run_job(
     build: Arc<BuildFn>,
 ) -> Result<JobResult, JobError> {
     let processes = cluster.processes() as u32;
-    if config.parallelism % processes != 0 {
+    if !config.parallelism.is_multiple_of(processes) {
         return Err(ConfigError {
             key: "parallelism.default".into(),
             message: format!("{} is not a multiple of the {processes} processes", config.parallelism),
