@@ -34,6 +34,9 @@ pub struct BenchArgs {
     /// Checkpoint intervals to compare with checkpointing off.
     #[arg(long, value_delimiter = ',', default_value = "2s,1s,200ms")]
     intervals: Vec<String>,
+    /// Runs of each configuration; the median run (by throughput) is reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
     /// Checkpoint directory (each run uses a fresh job directory inside it).
     #[arg(long, default_value = "target/weir-bench")]
     dir: String,
@@ -140,16 +143,30 @@ pub fn main(args: BenchArgs) -> Result<()> {
         return crate::gpu::bench(args.device.clone());
     }
     println!(
-        "keyed sum: {} records, {} keys, parallelism {}, blackhole sink, heap state backend",
-        args.records, args.keys, args.parallelism
+        "keyed sum: {} records, {} keys, parallelism {}, blackhole sink, heap state backend; median of {} runs each",
+        args.records,
+        args.keys,
+        args.parallelism,
+        args.repeat.max(1)
     );
     let bare = bare_timely(&args);
     let bare_rate = args.records as f64 / bare;
     println!("{:<22} {:>10.2} M records/s  ({:.2} s)", "bare timely loop", bare_rate / 1e6, bare);
-    let mut runs = vec![run_job(&args, None, 0)?];
-    for (i, iv) in args.intervals.iter().enumerate() {
-        runs.push(run_job(&args, Some(iv), i + 1)?);
+    // Interleave the configurations so that a slow moment of the machine hits all of them.
+    let configs: Vec<Option<&str>> = std::iter::once(None).chain(args.intervals.iter().map(|s| Some(s.as_str()))).collect();
+    let mut all: Vec<Vec<Run>> = configs.iter().map(|_| Vec::new()).collect();
+    for rep in 0..args.repeat.max(1) {
+        for (i, c) in configs.iter().enumerate() {
+            all[i].push(run_job(&args, *c, rep * configs.len() + i)?);
+        }
     }
+    let runs: Vec<Run> = all
+        .into_iter()
+        .map(|mut v| {
+            v.sort_by(|a, b| a.secs.total_cmp(&b.secs));
+            v.swap_remove(v.len() / 2)
+        })
+        .collect();
     let off = args.records as f64 / runs[0].secs;
     println!();
     println!(
