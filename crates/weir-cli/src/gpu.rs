@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use weir_gpu::kernels::cpu::CpuKernels;
 use weir_gpu::kernels::gpu::GpuKernels;
-use weir_gpu::kernels::Kernels;
+use weir_gpu::kernels::{Image, Kernels};
 use weir_gpu::{GpuConfig, GpuContext, GpuMode};
 
 pub fn info() -> Result<()> {
@@ -101,6 +101,20 @@ pub fn bench(device: Option<String>) -> Result<()> {
         let tn = time(reps, || all.kmeans_step(&pts, &cents, d).unwrap());
         let tg = time(reps, || gpu.kmeans_step(&pts, &cents, d).unwrap());
         row(&format!("kmeans n={n} k={k} d={d}"), [t1, tn, tg], &gpu, 3.0 * (n * k * d) as f64);
+    }
+    for (w, h) in [(320usize, 240usize), (1280, 720), (3840, 2160)] {
+        let img = Image { w, h, c: 3, data: rand(w * h * 3, 7).into_iter().map(|v| (v + 0.5) * 255.0).collect() };
+        let reps = if w <= 1280 { 3 } else { 1 };
+        let px = (w * h * 3) as f64;
+        let t = |k: &dyn Kernels| time(reps, || k.resize_bilinear(&img, w / 2, h / 2).unwrap());
+        let (t1, tn, tg) = (t(&one), t(&all), t(&gpu));
+        row(&format!("resize {w}×{h}→½ rgb"), [t1, tn, tg], &gpu, 8.0 * px / 4.0);
+        let t = |k: &dyn Kernels| time(reps, || k.gaussian_blur(&img, 2.0).unwrap());
+        let (t1, tn, tg) = (t(&one), t(&all), t(&gpu));
+        row(&format!("gaussian σ=2 {w}×{h} rgb"), [t1, tn, tg], &gpu, 2.0 * 2.0 * 13.0 * px);
+        let t = |k: &dyn Kernels| time(reps, || k.sobel(&img).unwrap());
+        let (t1, tn, tg) = (t(&one), t(&all), t(&gpu));
+        row(&format!("sobel {w}×{h} rgb"), [t1, tn, tg], &gpu, 20.0 * px);
     }
     // Pool allocations after warm-up: 1000 small batches.
     let (a, b) = (rand(64 * 64, 5), rand(64 * 64, 6));

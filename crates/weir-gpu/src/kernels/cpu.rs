@@ -1,6 +1,6 @@
 //! The CPU path of every kernel (multi-threaded with scoped threads).
 
-use super::{check_gemm, check_kmeans, Kernels, KmeansStep};
+use super::{check_gemm, check_kmeans, gaussian_weights, Image, Kernels, KmeansStep};
 use crate::GpuError;
 
 /// Kernels on the CPU.
@@ -32,6 +32,31 @@ fn gemm_rows(a: &[f32], b: &[f32], c: &mut [f32], n: usize, k: usize) {
             }
         }
     }
+}
+
+#[inline]
+fn px(img: &Image, x: i64, y: i64, ch: usize) -> f32 {
+    let x = x.clamp(0, img.w as i64 - 1) as usize;
+    let y = y.clamp(0, img.h as i64 - 1) as usize;
+    img.data[(y * img.w + x) * img.c + ch]
+}
+
+/// Apply `f(x, y, ch)` to every output value of a `w × h × c` image, rows split over threads.
+fn per_pixel(threads: usize, w: usize, h: usize, c: usize, f: impl Fn(usize, usize, usize) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; w * h * c];
+    let rows = h.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (t, chunk) in out.chunks_mut(rows * w * c).enumerate() {
+            let f = &f;
+            s.spawn(move || {
+                for (i, v) in chunk.iter_mut().enumerate() {
+                    let (ch, x, y) = (i % c, (i / c) % w, t * rows + i / (c * w));
+                    *v = f(x, y, ch);
+                }
+            });
+        }
+    });
+    out
 }
 
 impl Kernels for CpuKernels {
@@ -86,5 +111,47 @@ impl Kernels for CpuKernels {
             }
         }
         Ok(KmeansStep { sums, counts })
+    }
+
+    fn resize_bilinear(&self, img: &Image, nw: usize, nh: usize) -> Result<Image, GpuError> {
+        img.check()?;
+        let (w, h) = (img.w as f32, img.h as f32);
+        let data = per_pixel(self.threads, nw, nh, img.c, |x, y, ch| {
+            let sx = ((x as f32 + 0.5) * w / nw as f32 - 0.5).clamp(0.0, w - 1.0);
+            let sy = ((y as f32 + 0.5) * h / nh as f32 - 0.5).clamp(0.0, h - 1.0);
+            let (x0, y0) = (sx.floor() as i64, sy.floor() as i64);
+            let (fx, fy) = (sx - x0 as f32, sy - y0 as f32);
+            let top = px(img, x0, y0, ch) * (1.0 - fx) + px(img, x0 + 1, y0, ch) * fx;
+            let bot = px(img, x0, y0 + 1, ch) * (1.0 - fx) + px(img, x0 + 1, y0 + 1, ch) * fx;
+            top * (1.0 - fy) + bot * fy
+        });
+        Ok(Image { w: nw, h: nh, c: img.c, data })
+    }
+
+    fn gaussian_blur(&self, img: &Image, sigma: f32) -> Result<Image, GpuError> {
+        img.check()?;
+        let wts = gaussian_weights(sigma);
+        let r = (wts.len() / 2) as i64;
+        let tmp = Image {
+            data: per_pixel(self.threads, img.w, img.h, img.c, |x, y, ch| {
+                (-r..=r).map(|k| wts[(k + r) as usize] * px(img, x as i64 + k, y as i64, ch)).sum()
+            }),
+            ..img.clone()
+        };
+        let data = per_pixel(self.threads, img.w, img.h, img.c, |x, y, ch| {
+            (-r..=r).map(|k| wts[(k + r) as usize] * px(&tmp, x as i64, y as i64 + k, ch)).sum()
+        });
+        Ok(Image { data, ..tmp })
+    }
+
+    fn sobel(&self, img: &Image) -> Result<Image, GpuError> {
+        img.check()?;
+        let data = per_pixel(self.threads, img.w, img.h, img.c, |x, y, ch| {
+            let p = |dx: i64, dy: i64| px(img, x as i64 + dx, y as i64 + dy, ch);
+            let gx = (p(1, -1) + 2.0 * p(1, 0) + p(1, 1)) - (p(-1, -1) + 2.0 * p(-1, 0) + p(-1, 1));
+            let gy = (p(-1, 1) + 2.0 * p(0, 1) + p(1, 1)) - (p(-1, -1) + 2.0 * p(0, -1) + p(1, -1));
+            (gx * gx + gy * gy).sqrt()
+        });
+        Ok(Image { data, ..img.clone() })
     }
 }

@@ -8,13 +8,14 @@ use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{check_gemm, check_kmeans, Kernels, KmeansStep};
+use super::{check_gemm, check_kmeans, gaussian_weights, Image, Kernels, KmeansStep};
 use crate::device::GpuContext;
 use crate::pool::Block;
 use crate::GpuError;
 
 const GEMM: &str = include_str!("../shaders/gemm.wgsl");
 const KMEANS: &str = include_str!("../shaders/kmeans.wgsl");
+const IMAGE: &str = include_str!("../shaders/image.wgsl");
 
 /// Time split of the last call: upload, compute, download.
 #[derive(Clone, Copy, Debug, Default)]
@@ -239,5 +240,55 @@ impl Kernels for GpuKernels {
         let sums = vals[..k * d].to_vec();
         let counts = vals[k * d..k * d + k].iter().map(|&c| c as u32).collect();
         Ok(KmeansStep { sums, counts })
+    }
+
+    fn resize_bilinear(&self, img: &Image, nw: usize, nh: usize) -> Result<Image, GpuError> {
+        img.check()?;
+        if nw == 0 || nh == 0 {
+            return Err(GpuError::Input(format!("resize to {nw}×{nh}")));
+        }
+        let data = self.image_passes(img, nw, nh, &[0.0], &[("image_resize", "resize")], nw * nh * img.c)?;
+        Ok(Image { w: nw, h: nh, c: img.c, data })
+    }
+
+    fn gaussian_blur(&self, img: &Image, sigma: f32) -> Result<Image, GpuError> {
+        img.check()?;
+        let wts = gaussian_weights(sigma);
+        let n = img.w * img.h * img.c;
+        let data = self.image_passes(img, img.w, img.h, &wts, &[("image_blur_h", "blur_h"), ("image_blur_v", "blur_v")], n)?;
+        Ok(Image { data, ..img.clone() })
+    }
+
+    fn sobel(&self, img: &Image) -> Result<Image, GpuError> {
+        img.check()?;
+        let n = img.w * img.h * img.c;
+        let data = self.image_passes(img, img.w, img.h, &[0.0], &[("image_sobel", "sobel")], n)?;
+        Ok(Image { data, ..img.clone() })
+    }
+}
+
+impl GpuKernels {
+    /// Image kernels share one binding layout: src, tmp, dst, weights, dims. `out` values are
+    /// computed by each pass, one invocation each (a 2-D grid beyond 65535 workgroups).
+    fn image_passes(&self, img: &Image, nw: usize, nh: usize, weights: &[f32], passes: &[(&'static str, &'static str)], out: usize) -> Result<Vec<f32>, GpuError> {
+        let r = (weights.len() / 2) as u32;
+        let dims = [img.w as u32, img.h as u32, img.c as u32, nw as u32, nh as u32, r, 0, 0];
+        let groups = out.div_ceil(64);
+        let (gx, gy) = (groups.min(65535) as u32, groups.div_ceil(65535) as u32);
+        let n_in = img.data.len();
+        let pipes: Vec<_> = passes.iter().map(|(key, entry)| (self.pipeline(key, IMAGE, entry, 5), gx, gy)).collect();
+        let mut v: Vec<f32> = self.run(
+            &[
+                Bind::In(bytemuck::cast_slice(&img.data)),
+                Bind::Out((n_in.max(out) * 4) as u64),
+                Bind::Out((out * 4) as u64),
+                Bind::In(bytemuck::cast_slice(weights)),
+                Bind::In(bytemuck::cast_slice(&dims)),
+            ],
+            &pipes,
+            2,
+        )?;
+        v.truncate(out);
+        Ok(v)
     }
 }

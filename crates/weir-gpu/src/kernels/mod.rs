@@ -24,6 +24,58 @@ pub trait Kernels: Send + Sync {
 
     /// Assign each of `points` (n × d) to its nearest of `centroids` (k × d) and sum per centroid.
     fn kmeans_step(&self, points: &[f32], centroids: &[f32], d: usize) -> Result<KmeansStep, GpuError>;
+
+    /// Bilinear resize of an image (`w × h × c`, interleaved) to `nw × nh` (pixel centres aligned).
+    fn resize_bilinear(&self, img: &Image, nw: usize, nh: usize) -> Result<Image, GpuError>;
+
+    /// Gaussian blur with standard deviation `sigma` (separable, radius ⌈3σ⌉, clamp-to-edge).
+    fn gaussian_blur(&self, img: &Image, sigma: f32) -> Result<Image, GpuError>;
+
+    /// Sobel gradient magnitude per channel (clamp-to-edge).
+    fn sobel(&self, img: &Image) -> Result<Image, GpuError>;
+}
+
+/// An f32 image, row-major, channels interleaved (`h × w × c`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Image {
+    /// Width.
+    pub w: usize,
+    /// Height.
+    pub h: usize,
+    /// Channels (1 grey, 3 RGB).
+    pub c: usize,
+    /// `h × w × c` values.
+    pub data: Vec<f32>,
+}
+
+impl Image {
+    /// An image from RGB8 bytes (values 0–255 as f32).
+    pub fn from_rgb8(w: usize, h: usize, rgb: &[u8]) -> Result<Image, GpuError> {
+        if rgb.len() != w * h * 3 {
+            return Err(GpuError::Input(format!("rgb8 image {w}×{h} needs {} bytes, got {}", w * h * 3, rgb.len())));
+        }
+        Ok(Image { w, h, c: 3, data: rgb.iter().map(|&b| b as f32).collect() })
+    }
+
+    /// RGB8 bytes (rounded, clamped to 0–255).
+    pub fn to_rgb8(&self) -> Vec<u8> {
+        self.data.iter().map(|&v| v.round().clamp(0.0, 255.0) as u8).collect()
+    }
+
+    pub(crate) fn check(&self) -> Result<(), GpuError> {
+        if self.w == 0 || self.h == 0 || self.c == 0 || self.data.len() != self.w * self.h * self.c {
+            return Err(GpuError::Input(format!("image {}×{}×{} with {} values", self.w, self.h, self.c, self.data.len())));
+        }
+        Ok(())
+    }
+}
+
+/// The normalised 1-D Gaussian of standard deviation `sigma`, radius ⌈3σ⌉.
+pub fn gaussian_weights(sigma: f32) -> Vec<f32> {
+    let r = (3.0 * sigma).ceil().max(0.0) as i32;
+    let w: Vec<f32> = (-r..=r).map(|k| (-((k * k) as f32) / (2.0 * sigma * sigma)).exp()).collect();
+    let total: f32 = w.iter().sum();
+    w.into_iter().map(|x| x / total).collect()
 }
 
 pub(crate) fn check_gemm(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Result<(), GpuError> {

@@ -134,12 +134,76 @@ fn device_selection() {
     assert!(GpuContext::select(&off).unwrap().is_none());
 }
 
+fn test_image(w: usize, h: usize, c: usize, seed: u64) -> Image {
+    Image { w, h, c, data: lcg(seed, w * h * c).into_iter().map(|v| (v + 1.0) * 127.5).collect() }
+}
+
+fn assert_close(kern: &dyn Kernels, what: &str, got: &Image, want: &Image, tol: f32) {
+    assert_eq!((got.w, got.h, got.c), (want.w, want.h, want.c), "{}: {what} shape", kern.name());
+    for (i, (g, w)) in got.data.iter().zip(&want.data).enumerate() {
+        assert!((g - w).abs() <= tol, "{}: {what} value {i}: {g} vs {w}", kern.name());
+    }
+}
+
+#[test]
+fn image_kernels_match_on_every_path() {
+    let reference = CpuKernels::new(1);
+    for (w, h, c) in [(1, 1, 1), (17, 9, 3), (64, 48, 1), (5, 70, 3)] {
+        let img = test_image(w, h, c, (w * h) as u64);
+        let blur = reference.gaussian_blur(&img, 1.5).unwrap();
+        let sob = reference.sobel(&img).unwrap();
+        let small = reference.resize_bilinear(&img, (w / 2).max(1), (h / 3).max(1)).unwrap();
+        let big = reference.resize_bilinear(&img, w * 2 + 1, h + 3).unwrap();
+        for kern in paths() {
+            assert_close(kern, "blur", &kern.gaussian_blur(&img, 1.5).unwrap(), &blur, 1e-3);
+            assert_close(kern, "sobel", &kern.sobel(&img).unwrap(), &sob, 1e-2);
+            assert_close(kern, "resize down", &kern.resize_bilinear(&img, small.w, small.h).unwrap(), &small, 1e-3);
+            assert_close(kern, "resize up", &kern.resize_bilinear(&img, big.w, big.h).unwrap(), &big, 1e-3);
+        }
+    }
+}
+
+#[test]
+fn image_kernels_do_what_they_say() {
+    let cpu = CpuKernels::new(1);
+    // A flat image: blur and resize keep it, Sobel finds no edge.
+    let flat = Image { w: 8, h: 6, c: 3, data: vec![42.0; 8 * 6 * 3] };
+    for kern in paths() {
+        assert!(kern.gaussian_blur(&flat, 2.0).unwrap().data.iter().all(|v| (v - 42.0).abs() < 1e-3));
+        assert!(kern.resize_bilinear(&flat, 3, 11).unwrap().data.iter().all(|v| (v - 42.0).abs() < 1e-3));
+        assert!(kern.sobel(&flat).unwrap().data.iter().all(|v| v.abs() < 1e-3));
+    }
+    // A vertical edge: Sobel responds on the edge columns only; RGB8 round-trips.
+    let mut rgb = vec![0u8; 8 * 4 * 3];
+    for y in 0..4 {
+        for x in 4..8 {
+            rgb[(y * 8 + x) * 3..][..3].copy_from_slice(&[255, 255, 255]);
+        }
+    }
+    let img = Image::from_rgb8(8, 4, &rgb).unwrap();
+    assert_eq!(img.to_rgb8(), rgb);
+    let edges = cpu.sobel(&img).unwrap();
+    for x in 0..8 {
+        let v = edges.data[(8 + x) * 3];
+        assert_eq!(v > 0.0, x == 3 || x == 4, "column {x}: {v}");
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
     #[test]
     fn gemm_random_shapes(m in 1usize..150, n in 1usize..150, k in 1usize..150, seed in any::<u64>()) {
         for kern in paths() {
             check_gemm_on(kern, m, n, k, seed);
+        }
+    }
+
+    #[test]
+    fn resize_random_shapes(w in 1usize..40, h in 1usize..40, nw in 1usize..60, nh in 1usize..60, c in 1usize..4, seed in any::<u64>()) {
+        let img = test_image(w, h, c, seed);
+        let want = CpuKernels::new(1).resize_bilinear(&img, nw, nh).unwrap();
+        for kern in paths() {
+            assert_close(kern, "resize", &kern.resize_bilinear(&img, nw, nh).unwrap(), &want, 1e-3);
         }
     }
 }
