@@ -98,6 +98,11 @@ pub enum SourceSpec {
         #[serde(default)]
         seed: u64,
     },
+    /// The PNG and JPEG images of a directory: rows `(name, image)`.
+    Images {
+        /// The directory.
+        path: String,
+    },
     /// Lines or JSON lines of a file or a directory of files.
     File {
         /// File or directory.
@@ -133,6 +138,17 @@ pub enum SinkSpec {
     },
     /// Discard (for benchmarks).
     Blackhole {},
+    /// One PNG per row, named after the `name` field, exactly once.
+    Images {
+        /// The directory.
+        path: String,
+        /// The field naming each file.
+        #[serde(default = "name_field")]
+        name: String,
+        /// The image field.
+        #[serde(default = "image_field")]
+        field: String,
+    },
 }
 
 /// Comparison of a filter.
@@ -202,6 +218,28 @@ pub enum Step {
     },
     /// Partition by a field; must be followed by `aggregate`.
     KeyBy(String),
+    /// Bilinear resize of an image field (GPU or CPU path); `height` absent keeps the aspect.
+    ImageResize {
+        /// The image field.
+        #[serde(default = "image_field")]
+        field: String,
+        /// New width.
+        width: usize,
+        /// New height.
+        #[serde(default)]
+        height: Option<usize>,
+    },
+    /// Filter an image field: `sobel`, or `gaussian` with `sigma`.
+    ImageFilter {
+        /// The image field.
+        #[serde(default = "image_field")]
+        field: String,
+        /// Which filter.
+        kind: FilterKind,
+        /// Gaussian standard deviation.
+        #[serde(default = "one")]
+        sigma: f32,
+    },
     /// Streaming mini-batch K-means per key over a vector field (GPU, or the CPU path);
     /// must follow `key_by`. Emits `(key, centroid, vector)` per centroid after each batch.
     Kmeans {
@@ -213,6 +251,24 @@ pub enum Step {
     /// Per-key running aggregates: `sum(f)`, `count`, `min(f)`, `max(f)`; emits
     /// `(key, aggregates…)` on every update.
     Aggregate(Vec<String>),
+}
+
+fn name_field() -> String {
+    "name".into()
+}
+
+fn image_field() -> String {
+    "image".into()
+}
+
+/// Image filters.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FilterKind {
+    /// Sobel gradient magnitude.
+    Sobel,
+    /// Gaussian blur (`sigma`).
+    Gaussian,
 }
 
 fn one() -> f32 {
@@ -243,6 +299,8 @@ enum PlanStep {
     Tokenize { idx: usize, lowercase: bool },
     KeyAgg { key: usize, aggs: Vec<(AggFn, usize)>, ints: bool },
     KeyKmeans { key: usize, field: usize, k: usize },
+    Resize { idx: usize, width: usize, height: Option<usize> },
+    Filter2d { idx: usize, kind: FilterKind, sigma: f32 },
 }
 
 /// A checked job, ready to run on every worker.
@@ -255,6 +313,7 @@ pub struct JobPlan {
     source: SourceSpec,
     steps: Vec<PlanStep>,
     sink: SinkSpec,
+    sink_fields: Option<(usize, usize)>,
     /// Field names of the rows that reach the sink.
     pub output_schema: Vec<String>,
 }
@@ -346,6 +405,7 @@ impl JobPlan {
             SourceSpec::Generator { .. } => vec![true, true],
             SourceSpec::Blobs { .. } => vec![true, false],
             SourceSpec::File { format: FileFormatSpec::Lines, .. } => vec![false],
+            SourceSpec::Images { .. } => vec![false, false],
             SourceSpec::File { fields, .. } => vec![false; fields.len()],
         };
         let mut schema: Vec<String> = match &spec.source {
@@ -363,6 +423,7 @@ impl JobPlan {
                 let _ = count;
                 vec!["key".into(), "point".into()]
             }
+            SourceSpec::Images { .. } => vec!["name".into(), "image".into()],
             SourceSpec::File { format: FileFormatSpec::Lines, fields, .. } => {
                 if !fields.is_empty() {
                     return Err("source.fields: only for format: json".into());
@@ -464,16 +525,46 @@ impl JobPlan {
                     steps.push(PlanStep::KeyAgg { key, aggs, ints: typed });
                     schema = out;
                 }
+                Step::ImageResize { field: f, width, height } => {
+                    if *width == 0 || *height == Some(0) {
+                        return Err(format!("pipeline[{i}].image_resize: width and height must be at least 1"));
+                    }
+                    steps.push(PlanStep::Resize { idx: field(f, &schema)?, width: *width, height: *height });
+                }
+                Step::ImageFilter { field: f, kind, sigma } => {
+                    if !(*sigma > 0.0) {
+                        return Err(format!("pipeline[{i}].image_filter.sigma: must be positive"));
+                    }
+                    steps.push(PlanStep::Filter2d { idx: field(f, &schema)?, kind: *kind, sigma: *sigma });
+                }
                 Step::Aggregate(_) => return Err(format!("pipeline[{i}]: aggregate needs a key_by before it")),
                 Step::Kmeans { .. } => return Err(format!("pipeline[{i}]: kmeans needs a key_by before it")),
             }
         }
-        if steps.iter().any(|s| matches!(s, PlanStep::KeyKmeans { .. })) {
+        let sink_fields = match &spec.sink {
+            SinkSpec::Images { name, field: f, .. } => {
+                let pos = |n: &str| schema.iter().position(|x| x == n).ok_or_else(|| format!("sink: no field '{n}' (fields: {})", schema.join(", ")));
+                Some((pos(name)?, pos(f)?))
+            }
+            _ => None,
+        };
+        if steps.iter().any(|s| matches!(s, PlanStep::KeyKmeans { .. } | PlanStep::Resize { .. } | PlanStep::Filter2d { .. })) {
             // Open the device now: `weir.gpu.enabled: true` without a usable GPU is refused at
             // start, not discovered by a worker.
             weir_gpu::kernels::shared_kernels(&config.gpu).map_err(|e| e.to_string())?;
         }
-        Ok(JobPlan { name: spec.name, config, source: spec.source, steps, sink: spec.sink, output_schema: schema })
+        Ok(JobPlan { name: spec.name, config, source: spec.source, steps, sink: spec.sink, sink_fields, output_schema: schema })
+    }
+
+    /// The process's kernels for a GPU step (already opened at plan time).
+    fn kernels(&self, job: &Job<'_>, step: usize) -> Option<Arc<dyn weir_gpu::kernels::Kernels>> {
+        match weir_gpu::kernels::shared_kernels(&self.config.gpu) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                job.fail(format!("pipeline[{step}]: {e}"));
+                None
+            }
+        }
     }
 
     /// Build this job on one worker.
@@ -486,6 +577,7 @@ impl JobPlan {
                 "blobs",
                 crate::source::BlobSource { count: *count, centers: *centers, dim: *dim, sigma: *sigma, keys: *keys, seed: *seed },
             ),
+            SourceSpec::Images { path } => job.source("images", crate::source::ImageSource::new(path)),
             SourceSpec::File { path, format, fields } => {
                 let format = match format {
                     FileFormatSpec::Lines => FileFormat::Lines,
@@ -535,6 +627,30 @@ impl JobPlan {
                 PlanStep::KeyAgg { key, aggs, ints: false } => stream
                     .key_by(move |r: &Row| r.get(key).clone())
                     .process(&format!("aggregate-{i}"), Aggregate { aggs, state: None }),
+                PlanStep::Resize { idx, width, height } => {
+                    let Some(kernels) = self.kernels(job, i) else { return };
+                    stream.map(move |mut r: Row| {
+                        if let Some(Value::Image(img)) = r.0.get_mut(idx) {
+                            let h = height.unwrap_or(((img.h * width) as f64 / img.w as f64).round().max(1.0) as usize);
+                            let out = kernels.resize_bilinear(img, width, h).unwrap_or_else(|e| panic!("image_resize on {}: {e}", kernels.name()));
+                            *img = Arc::new(out);
+                        }
+                        r
+                    })
+                }
+                PlanStep::Filter2d { idx, kind, sigma } => {
+                    let Some(kernels) = self.kernels(job, i) else { return };
+                    stream.map(move |mut r: Row| {
+                        if let Some(Value::Image(img)) = r.0.get_mut(idx) {
+                            let out = match kind {
+                                FilterKind::Sobel => kernels.sobel(img),
+                                FilterKind::Gaussian => kernels.gaussian_blur(img, sigma),
+                            };
+                            *img = Arc::new(out.unwrap_or_else(|e| panic!("image_filter on {}: {e}", kernels.name())));
+                        }
+                        r
+                    })
+                }
                 PlanStep::KeyKmeans { key, field, k } => {
                     let kernels = match weir_gpu::kernels::shared_kernels(&self.config.gpu) {
                         Ok(k) => k,
@@ -552,6 +668,10 @@ impl JobPlan {
         match &self.sink {
             SinkSpec::File { path } => stream.sink("file-sink", FileSink::csv(path)),
             SinkSpec::Blackhole {} => stream.sink("blackhole", BlackholeSink),
+            SinkSpec::Images { path, .. } => {
+                let (name, field) = self.sink_fields.expect("checked at plan");
+                stream.sink("image-sink", crate::sink::ImageSink::new(path, name, field))
+            }
         }
     }
 }

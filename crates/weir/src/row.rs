@@ -21,6 +21,8 @@ pub enum Value {
     Str(Arc<String>),
     /// A vector of floats (points, embeddings).
     Vector(Arc<Vec<f32>>),
+    /// An image (f32 values, channels interleaved).
+    Image(Arc<weir_gpu::kernels::Image>),
 }
 
 impl PartialEq for Value {
@@ -31,6 +33,7 @@ impl PartialEq for Value {
             (Value::Float(a), Value::Float(b)) => a.to_bits() == b.to_bits(),
             (Value::Str(a), Value::Str(b)) => a == b,
             (Value::Vector(a), Value::Vector(b)) => a.iter().map(|x| x.to_bits()).eq(b.iter().map(|x| x.to_bits())),
+            (Value::Image(a), Value::Image(b)) => a == b,
             _ => false,
         }
     }
@@ -46,6 +49,11 @@ impl Hash for Value {
             Value::Float(f) => state.write_u64(f.to_bits() ^ 0x5555),
             Value::Str(s) => state.write(s.as_bytes()),
             Value::Vector(v) => v.iter().for_each(|x| state.write_u32(x.to_bits())),
+            Value::Image(i) => {
+                state.write_usize(i.w);
+                state.write_usize(i.h);
+                state.write_usize(i.c);
+            }
         }
     }
 }
@@ -73,6 +81,7 @@ impl Value {
             Value::Float(_) => "float",
             Value::Str(_) => "string",
             Value::Vector(_) => "vector",
+            Value::Image(_) => "image",
         }
     }
 
@@ -88,6 +97,9 @@ impl Value {
                 let _ = write!(out, "{f}");
             }
             Value::Str(s) => out.extend_from_slice(s.as_bytes()),
+            Value::Image(i) => {
+                let _ = write!(out, "<image {}x{}x{}>", i.w, i.h, i.c);
+            }
             Value::Vector(v) => {
                 for (i, x) in v.iter().enumerate() {
                     if i > 0 {

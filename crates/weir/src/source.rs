@@ -447,3 +447,73 @@ impl SourceReader<Row> for BlobReader {
         self.splits.iter().map(|&(split, offset, _)| SplitOffset { split, offset }).collect()
     }
 }
+
+/// Images (PNG, JPEG) of a directory, one row `(name, image)` each, in name order; one split per
+/// file, so a restore skips the images already read.
+#[derive(Clone, Debug)]
+pub struct ImageSource {
+    dir: PathBuf,
+}
+
+impl ImageSource {
+    /// The images in `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    fn files(&self) -> Result<Vec<PathBuf>, SourceError> {
+        let rd = std::fs::read_dir(&self.dir).map_err(|e| SourceError(format!("source.path {}: {e}", self.dir.display())))?;
+        let mut files: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+            })
+            .collect();
+        files.sort();
+        Ok(files)
+    }
+}
+
+struct ImageReader {
+    files: Vec<(u64, PathBuf, bool)>,
+}
+
+impl Source<Row> for ImageSource {
+    fn splits(&self) -> Result<Vec<u64>, SourceError> {
+        Ok((0..self.files()?.len() as u64).collect())
+    }
+    fn open(&self, _: &SourceContext, splits: Vec<SplitOffset>) -> Result<Box<dyn SourceReader<Row>>, SourceError> {
+        let all = self.files()?;
+        let files = splits
+            .iter()
+            .map(|s| {
+                let p = all.get(s.split as usize).cloned().ok_or_else(|| SourceError(format!("split {} has no image in {}", s.split, self.dir.display())))?;
+                Ok((s.split, p, s.offset > 0))
+            })
+            .collect::<Result<_, SourceError>>()?;
+        Ok(Box::new(ImageReader { files }))
+    }
+}
+
+impl SourceReader<Row> for ImageReader {
+    fn poll(&mut self, out: &mut Vec<Row>, max: usize) -> Result<Poll, SourceError> {
+        // Images are large: one per poll keeps a batch's memory bounded.
+        if let Some((_, path, done)) = self.files.iter_mut().find(|f| !f.2).filter(|_| max > 0) {
+            let img = image::ImageReader::open(&*path)
+                .and_then(|r| r.with_guessed_format())
+                .map_err(|e| SourceError(format!("{}: {e}", path.display())))?
+                .decode()
+                .map_err(|e| SourceError(format!("{}: not a readable image: {e}", path.display())))?
+                .to_rgb8();
+            let (w, h) = (img.width() as usize, img.height() as usize);
+            let img = weir_gpu::kernels::Image::from_rgb8(w, h, img.as_raw()).map_err(|e| SourceError(e.to_string()))?;
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            out.push(Row::new([Value::text(name), Value::Image(Arc::new(img))]));
+            *done = true;
+        }
+        Ok(if self.files.iter().all(|f| f.2) { Poll::Finished } else { Poll::More })
+    }
+    fn offsets(&self) -> Vec<SplitOffset> {
+        self.files.iter().map(|(split, _, done)| SplitOffset { split: *split, offset: u64::from(*done) }).collect()
+    }
+}

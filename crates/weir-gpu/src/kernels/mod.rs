@@ -36,7 +36,7 @@ pub trait Kernels: Send + Sync {
 }
 
 /// An f32 image, row-major, channels interleaved (`h × w × c`).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Image {
     /// Width.
     pub w: usize,
