@@ -1,7 +1,6 @@
 //! The DataStream API: [`StreamEnv`], [`Job`], [`DataStream`], [`KeyedStream`].
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::Hash;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -640,6 +639,3 @@ fn restore_tables<K: Key>(ctx: &JobCtx, op: u32, tables: &mut StateTables<K>) ->
     }
     Ok(())
 }
-
-#[allow(dead_code)]
-fn _assert_hash<K: Hash>() {}
