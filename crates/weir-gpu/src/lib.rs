@@ -13,6 +13,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod cnn;
 pub mod device;
 pub mod kernels;
 pub mod pool;

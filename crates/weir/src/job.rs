@@ -240,6 +240,19 @@ pub enum Step {
         #[serde(default = "one")]
         sigma: f32,
     },
+    /// Classify a vector field of `height × width` pixels with a small CNN (safetensors:
+    /// conv 3×3 + ReLU → max-pool 2×2 → dense), in batches, on the GPU or the CPU path;
+    /// appends the field `class`.
+    CnnInfer {
+        /// The pixel field.
+        field: String,
+        /// The safetensors file.
+        model: String,
+        /// Image height.
+        height: usize,
+        /// Image width.
+        width: usize,
+    },
     /// Streaming mini-batch K-means per key over a vector field (GPU, or the CPU path);
     /// must follow `key_by`. Emits `(key, centroid, vector)` per centroid after each batch.
     Kmeans {
@@ -300,6 +313,7 @@ enum PlanStep {
     KeyAgg { key: usize, aggs: Vec<(AggFn, usize)>, ints: bool },
     KeyKmeans { key: usize, field: usize, k: usize },
     Resize { idx: usize, width: usize, height: Option<usize> },
+    Cnn { idx: usize, model: Arc<weir_gpu::cnn::SmallCnn> },
     Filter2d { idx: usize, kind: FilterKind, sigma: f32 },
 }
 
@@ -537,6 +551,13 @@ impl JobPlan {
                     }
                     steps.push(PlanStep::Filter2d { idx: field(f, &schema)?, kind: *kind, sigma: *sigma });
                 }
+                Step::CnnInfer { field: f, model, height, width } => {
+                    let m = weir_gpu::cnn::SmallCnn::load(Path::new(model), *height, *width)
+                        .map_err(|e| format!("pipeline[{i}].cnn_infer.model: {e}"))?;
+                    steps.push(PlanStep::Cnn { idx: field(f, &schema)?, model: Arc::new(m) });
+                    schema.push("class".into());
+                    ints.push(true);
+                }
                 Step::Aggregate(_) => return Err(format!("pipeline[{i}]: aggregate needs a key_by before it")),
                 Step::Kmeans { .. } => return Err(format!("pipeline[{i}]: kmeans needs a key_by before it")),
             }
@@ -548,7 +569,7 @@ impl JobPlan {
             }
             _ => None,
         };
-        if steps.iter().any(|s| matches!(s, PlanStep::KeyKmeans { .. } | PlanStep::Resize { .. } | PlanStep::Filter2d { .. })) {
+        if steps.iter().any(|s| matches!(s, PlanStep::KeyKmeans { .. } | PlanStep::Resize { .. } | PlanStep::Filter2d { .. } | PlanStep::Cnn { .. })) {
             // Open the device now: `weir.gpu.enabled: true` without a usable GPU is refused at
             // start, not discovered by a worker.
             weir_gpu::kernels::shared_kernels(&config.gpu).map_err(|e| e.to_string())?;
@@ -636,6 +657,25 @@ impl JobPlan {
                             *img = Arc::new(out);
                         }
                         r
+                    })
+                }
+                PlanStep::Cnn { idx, model } => {
+                    let Some(kernels) = self.kernels(job, i) else { return };
+                    let mut pixels: Vec<f32> = Vec::new();
+                    stream.map_batches(&format!("cnn-{i}"), move |batch: &mut Vec<Row>, out: &mut Vec<Row>| {
+                        pixels.clear();
+                        for r in batch.iter() {
+                            match r.get(idx) {
+                                Value::Vector(v) if v.len() == model.input_len() => pixels.extend_from_slice(v),
+                                other => panic!("cnn_infer: a {} of {} values where {} pixels are expected", other.type_name(), match other { Value::Vector(v) => v.len(), _ => 0 }, model.input_len()),
+                            }
+                        }
+                        let logits = kernels.cnn_forward(&model, &pixels, batch.len()).unwrap_or_else(|e| panic!("cnn_infer on {}: {e}", kernels.name()));
+                        let classes = weir_gpu::cnn::argmax(&logits, model.classes);
+                        out.extend(batch.drain(..).zip(classes).map(|(mut r, c)| {
+                            r.0.push(Value::Int(c as i64));
+                            r
+                        }));
                     })
                 }
                 PlanStep::Filter2d { idx, kind, sigma } => {

@@ -291,6 +291,9 @@ fn json_to_value(v: &serde_json::Value) -> Value {
         serde_json::Value::Bool(b) => Value::Int(*b as i64),
         serde_json::Value::Number(n) => n.as_i64().map(Value::Int).unwrap_or_else(|| Value::Float(n.as_f64().unwrap_or(f64::NAN))),
         serde_json::Value::String(s) => Value::text(s.as_str()),
+        serde_json::Value::Array(a) if a.iter().all(|v| v.is_number()) => {
+            Value::Vector(Arc::new(a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect()))
+        }
         other => Value::text(other.to_string()),
     }
 }

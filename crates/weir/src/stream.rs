@@ -246,6 +246,75 @@ impl<'s, T: Data> DataStream<'s, T> {
         KeyedStream { stream: self.stream, ctx: self.ctx, key: Rc::new(key) }
     }
 
+    /// Apply `f` to batches of records (for GPU operators without state): records of the open
+    /// epoch are collected up to `weir.gpu.batch.max-records`, or for at most
+    /// `weir.gpu.batch.max-latency`, or until the epoch closes; `f` turns a batch into output.
+    /// A capability is held only while records wait, so checkpoints stay exact.
+    pub fn map_batches<U: Data>(self, name: &str, mut f: impl FnMut(&mut Vec<T>, &mut Vec<U>) + 'static) -> DataStream<'s, U> {
+        let ctx = self.ctx.clone();
+        let (max_records, max_latency) = (ctx.config.gpu_batch_records, ctx.config.gpu_batch_latency);
+        let mut aligner: EpochAligner<timely::dataflow::operators::Capability<Time>, T> = EpochAligner::new(ctx.first_epoch);
+        let mut pending: Vec<T> = Vec::new();
+        let mut out: Vec<U> = Vec::new();
+        let mut oldest: Option<Instant> = None;
+        let mut cap: Option<timely::dataflow::operators::Capability<Time>> = None;
+        let scope = self.stream.scope();
+        let stream = self.stream.unary_frontier::<CapacityContainerBuilder<Vec<U>>, _, _, _>(Pipeline, name, move |_, info| {
+            let activator = scope.activator_for(info.address);
+            move |(input, frontier), output| {
+                let port = output.output_index();
+                let mut flush = |pending: &mut Vec<T>, cap: &mut Option<timely::dataflow::operators::Capability<Time>>| {
+                    if !pending.is_empty() {
+                        f(pending, &mut out);
+                        pending.clear();
+                    }
+                    if let (Some(c), false) = (cap.as_ref(), out.is_empty()) {
+                        output.session(c).give_container(&mut out);
+                    }
+                    out.clear();
+                    *cap = None;
+                };
+                input.for_each(|c, data| {
+                    let e = epoch_of(*c.least().expect("records carry a time"));
+                    if e <= aligner.epoch() {
+                        if cap.is_none() {
+                            cap = c.retain_least(port);
+                        }
+                        pending.append(data);
+                        oldest.get_or_insert_with(Instant::now);
+                    } else {
+                        aligner.stash(e, c.retain_least(port).expect("records carry a time"), std::mem::take(data));
+                    }
+                });
+                if pending.len() >= max_records || oldest.is_some_and(|t| t.elapsed() >= max_latency) {
+                    flush(&mut pending, &mut cap);
+                    oldest = None;
+                }
+                let fe = frontier.frontier().first().map(|t| epoch_of(*t));
+                let last = ctx.shared.borrow().final_id;
+                while let Some(ev) = aligner.next(fe, last) {
+                    match ev {
+                        Aligned::Stashed(c, mut data) => {
+                            if cap.is_none() {
+                                cap = Some(c);
+                            }
+                            pending.append(&mut data);
+                            oldest.get_or_insert_with(Instant::now);
+                        }
+                        Aligned::Close(_) => {
+                            flush(&mut pending, &mut cap);
+                            oldest = None;
+                        }
+                    }
+                }
+                if !pending.is_empty() {
+                    activator.activate_after(max_latency);
+                }
+            }
+        });
+        DataStream { stream, ctx: self.ctx }
+    }
+
     /// Write into a transactional sink; the sink's output is exactly once.
     pub fn sink<S: Sink<T>>(self, name: &str, sink: S) {
         let ctx = self.ctx.clone();

@@ -8,7 +8,7 @@ use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{check_gemm, check_kmeans, gaussian_weights, Image, Kernels, KmeansStep};
+use super::{check_cnn, check_gemm, check_kmeans, gaussian_weights, Image, Kernels, KmeansStep};
 use crate::device::GpuContext;
 use crate::pool::Block;
 use crate::GpuError;
@@ -16,6 +16,7 @@ use crate::GpuError;
 const GEMM: &str = include_str!("../shaders/gemm.wgsl");
 const KMEANS: &str = include_str!("../shaders/kmeans.wgsl");
 const IMAGE: &str = include_str!("../shaders/image.wgsl");
+const CNN: &str = include_str!("../shaders/cnn.wgsl");
 
 /// Time split of the last call: upload, compute, download.
 #[derive(Clone, Copy, Debug, Default)]
@@ -257,6 +258,41 @@ impl Kernels for GpuKernels {
         let n = img.w * img.h * img.c;
         let data = self.image_passes(img, img.w, img.h, &wts, &[("image_blur_h", "blur_h"), ("image_blur_v", "blur_v")], n)?;
         Ok(Image { data, ..img.clone() })
+    }
+
+    fn cnn_forward(&self, m: &crate::cnn::SmallCnn, images: &[f32], n: usize) -> Result<Vec<f32>, GpuError> {
+        check_cnn(m, images, n)?;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let dims = [n as u32, m.in_c as u32, m.h as u32, m.w as u32, m.conv_c as u32, m.classes as u32, 0, 0];
+        let conv_len = n * m.conv_c * m.h * m.w;
+        let pool_len = conv_len / 4;
+        let grid = |len: usize| {
+            let g = len.div_ceil(64);
+            (g.min(65535) as u32, g.div_ceil(65535) as u32)
+        };
+        let pass = |entry: &'static str, len: usize| {
+            let (gx, gy) = grid(len);
+            (self.pipeline(entry, CNN, entry, 9), gx, gy)
+        };
+        let mut logits: Vec<f32> = self.run(
+            &[
+                Bind::In(bytemuck::cast_slice(images)),
+                Bind::In(bytemuck::cast_slice(&m.conv_w)),
+                Bind::In(bytemuck::cast_slice(&m.conv_b)),
+                Bind::Out((conv_len * 4) as u64),
+                Bind::Out((pool_len * 4) as u64),
+                Bind::In(bytemuck::cast_slice(&m.dense_w)),
+                Bind::In(bytemuck::cast_slice(&m.dense_b)),
+                Bind::Out((n * m.classes * 4) as u64),
+                Bind::In(bytemuck::cast_slice(&dims)),
+            ],
+            &[pass("conv_relu", conv_len), pass("max_pool", pool_len), pass("dense", n * m.classes)],
+            7,
+        )?;
+        logits.truncate(n * m.classes);
+        Ok(logits)
     }
 
     fn sobel(&self, img: &Image) -> Result<Image, GpuError> {

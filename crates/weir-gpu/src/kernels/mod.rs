@@ -33,6 +33,16 @@ pub trait Kernels: Send + Sync {
 
     /// Sobel gradient magnitude per channel (clamp-to-edge).
     fn sobel(&self, img: &Image) -> Result<Image, GpuError>;
+
+    /// Logits of `cnn` for a batch of `n` images (`n × in_c × h × w`, NCHW).
+    fn cnn_forward(&self, cnn: &crate::cnn::SmallCnn, images: &[f32], n: usize) -> Result<Vec<f32>, GpuError>;
+}
+
+pub(crate) fn check_cnn(cnn: &crate::cnn::SmallCnn, images: &[f32], n: usize) -> Result<(), GpuError> {
+    if images.len() != n * cnn.input_len() {
+        return Err(GpuError::Input(format!("cnn: {} values for {n} images of {}", images.len(), cnn.input_len())));
+    }
+    Ok(())
 }
 
 /// An f32 image, row-major, channels interleaved (`h × w × c`).

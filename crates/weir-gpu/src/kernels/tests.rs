@@ -189,6 +189,29 @@ fn image_kernels_do_what_they_say() {
     }
 }
 
+#[test]
+fn cnn_forward_matches_on_every_path_and_loads_the_trained_model() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits_cnn.safetensors");
+    let cnn = crate::cnn::SmallCnn::load(&path, 8, 8).unwrap();
+    assert_eq!((cnn.in_c, cnn.conv_c, cnn.classes), (1, 8, 10));
+    let n = 37;
+    let images: Vec<f32> = lcg(3, n * 64).into_iter().map(|v| (v + 1.0) / 2.0).collect();
+    let want = CpuKernels::new(1).cnn_forward(&cnn, &images, n).unwrap();
+    for kern in paths() {
+        let got = kern.cnn_forward(&cnn, &images, n).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-3, "{}: logit {g} vs {w}", kern.name());
+        }
+    }
+    let mut broken = std::fs::read(&path).unwrap();
+    broken.truncate(broken.len() - 10);
+    let tmp = std::env::temp_dir().join(format!("weir-broken-{}.safetensors", std::process::id()));
+    std::fs::write(&tmp, broken).unwrap();
+    let err = crate::cnn::SmallCnn::load(&tmp, 8, 8).unwrap_err().to_string();
+    assert!(err.contains("weir-broken") && err.contains("out of bounds"), "{err}");
+    std::fs::remove_file(tmp).ok();
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
     #[test]
