@@ -66,7 +66,7 @@ impl SmallCnn {
         let (_, dense_b) = tensor("dense.bias")?;
         let [conv_c, in_c, 3, 3] = cws[..] else { return Err(bad(path, format!("conv.weight shape {cws:?}, [C, I, 3, 3] expected"))) };
         let features = conv_c * (h / 2) * (w / 2);
-        if dws.len() != 2 || dws[1] != features || h % 2 != 0 || w % 2 != 0 || conv_b.len() != conv_c || dense_b.len() != dws[0] {
+        if dws.len() != 2 || dws[1] != features || !h.is_multiple_of(2) || !w.is_multiple_of(2) || conv_b.len() != conv_c || dense_b.len() != dws[0] {
             return Err(bad(path, format!("dense.weight shape {dws:?} does not fit {conv_c} channels of {h}×{w} inputs")));
         }
         let metadata = header.get("__metadata__").and_then(|m| m.as_object().cloned()).unwrap_or_default();

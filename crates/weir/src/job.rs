@@ -546,7 +546,7 @@ impl JobPlan {
                     steps.push(PlanStep::Resize { idx: field(f, &schema)?, width: *width, height: *height });
                 }
                 Step::ImageFilter { field: f, kind, sigma } => {
-                    if !(*sigma > 0.0) {
+                    if sigma.is_nan() || *sigma <= 0.0 {
                         return Err(format!("pipeline[{i}].image_filter.sigma: must be positive"));
                     }
                     steps.push(PlanStep::Filter2d { idx: field(f, &schema)?, kind: *kind, sigma: *sigma });
