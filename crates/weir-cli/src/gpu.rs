@@ -116,6 +116,16 @@ pub fn bench(device: Option<String>) -> Result<()> {
         let (t1, tn, tg) = (t(&one), t(&all), t(&gpu));
         row(&format!("sobel {w}×{h} rgb"), [t1, tn, tg], &gpu, 20.0 * px);
     }
+    let cnn = weir_gpu::cnn::SmallCnn::load(std::path::Path::new("models/digits_cnn.safetensors"), 8, 8)
+        .context("models/digits_cnn.safetensors (run from the repository root)")?;
+    for n in [256usize, 4096, 65536] {
+        let imgs: Vec<f32> = rand(n * 64, 8).into_iter().map(|v| v + 0.5).collect();
+        let reps = if n <= 4096 { 3 } else { 1 };
+        let t = |k: &dyn Kernels| time(reps, || k.cnn_forward(&cnn, &imgs, n).unwrap());
+        let (t1, tn, tg) = (t(&one), t(&all), t(&gpu));
+        // conv 8×64×9 + dense 10×128 multiply-adds per image
+        row(&format!("cnn digits batch {n}"), [t1, tn, tg], &gpu, 2.0 * (8.0 * 64.0 * 9.0 + 1280.0) * n as f64);
+    }
     // Pool allocations after warm-up: 1000 small batches.
     let (a, b) = (rand(64 * 64, 5), rand(64 * 64, 6));
     gpu.gemm(&a, &b, 64, 64, 64)?;

@@ -37,3 +37,41 @@ fn digits_cnn_reaches_the_scripts_accuracy_on_both_paths() {
         assert!((got - want).abs() < 1e-4, "weir.gpu.enabled={gpu}: accuracy {got}, the script measured {want}");
     }
 }
+
+/// Random projection (one GEMM per batch) then K-means: every true centre, projected by the
+/// same matrix, has a learned centroid within 0.15 σ, on both paths.
+#[test]
+fn projected_kmeans_recovers_projected_centres_on_both_paths() {
+    let tmp = TempDir::new("proj");
+    let blobs = weir::source::BlobSource { count: 1_000_000, centers: 8, dim: 32, sigma: 1.0, keys: 2, seed: 3 };
+    let b = weir::job::random_projection(32, 8, 1);
+    for gpu in ["false", "true"] {
+        let out = tmp.join(&format!("out-{gpu}"));
+        run_ok(weir()
+            .args(["run", "examples/projected_kmeans.yaml", "-D", &format!("weir.gpu.enabled={gpu}")])
+            .arg("-D")
+            .arg(format!("execution.checkpointing.dir={}", tmp.join("ck").display()))
+            .arg("--set")
+            .arg(format!("sink.path={}", out.display())));
+        let mut files: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        let mut model = std::collections::HashMap::new();
+        for f in files {
+            for line in std::fs::read_to_string(f).unwrap().lines() {
+                let v: Vec<f32> = line.split(',').map(|x| x.parse().unwrap()).collect();
+                model.insert((v[0] as u64, v[1] as u64), v[2..].to_vec());
+            }
+        }
+        assert_eq!(model.len(), 16);
+        for key in 0..2u64 {
+            for c in 0..8 {
+                let centre = blobs.center(key, c);
+                let projected: Vec<f32> = (0..8).map(|j| (0..32).map(|i| centre[i] * b[i * 8 + j]).sum()).collect();
+                let best = (0..8u64)
+                    .map(|m| model[&(key, m)].iter().zip(&projected).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt())
+                    .fold(f32::MAX, f32::min);
+                assert!(best <= 0.15, "gpu={gpu} key {key} centre {c}: nearest centroid {best} away");
+            }
+        }
+    }
+}

@@ -240,6 +240,20 @@ pub enum Step {
         #[serde(default = "one")]
         sigma: f32,
     },
+    /// Multiply a vector field (length `input`) by a seeded Gaussian `input × output` matrix
+    /// scaled by 1/√output (a Johnson–Lindenstrauss random projection), in batches: one GEMM
+    /// per batch, on the GPU or the CPU path.
+    Gemm {
+        /// The vector field.
+        field: String,
+        /// Its length.
+        input: usize,
+        /// The projected length.
+        output: usize,
+        /// Seed of the matrix.
+        #[serde(default)]
+        seed: u64,
+    },
     /// Classify a vector field of `height × width` pixels with a small CNN (safetensors:
     /// conv 3×3 + ReLU → max-pool 2×2 → dense), in batches, on the GPU or the CPU path;
     /// appends the field `class`.
@@ -314,6 +328,7 @@ enum PlanStep {
     KeyKmeans { key: usize, field: usize, k: usize },
     Resize { idx: usize, width: usize, height: Option<usize> },
     Cnn { idx: usize, model: Arc<weir_gpu::cnn::SmallCnn> },
+    Gemm { idx: usize, k: usize, n: usize, b: Arc<Vec<f32>> },
     Filter2d { idx: usize, kind: FilterKind, sigma: f32 },
 }
 
@@ -551,6 +566,13 @@ impl JobPlan {
                     }
                     steps.push(PlanStep::Filter2d { idx: field(f, &schema)?, kind: *kind, sigma: *sigma });
                 }
+                Step::Gemm { field: f, input, output, seed } => {
+                    if *input == 0 || *output == 0 {
+                        return Err(format!("pipeline[{i}].gemm: input and output must be at least 1"));
+                    }
+                    let b = random_projection(*input, *output, *seed);
+                    steps.push(PlanStep::Gemm { idx: field(f, &schema)?, k: *input, n: *output, b: Arc::new(b) });
+                }
                 Step::CnnInfer { field: f, model, height, width } => {
                     let m = weir_gpu::cnn::SmallCnn::load(Path::new(model), *height, *width)
                         .map_err(|e| format!("pipeline[{i}].cnn_infer.model: {e}"))?;
@@ -569,7 +591,7 @@ impl JobPlan {
             }
             _ => None,
         };
-        if steps.iter().any(|s| matches!(s, PlanStep::KeyKmeans { .. } | PlanStep::Resize { .. } | PlanStep::Filter2d { .. } | PlanStep::Cnn { .. })) {
+        if steps.iter().any(|s| matches!(s, PlanStep::KeyKmeans { .. } | PlanStep::Resize { .. } | PlanStep::Filter2d { .. } | PlanStep::Cnn { .. } | PlanStep::Gemm { .. })) {
             // Open the device now: `weir.gpu.enabled: true` without a usable GPU is refused at
             // start, not discovered by a worker.
             weir_gpu::kernels::shared_kernels(&config.gpu).map_err(|e| e.to_string())?;
@@ -659,6 +681,24 @@ impl JobPlan {
                         r
                     })
                 }
+                PlanStep::Gemm { idx, k, n, b } => {
+                    let Some(kernels) = self.kernels(job, i) else { return };
+                    let mut a: Vec<f32> = Vec::new();
+                    stream.map_batches(&format!("gemm-{i}"), move |batch: &mut Vec<Row>, out: &mut Vec<Row>| {
+                        a.clear();
+                        for r in batch.iter() {
+                            match r.get(idx) {
+                                Value::Vector(v) if v.len() == k => a.extend_from_slice(v),
+                                other => panic!("gemm: a {} where a vector of {k} values is expected", other.type_name()),
+                            }
+                        }
+                        let c = kernels.gemm(&a, &b, batch.len(), n, k).unwrap_or_else(|e| panic!("gemm on {}: {e}", kernels.name()));
+                        out.extend(batch.drain(..).zip(c.chunks(n)).map(|(mut r, row)| {
+                            r.0[idx] = Value::Vector(Arc::new(row.to_vec()));
+                            r
+                        }));
+                    })
+                }
                 PlanStep::Cnn { idx, model } => {
                     let Some(kernels) = self.kernels(job, i) else { return };
                     let mut pixels: Vec<f32> = Vec::new();
@@ -714,6 +754,20 @@ impl JobPlan {
             }
         }
     }
+}
+
+/// A `k × n` matrix of N(0, 1/n) entries from `seed` (Box–Muller over splitmix64).
+pub fn random_projection(k: usize, n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed ^ 0x5EED_0F_9A55;
+    let mut next = || {
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (((z ^ (z >> 31)) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let scale = 1.0 / (n as f64).sqrt();
+    (0..k * n).map(|_| ((-2.0 * next().ln()).sqrt() * (std::f64::consts::TAU * next()).cos() * scale) as f32).collect()
 }
 
 fn compare(v: &Value, op: CmpOp, c: &Value) -> bool {
