@@ -59,6 +59,47 @@ fn per_pixel(threads: usize, w: usize, h: usize, c: usize, f: impl Fn(usize, usi
     out
 }
 
+/// The CNN on the images of `imgs`, logits into `logits` (one thread's share of a batch).
+fn cnn_rows(m: &crate::cnn::SmallCnn, imgs: &[f32], logits: &mut [f32]) {
+    let (h, w, ph, pw) = (m.h, m.w, m.h / 2, m.w / 2);
+    let features = m.conv_c * ph * pw;
+    let mut conv = vec![0f32; m.conv_c * h * w];
+    let mut pooled = vec![0f32; features];
+    for (img, out) in imgs.chunks(m.input_len()).zip(logits.chunks_mut(m.classes)) {
+        for c in 0..m.conv_c {
+            for y in 0..h {
+                for x in 0..w {
+                    let mut s = m.conv_b[c];
+                    for k in 0..m.in_c {
+                        for dy in 0..3 {
+                            for dx in 0..3 {
+                                let (yy, xx) = ((y + dy) as i64 - 1, (x + dx) as i64 - 1);
+                                if yy >= 0 && yy < h as i64 && xx >= 0 && xx < w as i64 {
+                                    let wv = m.conv_w[((c * m.in_c + k) * 3 + dy) * 3 + dx];
+                                    s = wv.mul_add(img[(k * h + yy as usize) * w + xx as usize], s);
+                                }
+                            }
+                        }
+                    }
+                    conv[(c * h + y) * w + x] = s.max(0.0);
+                }
+            }
+        }
+        for c in 0..m.conv_c {
+            for y in 0..ph {
+                for x in 0..pw {
+                    let base = (c * h + 2 * y) * w + 2 * x;
+                    pooled[(c * ph + y) * pw + x] = conv[base].max(conv[base + 1]).max(conv[base + w].max(conv[base + w + 1]));
+                }
+            }
+        }
+        for (k, o) in out.iter_mut().enumerate() {
+            let row = &m.dense_w[k * features..(k + 1) * features];
+            *o = row.iter().zip(&pooled).fold(m.dense_b[k], |s, (a, p)| a.mul_add(*p, s));
+        }
+    }
+}
+
 impl Kernels for CpuKernels {
     fn name(&self) -> String {
         format!("cpu ({} thread{})", self.threads, if self.threads == 1 { "" } else { "s" })
@@ -146,45 +187,14 @@ impl Kernels for CpuKernels {
 
     fn cnn_forward(&self, m: &crate::cnn::SmallCnn, images: &[f32], n: usize) -> Result<Vec<f32>, GpuError> {
         check_cnn(m, images, n)?;
-        let (h, w, ph, pw) = (m.h, m.w, m.h / 2, m.w / 2);
-        let features = m.conv_c * ph * pw;
         let mut logits = vec![0f32; n * m.classes];
-        let mut conv = vec![0f32; m.conv_c * h * w];
-        let mut pooled = vec![0f32; features];
-        for b in 0..n {
-            let img = &images[b * m.input_len()..(b + 1) * m.input_len()];
-            for c in 0..m.conv_c {
-                for y in 0..h {
-                    for x in 0..w {
-                        let mut s = m.conv_b[c];
-                        for k in 0..m.in_c {
-                            for dy in 0..3 {
-                                for dx in 0..3 {
-                                    let (yy, xx) = ((y + dy) as i64 - 1, (x + dx) as i64 - 1);
-                                    if yy >= 0 && yy < h as i64 && xx >= 0 && xx < w as i64 {
-                                        let wv = m.conv_w[((c * m.in_c + k) * 3 + dy) * 3 + dx];
-                                        s = wv.mul_add(img[(k * h + yy as usize) * w + xx as usize], s);
-                                    }
-                                }
-                            }
-                        }
-                        conv[(c * h + y) * w + x] = s.max(0.0);
-                    }
-                }
+        let per = n.div_ceil(self.threads).max(1);
+        std::thread::scope(|s| {
+            for (t, out) in logits.chunks_mut(per * m.classes).enumerate() {
+                let imgs = &images[t * per * m.input_len()..][..out.len() / m.classes * m.input_len()];
+                s.spawn(move || cnn_rows(m, imgs, out));
             }
-            for c in 0..m.conv_c {
-                for y in 0..ph {
-                    for x in 0..pw {
-                        let base = (c * h + 2 * y) * w + 2 * x;
-                        pooled[(c * ph + y) * pw + x] = conv[base].max(conv[base + 1]).max(conv[base + w].max(conv[base + w + 1]));
-                    }
-                }
-            }
-            for k in 0..m.classes {
-                let row = &m.dense_w[k * features..(k + 1) * features];
-                logits[b * m.classes + k] = row.iter().zip(&pooled).fold(m.dense_b[k], |s, (a, p)| a.mul_add(*p, s));
-            }
-        }
+        });
         Ok(logits)
     }
 
