@@ -758,7 +758,7 @@ impl JobPlan {
 
 /// A `k × n` matrix of N(0, 1/n) entries from `seed` (Box–Muller over splitmix64).
 pub fn random_projection(k: usize, n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed ^ 0x5EED_0F_9A55;
+    let mut x = seed ^ 0x005E_ED0F_9A55;
     let mut next = || {
         x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = x;

@@ -262,15 +262,18 @@ impl Source<Row> for FileSource {
         let splits = splits
             .into_iter()
             .map(|s| {
-                let path = files
-                    .get(s.split as usize)
-                    .cloned()
-                    .ok_or_else(|| SourceError(format!("split {} has no file in {}", s.split, self.path.display())))?;
+                let path = file_of_split(&files, s.split, &self.path)?;
                 Ok(OpenSplit { split: s.split, path, offset: s.offset, reader: None, done: false })
             })
             .collect::<Result<Vec<_>, SourceError>>()?;
         Ok(Box::new(FileReader { format: self.format.clone(), splits, cur: 0, line: String::new() }))
     }
+}
+
+/// The file of a split of a file-per-split source: a split restored from a checkpoint whose
+/// file is gone is an error, not a silent skip.
+fn file_of_split(files: &[PathBuf], split: u64, dir: &std::path::Path) -> Result<PathBuf, SourceError> {
+    files.get(split as usize).cloned().ok_or_else(|| SourceError(format!("split {split} has no file in {}", dir.display())))
 }
 
 /// The 1-based line number of the line that starts at `offset` in `path`.
@@ -490,8 +493,7 @@ impl Source<Row> for ImageSource {
         let files = splits
             .iter()
             .map(|s| {
-                let p = all.get(s.split as usize).cloned().ok_or_else(|| SourceError(format!("split {} has no image in {}", s.split, self.dir.display())))?;
-                Ok((s.split, p, s.offset > 0))
+                Ok((s.split, file_of_split(&all, s.split, &self.dir)?, s.offset > 0))
             })
             .collect::<Result<_, SourceError>>()?;
         Ok(Box::new(ImageReader { files }))

@@ -251,21 +251,43 @@ impl<'s, T: Data> DataStream<'s, T> {
     /// `weir.gpu.batch.max-latency`, or until the epoch closes; `f` turns a batch into output.
     /// A capability is held only while records wait, so checkpoints stay exact.
     pub fn map_batches<U: Data>(self, name: &str, mut f: impl FnMut(&mut Vec<T>, &mut Vec<U>) + 'static) -> DataStream<'s, U> {
+        self.batched(Pipeline, name, move |ev: BatchEvent<'_, T, U>| {
+            if let BatchEvent::Batch(items, out) = ev {
+                f(items, out);
+            }
+        })
+    }
+
+    /// The batching operator behind [`DataStream::map_batches`] and
+    /// [`KeyedStream::process_batches`]: collects records of the open epoch, hands them to
+    /// `handler` as a batch when `weir.gpu.batch.max-records` wait, when the oldest has waited
+    /// `weir.gpu.batch.max-latency`, or when the epoch closes (then `Close` follows). It holds a
+    /// capability only while records wait, so the frontier and the flow-control probe move on as
+    /// soon as a batch is done, and a checkpoint holds exactly the batches of its epochs.
+    fn batched<U: Data>(
+        self,
+        pact: impl timely::dataflow::channels::pact::ParallelizationContract<Time, Vec<T>>,
+        name: &str,
+        mut handler: impl FnMut(BatchEvent<'_, T, U>) + 'static,
+    ) -> DataStream<'s, U> {
+        type Cap = timely::dataflow::operators::Capability<Time>;
         let ctx = self.ctx.clone();
         let (max_records, max_latency) = (ctx.config.gpu_batch_records, ctx.config.gpu_batch_latency);
-        let mut aligner: EpochAligner<timely::dataflow::operators::Capability<Time>, T> = EpochAligner::new(ctx.first_epoch);
+        let mut aligner: EpochAligner<Cap, T> = EpochAligner::new(ctx.first_epoch);
         let mut pending: Vec<T> = Vec::new();
         let mut out: Vec<U> = Vec::new();
         let mut oldest: Option<Instant> = None;
-        let mut cap: Option<timely::dataflow::operators::Capability<Time>> = None;
+        let mut cap: Option<Cap> = None;
         let scope = self.stream.scope();
-        let stream = self.stream.unary_frontier::<CapacityContainerBuilder<Vec<U>>, _, _, _>(Pipeline, name, move |_, info| {
+        let stream = self.stream.unary_frontier::<CapacityContainerBuilder<Vec<U>>, _, _, _>(pact, name, move |_, info| {
             let activator = scope.activator_for(info.address);
             move |(input, frontier), output| {
                 let port = output.output_index();
-                let mut flush = |pending: &mut Vec<T>, cap: &mut Option<timely::dataflow::operators::Capability<Time>>| {
+                // Hand over what waits, emit it under the held capability, release it; on an
+                // epoch's close, tell the handler after its last batch.
+                let mut flush = |pending: &mut Vec<T>, cap: &mut Option<Cap>, oldest: &mut Option<Instant>, close: Option<u64>| {
                     if !pending.is_empty() {
-                        f(pending, &mut out);
+                        handler(BatchEvent::Batch(pending, &mut out));
                         pending.clear();
                     }
                     if let (Some(c), false) = (cap.as_ref(), out.is_empty()) {
@@ -273,6 +295,10 @@ impl<'s, T: Data> DataStream<'s, T> {
                     }
                     out.clear();
                     *cap = None;
+                    *oldest = None;
+                    if let Some(e) = close {
+                        handler(BatchEvent::Close(e));
+                    }
                 };
                 input.for_each(|c, data| {
                     let e = epoch_of(*c.least().expect("records carry a time"));
@@ -287,8 +313,7 @@ impl<'s, T: Data> DataStream<'s, T> {
                     }
                 });
                 if pending.len() >= max_records || oldest.is_some_and(|t| t.elapsed() >= max_latency) {
-                    flush(&mut pending, &mut cap);
-                    oldest = None;
+                    flush(&mut pending, &mut cap, &mut oldest, None);
                 }
                 let fe = frontier.frontier().first().map(|t| epoch_of(*t));
                 let last = ctx.shared.borrow().final_id;
@@ -301,10 +326,7 @@ impl<'s, T: Data> DataStream<'s, T> {
                             pending.append(&mut data);
                             oldest.get_or_insert_with(Instant::now);
                         }
-                        Aligned::Close(_) => {
-                            flush(&mut pending, &mut cap);
-                            oldest = None;
-                        }
+                        Aligned::Close(e) => flush(&mut pending, &mut cap, &mut oldest, Some(e)),
                     }
                 }
                 if !pending.is_empty() {
@@ -406,6 +428,14 @@ fn sanitize(name: &str) -> String {
     name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
 }
 
+/// What the batching operator hands its handler.
+enum BatchEvent<'a, T, U> {
+    /// A batch of records of the open epoch (drain it) and the output buffer.
+    Batch(&'a mut Vec<T>, &'a mut Vec<U>),
+    /// Epoch `n` closed at this operator, after its last batch.
+    Close(u64),
+}
+
 /// What every keyed stateful operator starts with.
 struct KeyedSetup<K> {
     task: TaskId,
@@ -496,84 +526,23 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
         let KeyedSetup { task, mut tables, file_prefix } = self.setup(name, |t| func.open(t));
         let exchange = self.exchange();
         let key = self.key;
-        let mut aligner: EpochAligner<timely::dataflow::operators::Capability<Time>, T> = EpochAligner::new(ctx.first_epoch);
-        let (max_records, max_latency) = (ctx.config.gpu_batch_records, ctx.config.gpu_batch_latency);
-        let mut pending: HashMap<K, Vec<T>> = HashMap::new();
-        let mut buffered = 0usize;
-        let mut oldest: Option<Instant> = None;
-        let mut epoch_cap: Option<timely::dataflow::operators::Capability<Time>> = None;
-        let mut out: Vec<O> = Vec::new();
+        let mut groups: HashMap<K, Vec<T>> = HashMap::new();
         let name_owned = name.to_string();
-        let scope = self.stream.scope();
-        let stream = self.stream.unary_frontier::<CapacityContainerBuilder<Vec<O>>, _, _, _>(exchange, name, move |_, info| {
-            let activator = scope.activator_for(info.address);
-            move |(input, frontier), output| {
-                let port = output.output_index();
-                let mut flush = |pending: &mut HashMap<K, Vec<T>>, tables: &mut StateTables<K>, cap: &Option<timely::dataflow::operators::Capability<Time>>, output: &mut timely::dataflow::operators::generic::OutputBuilderSession<'_, Time, CapacityContainerBuilder<Vec<O>>>| {
-                    for (k, batch) in pending.iter_mut().filter(|(_, b)| !b.is_empty()) {
-                        func.process_batch(&mut KeyedContext { key: k, tables }, batch, &mut out);
-                        batch.clear();
-                    }
-                    if let (Some(cap), false) = (cap, out.is_empty()) {
-                        output.session(cap).give_container(&mut out);
-                    }
-                    out.clear();
-                };
-                let take = |data: &mut Vec<T>, pending: &mut HashMap<K, Vec<T>>| -> usize {
-                    let n = data.len();
-                    for x in data.drain(..) {
-                        pending.entry(key(&x)).or_default().push(x);
-                    }
-                    n
-                };
-                input.for_each(|cap, data| {
-                    let e = epoch_of(*cap.least().expect("records carry a time"));
-                    if e <= aligner.epoch() {
-                        if epoch_cap.is_none() {
-                            epoch_cap = cap.retain_least(port);
-                        }
-                        buffered += take(data, &mut pending);
-                        oldest.get_or_insert_with(Instant::now);
-                    } else {
-                        let c = cap.retain_least(port).expect("records carry a time");
-                        aligner.stash(e, c, std::mem::take(data));
-                    }
-                });
-                if buffered >= max_records || oldest.is_some_and(|t| t.elapsed() >= max_latency) {
-                    flush(&mut pending, &mut tables, &epoch_cap, output);
-                    buffered = 0;
-                    oldest = None;
-                    // Hold a capability only while records wait: the flow-control probe and
-                    // the frontier move on as soon as a batch is done.
-                    epoch_cap = None;
+        DataStream { stream: self.stream, ctx: self.ctx }.batched(exchange, name, move |ev: BatchEvent<'_, T, O>| match ev {
+            BatchEvent::Batch(items, out) => {
+                for x in items.drain(..) {
+                    groups.entry(key(&x)).or_default().push(x);
                 }
-                let fe = frontier.frontier().first().map(|t| epoch_of(*t));
-                let last = ctx.shared.borrow().final_id;
-                while let Some(ev) = aligner.next(fe, last) {
-                    match ev {
-                        Aligned::Stashed(cap, mut data) => {
-                            if epoch_cap.is_none() {
-                                epoch_cap = Some(cap);
-                            }
-                            buffered += take(&mut data, &mut pending);
-                            oldest.get_or_insert_with(Instant::now);
-                        }
-                        Aligned::Close(e) => {
-                            flush(&mut pending, &mut tables, &epoch_cap, output);
-                            pending.clear();
-                            buffered = 0;
-                            oldest = None;
-                            epoch_cap = None;
-                            snapshot_tables(&ctx, &tables, e, task, &name_owned, &file_prefix);
-                        }
-                    }
-                }
-                if buffered > 0 {
-                    activator.activate_after(max_latency);
+                for (k, batch) in groups.iter_mut().filter(|(_, b)| !b.is_empty()) {
+                    func.process_batch(&mut KeyedContext { key: k, tables: &mut tables }, batch, out);
+                    batch.clear();
                 }
             }
-        });
-        DataStream { stream, ctx: self.ctx }
+            BatchEvent::Close(e) => {
+                groups.clear();
+                snapshot_tables(&ctx, &tables, e, task, &name_owned, &file_prefix);
+            }
+        })
     }
 
     /// Flink's `reduce`: combine each record with its key's running value; emit the new value.
