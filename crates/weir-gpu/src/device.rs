@@ -3,6 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::pool::DevicePool;
+use crate::transfer::TransferMode;
 use crate::GpuError;
 
 /// `weir.gpu.enabled`.
@@ -29,11 +30,15 @@ pub struct GpuConfig {
     pub memory: u64,
     /// `external-resource.gpu.amount`: GPUs a process may use (0 = CPU path).
     pub amount: u32,
+    /// `weir.gpu.transfer.mode`: auto | staged | direct.
+    pub transfer: TransferMode,
+    /// `weir.gpu.transfer.ring-size`: staging slots shared by the process's GPU operators.
+    pub ring_size: usize,
 }
 
 impl Default for GpuConfig {
     fn default() -> Self {
-        Self { mode: GpuMode::Auto, device: None, fraction: 0.5, memory: 1 << 30, amount: 1 }
+        Self { mode: GpuMode::Auto, device: None, fraction: 0.5, memory: 1 << 30, amount: 1, transfer: TransferMode::Auto, ring_size: 4 }
     }
 }
 
@@ -121,6 +126,11 @@ pub struct GpuContext {
     /// The memory pool, within the budget.
     pub pool: Mutex<DevicePool>,
     pub(crate) pipelines: Mutex<std::collections::HashMap<&'static str, Arc<wgpu::ComputePipeline>>>,
+    /// Kernels may bind host-mapped buffers (host-visible device memory and wgpu's
+    /// `MAPPABLE_PRIMARY_BUFFERS`): the direct transfer path.
+    pub direct_capable: bool,
+    /// The configured transfer path and ring size.
+    pub(crate) transfer: (TransferMode, usize),
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -169,9 +179,16 @@ impl GpuContext {
         };
         let adapter = &adapters[i];
         let limits = adapter.limits();
+        // Host-visible device memory: ask for mappable storage buffers, so kernels can bind
+        // mapped memory (never on a discrete GPU, where it would put buffers in host memory).
+        let direct_capable = descs[i].unified_memory && adapter.features().contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS);
+        if cfg.transfer == TransferMode::Direct && !direct_capable {
+            return Err(crate::transfer::direct_refused(&descs[i]));
+        }
+        let direct = direct_capable && cfg.transfer != TransferMode::Staged;
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("weir"),
-            required_features: wgpu::Features::empty(),
+            required_features: if direct_capable { wgpu::Features::MAPPABLE_PRIMARY_BUFFERS } else { wgpu::Features::empty() },
             required_limits: limits.clone(),
             ..Default::default()
         }))
@@ -179,15 +196,16 @@ impl GpuContext {
         let desc = descs[i].clone();
         let budget = (cfg.memory as f64 * cfg.fraction) as u64;
         tracing::info!(
-            "GPU: {} ({}, {}, {}), budget {} MiB, {} uploads",
+            "GPU: {} ({}, {}, {}), budget {} MiB, {} transfers, ring of {} slots",
             desc.name,
             desc.vendor,
             desc.device_type,
             desc.backend,
             budget >> 20,
-            if desc.unified_memory { "host-visible (no staging copy)" } else { "staged" }
+            if direct { "direct (host-visible, no staging copy)" } else { "staged" },
+            cfg.ring_size
         );
         let pool = DevicePool::new(budget, limits.max_storage_buffer_binding_size as u64);
-        Ok(Some(Arc::new(GpuContext { device, queue, adapter: desc, pool: Mutex::new(pool), pipelines: Mutex::default() })))
+        Ok(Some(Arc::new(GpuContext { device, queue, adapter: desc, pool: Mutex::new(pool), pipelines: Mutex::default(), direct_capable, transfer: (cfg.transfer, cfg.ring_size) })))
     }
 }

@@ -2,6 +2,8 @@
 //!
 //! - [`device`]: adapter discovery, selection by configuration, the per-worker memory budget.
 //! - [`pool`]: device memory taken in slabs and sub-allocated by size class; typed out-of-memory.
+//! - [`transfer`]: the ring of mapped staging slots and the shared submission queue; kernels
+//!   return a [`Pending`] result, so uploads, compute and downloads of successive batches overlap.
 //! - [`kernels`]: WGSL kernels, each with a CPU implementation behind the same trait, so one test
 //!   suite runs every kernel on both paths.
 //!
@@ -17,8 +19,10 @@ pub mod cnn;
 pub mod device;
 pub mod kernels;
 pub mod pool;
+pub mod transfer;
 
 pub use device::{AdapterDesc, GpuConfig, GpuContext, GpuMode};
+pub use transfer::{Pending, TransferMode, TransferStats};
 
 /// Errors of the GPU runtime.
 #[derive(Debug, thiserror::Error)]

@@ -150,6 +150,20 @@ impl DevicePool {
         self.free[b.class as usize].push(b);
     }
 
+    /// Account for `add` bytes of device memory held outside the slabs (the direct transfer
+    /// path's mapped buffers), after `remove` bytes were given back: counted as reserved and in
+    /// use, within the budget.
+    pub fn reserve_external(&mut self, add: u64, remove: u64) -> Result<(), GpuError> {
+        let (reserved, in_use) = (self.stats.reserved - remove, self.stats.in_use - remove);
+        if reserved + add > self.budget {
+            return Err(GpuError::OutOfMemory { requested: add, in_use, budget: self.budget });
+        }
+        self.stats.reserved = reserved + add;
+        self.stats.in_use = in_use + add;
+        self.stats.peak = self.stats.peak.max(self.stats.in_use);
+        Ok(())
+    }
+
     /// The device buffer of a slab.
     pub fn buffer(&self, slab: usize) -> &wgpu::Buffer {
         &self.buffers[slab]

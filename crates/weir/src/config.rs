@@ -84,6 +84,8 @@ pub struct JobConfig {
     pub max_inflight_batches: usize,
     /// GPU selection and budget.
     pub gpu: weir_gpu::GpuConfig,
+    /// Batches one GPU operator instance keeps in flight (submitted, result not yet back).
+    pub gpu_max_inflight: usize,
     /// Records a GPU operator collects before a kernel launch.
     pub gpu_batch_records: usize,
     /// The longest a record waits in a GPU operator's batch.
@@ -163,6 +165,9 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("weir.gpu.device", Kind::Str, ""),
     ("weir.gpu.batch.max-records", Kind::Int { min: 1, max: 1 << 24 }, "8192"),
     ("weir.gpu.batch.max-latency", Kind::Duration, "100 ms"),
+    ("weir.gpu.max-inflight-batches", Kind::Int { min: 1, max: 64 }, "2"),
+    ("weir.gpu.transfer.mode", Kind::Enum(&["auto", "staged", "direct"]), "auto"),
+    ("weir.gpu.transfer.ring-size", Kind::Int { min: 1, max: 64 }, "4"),
     ("taskmanager.gpu.fraction", Kind::Fraction, "0.5"),
     ("taskmanager.gpu.memory", Kind::Bytes, "1 gb"),
     ("external-resource.gpu.amount", Kind::Int { min: 0, max: 64 }, "1"),
@@ -282,7 +287,14 @@ impl JobConfig {
                 fraction: get("taskmanager.gpu.fraction").parse().expect("checked"),
                 memory: parse_bytes(&get("taskmanager.gpu.memory")).expect("checked"),
                 amount: int("external-resource.gpu.amount") as u32,
+                transfer: match get("weir.gpu.transfer.mode").as_str() {
+                    "staged" => weir_gpu::TransferMode::Staged,
+                    "direct" => weir_gpu::TransferMode::Direct,
+                    _ => weir_gpu::TransferMode::Auto,
+                },
+                ring_size: int("weir.gpu.transfer.ring-size") as usize,
             },
+            gpu_max_inflight: int("weir.gpu.max-inflight-batches") as usize,
             gpu_batch_records: int("weir.gpu.batch.max-records") as usize,
             gpu_batch_latency: dur("weir.gpu.batch.max-latency"),
         })

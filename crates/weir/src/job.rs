@@ -672,19 +672,25 @@ impl JobPlan {
                     .process(&format!("aggregate-{i}"), Aggregate { aggs, state: None }),
                 PlanStep::Resize { idx, width, height } => {
                     let Some(kernels) = self.kernels(job, i) else { return };
-                    stream.map(move |mut r: Row| {
-                        if let Some(Value::Image(img)) = r.0.get_mut(idx) {
-                            let h = height.unwrap_or(((img.h * width) as f64 / img.w as f64).round().max(1.0) as usize);
-                            let out = kernels.resize_bilinear(img, width, h).unwrap_or_else(|e| panic!("image_resize on {}: {e}", kernels.name()));
-                            *img = Arc::new(out);
-                        }
-                        r
+                    stream.map_batches_async(&format!("image_resize-{i}"), move |batch: &mut Vec<Row>| {
+                        let rows = std::mem::take(batch);
+                        let parts = rows
+                            .iter()
+                            .map(|r| match r.get(idx) {
+                                Value::Image(img) => {
+                                    let h = height.unwrap_or(((img.h * width) as f64 / img.w as f64).round().max(1.0) as usize);
+                                    kernels.resize_bilinear_async(img, width, h).map(Some)
+                                }
+                                _ => weir_gpu::Pending::ready(Ok(None)),
+                            })
+                            .collect();
+                        weir_gpu::Pending::all(parts).map(move |imgs| replace_images(rows, idx, imgs))
                     })
                 }
                 PlanStep::Gemm { idx, k, n, b } => {
                     let Some(kernels) = self.kernels(job, i) else { return };
                     let mut a: Vec<f32> = Vec::new();
-                    stream.map_batches(&format!("gemm-{i}"), move |batch: &mut Vec<Row>, out: &mut Vec<Row>| {
+                    stream.map_batches_async(&format!("gemm-{i}"), move |batch: &mut Vec<Row>| {
                         a.clear();
                         for r in batch.iter() {
                             match r.get(idx) {
@@ -692,17 +698,22 @@ impl JobPlan {
                                 other => panic!("gemm: a {} where a vector of {k} values is expected", other.type_name()),
                             }
                         }
-                        let c = kernels.gemm(&a, &b, batch.len(), n, k).unwrap_or_else(|e| panic!("gemm on {}: {e}", kernels.name()));
-                        out.extend(batch.drain(..).zip(c.chunks(n)).map(|(mut r, row)| {
-                            r.0[idx] = Value::Vector(Arc::new(row.to_vec()));
-                            r
-                        }));
+                        let rows = std::mem::take(batch);
+                        kernels.gemm_async(&a, &b, rows.len(), n, k).map(move |c| {
+                            rows.into_iter()
+                                .zip(c.chunks(n))
+                                .map(|(mut r, row)| {
+                                    r.0[idx] = Value::Vector(Arc::new(row.to_vec()));
+                                    r
+                                })
+                                .collect()
+                        })
                     })
                 }
                 PlanStep::Cnn { idx, model } => {
                     let Some(kernels) = self.kernels(job, i) else { return };
                     let mut pixels: Vec<f32> = Vec::new();
-                    stream.map_batches(&format!("cnn-{i}"), move |batch: &mut Vec<Row>, out: &mut Vec<Row>| {
+                    stream.map_batches_async(&format!("cnn-{i}"), move |batch: &mut Vec<Row>| {
                         pixels.clear();
                         for r in batch.iter() {
                             match r.get(idx) {
@@ -710,25 +721,35 @@ impl JobPlan {
                                 other => panic!("cnn_infer: a {} of {} values where {} pixels are expected", other.type_name(), match other { Value::Vector(v) => v.len(), _ => 0 }, model.input_len()),
                             }
                         }
-                        let logits = kernels.cnn_forward(&model, &pixels, batch.len()).unwrap_or_else(|e| panic!("cnn_infer on {}: {e}", kernels.name()));
-                        let classes = weir_gpu::cnn::argmax(&logits, model.classes);
-                        out.extend(batch.drain(..).zip(classes).map(|(mut r, c)| {
-                            r.0.push(Value::Int(c as i64));
-                            r
-                        }));
+                        let rows = std::mem::take(batch);
+                        let classes = model.classes;
+                        kernels.cnn_forward_async(&model, &pixels, rows.len()).map(move |logits| {
+                            rows.into_iter()
+                                .zip(weir_gpu::cnn::argmax(&logits, classes))
+                                .map(|(mut r, c)| {
+                                    r.0.push(Value::Int(c as i64));
+                                    r
+                                })
+                                .collect()
+                        })
                     })
                 }
                 PlanStep::Filter2d { idx, kind, sigma } => {
                     let Some(kernels) = self.kernels(job, i) else { return };
-                    stream.map(move |mut r: Row| {
-                        if let Some(Value::Image(img)) = r.0.get_mut(idx) {
-                            let out = match kind {
-                                FilterKind::Sobel => kernels.sobel(img),
-                                FilterKind::Gaussian => kernels.gaussian_blur(img, sigma),
-                            };
-                            *img = Arc::new(out.unwrap_or_else(|e| panic!("image_filter on {}: {e}", kernels.name())));
-                        }
-                        r
+                    stream.map_batches_async(&format!("image_filter-{i}"), move |batch: &mut Vec<Row>| {
+                        let rows = std::mem::take(batch);
+                        let parts = rows
+                            .iter()
+                            .map(|r| match r.get(idx) {
+                                Value::Image(img) => match kind {
+                                    FilterKind::Sobel => kernels.sobel_async(img),
+                                    FilterKind::Gaussian => kernels.gaussian_blur_async(img, sigma),
+                                }
+                                .map(Some),
+                                _ => weir_gpu::Pending::ready(Ok(None)),
+                            })
+                            .collect();
+                        weir_gpu::Pending::all(parts).map(move |imgs| replace_images(rows, idx, imgs))
                     })
                 }
                 PlanStep::KeyKmeans { key, field, k } => {
@@ -741,7 +762,7 @@ impl JobPlan {
                     };
                     stream
                         .key_by(move |r: &Row| r.get(key).clone())
-                        .process_batches(&format!("kmeans-{i}"), crate::kmeans::StreamingKMeans::new(k, field, kernels))
+                        .process_batches(&format!("kmeans-{i}"), crate::kmeans::StreamingKMeans::new(k, field, kernels).max_in_flight(self.config.gpu_max_inflight))
                 }
             };
         }
@@ -960,4 +981,17 @@ mod tests {
         assert_eq!(t["pipeline"][0]["key_by"], "b");
         assert!(set_path(&mut t, "pipeline.7.x", "1").is_err());
     }
+}
+
+/// Rows with field `idx` replaced by the kernel's image where there is one.
+fn replace_images(rows: Vec<Row>, idx: usize, imgs: Vec<Option<weir_gpu::kernels::Image>>) -> Vec<Row> {
+    rows.into_iter()
+        .zip(imgs)
+        .map(|(mut r, img)| {
+            if let Some(img) = img {
+                r.0[idx] = Value::Image(Arc::new(img));
+            }
+            r
+        })
+        .collect()
 }

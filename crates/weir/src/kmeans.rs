@@ -2,10 +2,12 @@
 //! path of `weir-gpu`'s kernels. The model is keyed state: it is checkpointed (copied to the
 //! host at the barrier: it lives on the host between batches) and restored at any parallelism.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use weir_gpu::kernels::{apply_step, Kernels};
+use weir_gpu::kernels::{apply_step, Kernels, KmeansStep};
+use weir_gpu::Pending;
 
 use crate::row::{Row, Value};
 use crate::state::{KeyedBatchFunction, KeyedContext, StateTables, ValueState};
@@ -25,18 +27,53 @@ pub struct KMeansModel {
 
 /// The `kmeans` operator: input rows carry a vector field; after each batch it emits one row
 /// `(key, centroid, vector)` per centroid.
+///
+/// A batch's step is submitted and applied when it comes back: batches of other keys are
+/// gathered and uploaded meanwhile. A key's next batch waits for its previous step (it needs
+/// the updated centres), and at most `max_in_flight` steps run at once.
 pub struct StreamingKMeans {
     k: usize,
     field: usize,
     kernels: Arc<dyn Kernels>,
     state: Option<ValueState<KMeansModel>>,
     points: Vec<f32>,
+    in_flight: VecDeque<(Value, Pending<KmeansStep>)>,
+    max_in_flight: usize,
 }
 
 impl StreamingKMeans {
     /// `k` centroids over the vectors in field `field`, computed by `kernels`.
     pub fn new(k: usize, field: usize, kernels: Arc<dyn Kernels>) -> Self {
-        Self { k, field, kernels, state: None, points: Vec::new() }
+        Self { k, field, kernels, state: None, points: Vec::new(), in_flight: VecDeque::new(), max_in_flight: 2 }
+    }
+
+    /// Steps in flight at once (`weir.gpu.max-inflight-batches`; 1 = one at a time).
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.max(1);
+        self
+    }
+
+    /// Apply the oldest step in flight (waiting for it if `block`); false if none was ready.
+    fn complete_front(&mut self, tables: &mut StateTables<Value>, out: &mut Vec<Row>, block: bool) -> bool {
+        let Some((_, p)) = self.in_flight.front_mut() else { return false };
+        let r = if block {
+            None
+        } else {
+            match p.try_take() {
+                Some(r) => Some(r),
+                None => return false,
+            }
+        };
+        let (key, p) = self.in_flight.pop_front().expect("non-empty");
+        let step = r.unwrap_or_else(|| p.wait()).unwrap_or_else(|e| panic!("kmeans on {}: key {key}: {e}", self.kernels.name()));
+        let mut ctx = KeyedContext::new(&key, tables);
+        let model = self.state.as_ref().expect("opened").get_or_insert_with(&mut ctx, KMeansModel::default);
+        let (k, d) = (self.k, model.dim);
+        apply_step(&mut model.centroids, &mut model.seen, &step, d);
+        for c in 0..k {
+            out.push(Row::new([key.clone(), Value::Int(c as i64), Value::Vector(Arc::new(model.centroids[c * d..(c + 1) * d].to_vec()))]));
+        }
+        true
     }
 }
 
@@ -93,6 +130,15 @@ impl KeyedBatchFunction<Value, Row, Row> for StreamingKMeans {
     }
 
     fn process_batch(&mut self, ctx: &mut KeyedContext<'_, Value>, batch: &mut Vec<Row>, out: &mut Vec<Row>) {
+        // This key's previous step first (its centres), and room in the window.
+        if let Some(i) = self.in_flight.iter().position(|(k, _)| k == ctx.key()) {
+            for _ in 0..=i {
+                self.complete_front(ctx.tables, out, true);
+            }
+        }
+        while self.in_flight.len() >= self.max_in_flight {
+            self.complete_front(ctx.tables, out, true);
+        }
         let key = ctx.key().clone();
         let state = self.state.as_ref().expect("opened");
         let k = self.k;
@@ -121,10 +167,12 @@ impl KeyedBatchFunction<Value, Row, Row> for StreamingKMeans {
             model.seen = vec![0; k];
             self.points = std::mem::take(&mut model.pending);
         }
-        let step = self.kernels.kmeans_step(&self.points, &model.centroids, d).unwrap_or_else(|e| panic!("kmeans on {}: {e}", self.kernels.name()));
-        apply_step(&mut model.centroids, &mut model.seen, &step, d);
-        for c in 0..k {
-            out.push(Row::new([key.clone(), Value::Int(c as i64), Value::Vector(Arc::new(model.centroids[c * d..(c + 1) * d].to_vec()))]));
-        }
+        let step = self.kernels.kmeans_step_async(&self.points, &model.centroids, d);
+        self.in_flight.push_back((key, step));
+    }
+
+    fn poll(&mut self, tables: &mut StateTables<Value>, out: &mut Vec<Row>, block: bool) -> bool {
+        while self.complete_front(tables, out, block) {}
+        !self.in_flight.is_empty()
     }
 }

@@ -117,7 +117,13 @@ pub struct KeyedContext<'a, K> {
     pub(crate) tables: &'a mut StateTables<K>,
 }
 
-impl<K: Key> KeyedContext<'_, K> {
+impl<'a, K: Key> KeyedContext<'a, K> {
+    /// The context of `key` over `tables` (for a batch function completing a key's work in
+    /// [`KeyedBatchFunction::poll`]).
+    pub fn new(key: &'a K, tables: &'a mut StateTables<K>) -> Self {
+        Self { key, tables }
+    }
+
     /// The key of the record being processed.
     pub fn key(&self) -> &K {
         self.key
@@ -246,5 +252,14 @@ pub trait KeyedBatchFunction<K, I, O>: 'static {
     /// Register states (once per instance).
     fn open(&mut self, states: &mut StateTables<K>);
     /// Process a batch of the current key's records (drain or leave it; it is cleared after).
+    /// The work may be submitted and finished later, in [`KeyedBatchFunction::poll`].
     fn process_batch(&mut self, ctx: &mut KeyedContext<'_, K>, batch: &mut Vec<I>, out: &mut Vec<O>);
+
+    /// Finish work still in flight (GPU batches submitted by `process_batch`): apply finished
+    /// results to state and emit their output; with `block`, wait for all of it (the operator
+    /// does so before every checkpoint, so a snapshot holds exactly its epochs' batches).
+    /// Returns whether work is still in flight. Synchronous functions keep the default.
+    fn poll(&mut self, _tables: &mut StateTables<K>, _out: &mut Vec<O>, _block: bool) -> bool {
+        false
+    }
 }

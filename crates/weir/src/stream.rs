@@ -251,19 +251,62 @@ impl<'s, T: Data> DataStream<'s, T> {
     /// `weir.gpu.batch.max-latency`, or until the epoch closes; `f` turns a batch into output.
     /// A capability is held only while records wait, so checkpoints stay exact.
     pub fn map_batches<U: Data>(self, name: &str, mut f: impl FnMut(&mut Vec<T>, &mut Vec<U>) + 'static) -> DataStream<'s, U> {
-        self.batched(Pipeline, name, move |ev: BatchEvent<'_, T, U>| {
-            if let BatchEvent::Batch(items, out) = ev {
-                f(items, out);
+        self.batched(Pipeline, name, move |ev: BatchEvent<'_, T, U>| match ev {
+            BatchEvent::Batch(items, out) => f(items, out),
+            BatchEvent::Poll { busy, .. } => *busy = false,
+            BatchEvent::Close(_) => {}
+        })
+    }
+
+    /// Like [`DataStream::map_batches`], with results that come back later (a GPU kernel's
+    /// [`Pending`](weir_gpu::Pending)): `f` submits a batch and returns at once, so the next
+    /// batch is collected and uploaded while this one computes. Up to
+    /// `weir.gpu.max-inflight-batches` batches are in flight; results are emitted in batch
+    /// order. The operator keeps its capability until its batches return, and an epoch's
+    /// barrier passes only after them, so checkpoints stay exact. A failed batch fails the job
+    /// (and the restart strategy replays from the last checkpoint).
+    pub fn map_batches_async<U: Data>(self, name: &str, mut f: impl FnMut(&mut Vec<T>) -> weir_gpu::Pending<Vec<U>> + 'static) -> DataStream<'s, U> {
+        let max = self.ctx.config.gpu_max_inflight.max(1);
+        let mut q: VecDeque<weir_gpu::Pending<Vec<U>>> = VecDeque::new();
+        let op = name.to_string();
+        let take = move |r: Result<Vec<U>, weir_gpu::GpuError>, out: &mut Vec<U>| match r {
+            Ok(mut v) => out.append(&mut v),
+            Err(e) => panic!("{op}: {e}"),
+        };
+        self.batched(Pipeline, name, move |ev: BatchEvent<'_, T, U>| match ev {
+            BatchEvent::Batch(items, out) => {
+                while q.len() >= max {
+                    take(q.pop_front().expect("non-empty").wait(), out);
+                }
+                q.push_back(f(items));
             }
+            BatchEvent::Poll { out, block, busy } => {
+                while let Some(p) = q.front_mut() {
+                    let r = if block { q.pop_front().expect("non-empty").wait() } else {
+                        match p.try_take() {
+                            Some(r) => {
+                                q.pop_front();
+                                r
+                            }
+                            None => break,
+                        }
+                    };
+                    take(r, out);
+                }
+                *busy = !q.is_empty();
+            }
+            BatchEvent::Close(_) => {}
         })
     }
 
     /// The batching operator behind [`DataStream::map_batches`] and
     /// [`KeyedStream::process_batches`]: collects records of the open epoch, hands them to
     /// `handler` as a batch when `weir.gpu.batch.max-records` wait, when the oldest has waited
-    /// `weir.gpu.batch.max-latency`, or when the epoch closes (then `Close` follows). It holds a
-    /// capability only while records wait, so the frontier and the flow-control probe move on as
-    /// soon as a batch is done, and a checkpoint holds exactly the batches of its epochs.
+    /// `weir.gpu.batch.max-latency`, or when the epoch closes. Work the handler has in flight is
+    /// polled on every activation; when the epoch closes it is waited for, then `Close` follows.
+    /// The operator holds a capability only while records wait or work is in flight, so the
+    /// frontier and the flow-control probe move on as soon as a batch is done, and a checkpoint
+    /// holds exactly the batches of its epochs.
     fn batched<U: Data>(
         self,
         pact: impl timely::dataflow::channels::pact::ParallelizationContract<Time, Vec<T>>,
@@ -271,6 +314,8 @@ impl<'s, T: Data> DataStream<'s, T> {
         mut handler: impl FnMut(BatchEvent<'_, T, U>) + 'static,
     ) -> DataStream<'s, U> {
         type Cap = timely::dataflow::operators::Capability<Time>;
+        /// How soon an operator with batches in flight looks at them again.
+        const POLL_INTERVAL: Duration = Duration::from_micros(200);
         let ctx = self.ctx.clone();
         let (max_records, max_latency) = (ctx.config.gpu_batch_records, ctx.config.gpu_batch_latency);
         let mut aligner: EpochAligner<Cap, T> = EpochAligner::new(ctx.first_epoch);
@@ -278,24 +323,33 @@ impl<'s, T: Data> DataStream<'s, T> {
         let mut out: Vec<U> = Vec::new();
         let mut oldest: Option<Instant> = None;
         let mut cap: Option<Cap> = None;
+        let mut busy = false;
         let scope = self.stream.scope();
         let stream = self.stream.unary_frontier::<CapacityContainerBuilder<Vec<U>>, _, _, _>(pact, name, move |_, info| {
             let activator = scope.activator_for(info.address);
             move |(input, frontier), output| {
                 let port = output.output_index();
-                // Hand over what waits, emit it under the held capability, release it; on an
-                // epoch's close, tell the handler after its last batch.
-                let mut flush = |pending: &mut Vec<T>, cap: &mut Option<Cap>, oldest: &mut Option<Instant>, close: Option<u64>| {
-                    if !pending.is_empty() {
+                // Hand over what waits, collect finished work (all of it when an epoch closes),
+                // emit it under the held capability; release the capability once nothing waits
+                // or runs; on an epoch's close, tell the handler after its last batch.
+                let mut step = |pending: &mut Vec<T>, cap: &mut Option<Cap>, oldest: &mut Option<Instant>, busy: &mut bool, submit: bool, close: Option<u64>| {
+                    let submitted = submit && !pending.is_empty();
+                    if submitted {
                         handler(BatchEvent::Batch(pending, &mut out));
                         pending.clear();
+                        *oldest = None;
                     }
-                    if let (Some(c), false) = (cap.as_ref(), out.is_empty()) {
+                    if submitted || *busy || close.is_some() {
+                        handler(BatchEvent::Poll { out: &mut out, block: close.is_some(), busy });
+                    }
+                    if !out.is_empty() {
+                        let c = cap.as_ref().expect("a capability is held while batches wait or run");
                         output.session(c).give_container(&mut out);
+                        out.clear();
                     }
-                    out.clear();
-                    *cap = None;
-                    *oldest = None;
+                    if pending.is_empty() && !*busy {
+                        *cap = None;
+                    }
                     if let Some(e) = close {
                         handler(BatchEvent::Close(e));
                     }
@@ -312,9 +366,8 @@ impl<'s, T: Data> DataStream<'s, T> {
                         aligner.stash(e, c.retain_least(port).expect("records carry a time"), std::mem::take(data));
                     }
                 });
-                if pending.len() >= max_records || oldest.is_some_and(|t| t.elapsed() >= max_latency) {
-                    flush(&mut pending, &mut cap, &mut oldest, None);
-                }
+                let full = pending.len() >= max_records || oldest.is_some_and(|t| t.elapsed() >= max_latency);
+                step(&mut pending, &mut cap, &mut oldest, &mut busy, full, None);
                 let fe = frontier.frontier().first().map(|t| epoch_of(*t));
                 let last = ctx.shared.borrow().final_id;
                 while let Some(ev) = aligner.next(fe, last) {
@@ -326,10 +379,12 @@ impl<'s, T: Data> DataStream<'s, T> {
                             pending.append(&mut data);
                             oldest.get_or_insert_with(Instant::now);
                         }
-                        Aligned::Close(e) => flush(&mut pending, &mut cap, &mut oldest, Some(e)),
+                        Aligned::Close(e) => step(&mut pending, &mut cap, &mut oldest, &mut busy, true, Some(e)),
                     }
                 }
-                if !pending.is_empty() {
+                if busy {
+                    activator.activate_after(POLL_INTERVAL);
+                } else if !pending.is_empty() {
                     activator.activate_after(max_latency);
                 }
             }
@@ -430,8 +485,12 @@ fn sanitize(name: &str) -> String {
 
 /// What the batching operator hands its handler.
 enum BatchEvent<'a, T, U> {
-    /// A batch of records of the open epoch (drain it) and the output buffer.
+    /// A batch of records of the open epoch (drain it) and the output buffer: start its work
+    /// (its output may come now or at a later `Poll`).
     Batch(&'a mut Vec<T>, &'a mut Vec<U>),
+    /// Emit finished work into `out` (with `block`, wait for all of it); set `busy` while work
+    /// is still in flight.
+    Poll { out: &'a mut Vec<U>, block: bool, busy: &'a mut bool },
     /// Epoch `n` closed at this operator, after its last batch.
     Close(u64),
 }
@@ -538,6 +597,7 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
                     batch.clear();
                 }
             }
+            BatchEvent::Poll { out, block, busy } => *busy = func.poll(&mut tables, out, block),
             BatchEvent::Close(e) => {
                 groups.clear();
                 snapshot_tables(&ctx, &tables, e, task, &name_owned, &file_prefix);

@@ -1,7 +1,7 @@
 //! The CPU path of every kernel (multi-threaded with scoped threads).
 
 use super::{check_cnn, check_gemm, check_kmeans, gaussian_weights, Image, Kernels, KmeansStep};
-use crate::GpuError;
+use crate::{GpuError, Pending};
 
 /// Kernels on the CPU.
 #[derive(Clone, Debug)]
@@ -100,12 +100,12 @@ fn cnn_rows(m: &crate::cnn::SmallCnn, imgs: &[f32], logits: &mut [f32]) {
     }
 }
 
-impl Kernels for CpuKernels {
-    fn name(&self) -> String {
+impl CpuKernels {
+    fn cpu_name(&self) -> String {
         format!("cpu ({} thread{})", self.threads, if self.threads == 1 { "" } else { "s" })
     }
 
-    fn gemm(&self, a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Result<Vec<f32>, GpuError> {
+    fn run_gemm(&self, a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Result<Vec<f32>, GpuError> {
         check_gemm(a, b, m, n, k)?;
         let mut c = vec![0f32; m * n];
         if n == 0 || m == 0 {
@@ -121,7 +121,7 @@ impl Kernels for CpuKernels {
         Ok(c)
     }
 
-    fn kmeans_step(&self, points: &[f32], centroids: &[f32], d: usize) -> Result<KmeansStep, GpuError> {
+    fn run_kmeans_step(&self, points: &[f32], centroids: &[f32], d: usize) -> Result<KmeansStep, GpuError> {
         let (n, k) = check_kmeans(points, centroids, d)?;
         let mut labels = vec![0u32; n];
         let per = n.div_ceil(self.threads).max(1);
@@ -154,7 +154,7 @@ impl Kernels for CpuKernels {
         Ok(KmeansStep { sums, counts })
     }
 
-    fn resize_bilinear(&self, img: &Image, nw: usize, nh: usize) -> Result<Image, GpuError> {
+    fn run_resize_bilinear(&self, img: &Image, nw: usize, nh: usize) -> Result<Image, GpuError> {
         img.check()?;
         let (w, h) = (img.w as f32, img.h as f32);
         let data = per_pixel(self.threads, nw, nh, img.c, |x, y, ch| {
@@ -169,7 +169,7 @@ impl Kernels for CpuKernels {
         Ok(Image { w: nw, h: nh, c: img.c, data })
     }
 
-    fn gaussian_blur(&self, img: &Image, sigma: f32) -> Result<Image, GpuError> {
+    fn run_gaussian_blur(&self, img: &Image, sigma: f32) -> Result<Image, GpuError> {
         img.check()?;
         let wts = gaussian_weights(sigma);
         let r = (wts.len() / 2) as i64;
@@ -185,7 +185,7 @@ impl Kernels for CpuKernels {
         Ok(Image { data, ..tmp })
     }
 
-    fn cnn_forward(&self, m: &crate::cnn::SmallCnn, images: &[f32], n: usize) -> Result<Vec<f32>, GpuError> {
+    fn run_cnn_forward(&self, m: &crate::cnn::SmallCnn, images: &[f32], n: usize) -> Result<Vec<f32>, GpuError> {
         check_cnn(m, images, n)?;
         let mut logits = vec![0f32; n * m.classes];
         let per = n.div_ceil(self.threads).max(1);
@@ -198,7 +198,7 @@ impl Kernels for CpuKernels {
         Ok(logits)
     }
 
-    fn sobel(&self, img: &Image) -> Result<Image, GpuError> {
+    fn run_sobel(&self, img: &Image) -> Result<Image, GpuError> {
         img.check()?;
         let data = per_pixel(self.threads, img.w, img.h, img.c, |x, y, ch| {
             let p = |dx: i64, dy: i64| px(img, x as i64 + dx, y as i64 + dy, ch);
@@ -207,5 +207,35 @@ impl Kernels for CpuKernels {
             (gx * gx + gy * gy).sqrt()
         });
         Ok(Image { data, ..img.clone() })
+    }
+}
+
+impl Kernels for CpuKernels {
+    fn name(&self) -> String {
+        self.cpu_name()
+    }
+
+    fn gemm_async(&self, a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Pending<Vec<f32>> {
+        Pending::ready(self.run_gemm(a, b, m, n, k))
+    }
+
+    fn kmeans_step_async(&self, points: &[f32], centroids: &[f32], d: usize) -> Pending<KmeansStep> {
+        Pending::ready(self.run_kmeans_step(points, centroids, d))
+    }
+
+    fn resize_bilinear_async(&self, img: &Image, nw: usize, nh: usize) -> Pending<Image> {
+        Pending::ready(self.run_resize_bilinear(img, nw, nh))
+    }
+
+    fn gaussian_blur_async(&self, img: &Image, sigma: f32) -> Pending<Image> {
+        Pending::ready(self.run_gaussian_blur(img, sigma))
+    }
+
+    fn sobel_async(&self, img: &Image) -> Pending<Image> {
+        Pending::ready(self.run_sobel(img))
+    }
+
+    fn cnn_forward_async(&self, m: &crate::cnn::SmallCnn, images: &[f32], n: usize) -> Pending<Vec<f32>> {
+        Pending::ready(self.run_cnn_forward(m, images, n))
     }
 }

@@ -1,46 +1,44 @@
-//! The GPU path: WGSL kernels on wgpu, memory from the [`DevicePool`](crate::pool::DevicePool).
-//!
-//! One call = one batch: inputs are written into pooled blocks, one compute submission runs the
-//! kernels, results come back through a reused readback buffer. No buffer is created per batch
-//! after warm-up (the pool's `slab_creations` and the readback buffer stay constant).
+//! The GPU path: WGSL kernels on wgpu. Each call is one batch through the
+//! [transfer engine](crate::transfer): inputs packed into a mapped staging slot, one submission
+//! (copies, kernels, copy-back), the result delivered asynchronously as a [`Pending`]. No buffer
+//! is created per batch after warm-up (pool slabs and staging buffers stay constant).
 
-use std::num::NonZeroU64;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use super::{check_cnn, check_gemm, check_kmeans, gaussian_weights, Image, Kernels, KmeansStep};
 use crate::device::GpuContext;
-use crate::pool::Block;
-use crate::GpuError;
+use crate::transfer::{Bind, Engine, TransferMode, TransferStats};
+use crate::{GpuError, Pending};
 
 const GEMM: &str = include_str!("../shaders/gemm.wgsl");
 const KMEANS: &str = include_str!("../shaders/kmeans.wgsl");
 const IMAGE: &str = include_str!("../shaders/image.wgsl");
 const CNN: &str = include_str!("../shaders/cnn.wgsl");
 
-/// Time split of the last call: upload, compute, download.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct TransferTimes {
-    /// Host → device.
-    pub upload: Duration,
-    /// Kernels.
-    pub compute: Duration,
-    /// Device → host.
-    pub download: Duration,
-}
-
 /// Kernels on a GPU.
 pub struct GpuKernels {
     ctx: Arc<GpuContext>,
-    readback: Mutex<Option<wgpu::Buffer>>,
-    last: Mutex<TransferTimes>,
-    readback_creations: Mutex<u64>,
+    engine: Arc<Engine>,
+}
+
+/// The output bytes of a batch as `T`s (the mapped range is only byte-aligned for us).
+fn cast<T: bytemuck::Pod>(bytes: &[u8]) -> Vec<T> {
+    bytemuck::pod_collect_to_vec(bytes)
 }
 
 impl GpuKernels {
-    /// Kernels on `ctx`'s device.
+    /// Kernels on `ctx`'s device, with the configured transfer path and ring
+    /// (`weir.gpu.transfer.mode`, `weir.gpu.transfer.ring-size`).
     pub fn new(ctx: Arc<GpuContext>) -> Self {
-        Self { ctx, readback: Mutex::new(None), last: Mutex::default(), readback_creations: Mutex::new(0) }
+        let (mode, slots) = ctx.transfer;
+        Self::with_transfer(ctx, mode, slots).expect("the configured transfer mode was checked when the device was opened")
+    }
+
+    /// Kernels on `ctx`'s device through `mode` with a ring of `slots` staging slots.
+    pub fn with_transfer(ctx: Arc<GpuContext>, mode: TransferMode, slots: usize) -> Result<Self, GpuError> {
+        let engine = Engine::new(Arc::clone(&ctx), mode, slots)?;
+        Ok(Self { ctx, engine })
     }
 
     /// The device context.
@@ -48,14 +46,33 @@ impl GpuKernels {
         &self.ctx
     }
 
-    /// The time split of the last call.
-    pub fn last_times(&self) -> TransferTimes {
-        *self.last.lock().expect("times")
+    /// Whether kernels bind host-mapped memory (no staging copies).
+    pub fn direct(&self) -> bool {
+        self.engine.direct()
     }
 
-    /// Device buffers created so far: pool slabs plus readback buffers.
+    /// Staging slots in the ring.
+    pub fn ring_slots(&self) -> usize {
+        self.engine.slots()
+    }
+
+    /// The transfer engine's counters.
+    pub fn transfer_stats(&self) -> TransferStats {
+        self.engine.stats()
+    }
+
+    /// Device buffers created so far: pool slabs plus staging buffers.
     pub fn buffer_creations(&self) -> u64 {
-        self.ctx.pool.lock().expect("pool").stats().slab_creations + *self.readback_creations.lock().expect("count")
+        self.ctx.pool.lock().unwrap_or_else(|p| p.into_inner()).stats().slab_creations + self.engine.stats().staging_creations
+    }
+
+    /// Run `f` with kernels skipped: the same uploads, clears and downloads, no compute (the
+    /// benchmark's measure of transfer time). Results are meaningless meanwhile.
+    pub fn without_compute<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.engine.skip_compute.store(true, Ordering::Relaxed);
+        let r = f();
+        self.engine.skip_compute.store(false, Ordering::Relaxed);
+        r
     }
 
     /// The compiled pipeline of `entry`, with an explicit layout of `bindings` read-write storage
@@ -98,107 +115,16 @@ impl GpuKernels {
             })
             .clone()
     }
-
-    fn wait(&self) -> Result<(), GpuError> {
-        self.ctx.device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ()).map_err(|e| GpuError::Device(e.to_string()))
-    }
-
-    /// One batch: upload the `In` bindings, clear the `Out` ones, run `passes` (pipeline,
-    /// workgroups x, y) in one submission, read back binding `read` as `T`.
-    fn run<T: bytemuck::Pod>(
-        &self,
-        bindings: &[Bind<'_>],
-        passes: &[(Arc<wgpu::ComputePipeline>, u32, u32)],
-        read: usize,
-    ) -> Result<Vec<T>, GpuError> {
-        let dev = &self.ctx.device;
-        let queue = &self.ctx.queue;
-        let mut pool = self.ctx.pool.lock().expect("pool");
-        let mut blocks: Vec<(Block, u64)> = Vec::with_capacity(bindings.len());
-        let result = (|| {
-            let t0 = Instant::now();
-            let mut encoder = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("weir-batch") });
-            for bind in bindings {
-                let len = match bind {
-                    Bind::In(bytes) => bytes.len() as u64,
-                    Bind::Out(len) => *len,
-                }
-                .max(4)
-                .next_multiple_of(4);
-                let b = pool.alloc(Some(dev), len)?;
-                blocks.push((b, len));
-                match bind {
-                    Bind::In(bytes) if !bytes.is_empty() => queue.write_buffer(pool.buffer(b.slab), b.offset, bytes),
-                    Bind::In(_) => {}
-                    Bind::Out(_) => encoder.clear_buffer(pool.buffer(b.slab), b.offset, Some(len)),
-                }
-            }
-            queue.submit(None);
-            self.wait()?;
-            let t1 = Instant::now();
-            for (pipe, gx, gy) in passes {
-                let layout = pipe.get_bind_group_layout(0);
-                let entries: Vec<wgpu::BindGroupEntry<'_>> = blocks
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (b, len))| wgpu::BindGroupEntry {
-                        binding: i as u32,
-                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                            buffer: pool.buffer(b.slab),
-                            offset: b.offset,
-                            size: NonZeroU64::new(*len),
-                        }),
-                    })
-                    .collect();
-                let bg = dev.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layout, entries: &entries });
-                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
-                pass.set_pipeline(pipe);
-                pass.set_bind_group(0, &bg, &[]);
-                pass.dispatch_workgroups(*gx, *gy, 1);
-            }
-            queue.submit([encoder.finish()]);
-            self.wait()?;
-            let t2 = Instant::now();
-            let (ob, olen) = blocks[read];
-            let mut rb = self.readback.lock().expect("readback");
-            if rb.as_ref().is_none_or(|b| b.size() < olen) {
-                *rb = Some(dev.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("weir-readback"),
-                    size: olen.next_power_of_two(),
-                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                }));
-                *self.readback_creations.lock().expect("count") += 1;
-            }
-            let rb = rb.as_ref().expect("readback buffer");
-            let mut encoder = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("weir-readback") });
-            encoder.copy_buffer_to_buffer(pool.buffer(ob.slab), ob.offset, rb, 0, olen);
-            queue.submit([encoder.finish()]);
-            let slice = rb.slice(0..olen);
-            let (tx, rx) = std::sync::mpsc::channel();
-            slice.map_async(wgpu::MapMode::Read, move |r| {
-                let _ = tx.send(r);
-            });
-            self.wait()?;
-            rx.recv().map_err(|e| GpuError::Device(e.to_string()))?.map_err(|e| GpuError::Device(e.to_string()))?;
-            let out: Vec<T> = bytemuck::cast_slice(&slice.get_mapped_range().map_err(|e| GpuError::Device(e.to_string()))?).to_vec();
-            rb.unmap();
-            *self.last.lock().expect("times") = TransferTimes { upload: t1 - t0, compute: t2 - t1, download: t2.elapsed() };
-            Ok(out)
-        })();
-        for (b, _) in blocks {
-            pool.free(b);
-        }
-        result
-    }
 }
 
-/// A binding of a batch, in binding order.
-enum Bind<'a> {
-    /// Uploaded input.
-    In(&'a [u8]),
-    /// Zeroed output of this many bytes.
-    Out(u64),
+/// An input error as a ready result, or the checked value.
+macro_rules! checked {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return Pending::ready(Err(e)),
+        }
+    };
 }
 
 impl Kernels for GpuKernels {
@@ -206,28 +132,27 @@ impl Kernels for GpuKernels {
         format!("gpu ({})", self.ctx.adapter.name)
     }
 
-    fn gemm(&self, a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Result<Vec<f32>, GpuError> {
-        check_gemm(a, b, m, n, k)?;
+    fn gemm_async(&self, a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Pending<Vec<f32>> {
+        checked!(check_gemm(a, b, m, n, k));
         if m == 0 || n == 0 {
-            return Ok(vec![0.0; m * n]);
+            return Pending::ready(Ok(vec![0.0; m * n]));
         }
         let dims = [m as u32, n as u32, k as u32, 0];
         let pipe = self.pipeline("gemm", GEMM, "main", 4);
-        let mut out: Vec<f32> = self.run(
+        self.engine.submit(
             &[Bind::In(bytemuck::cast_slice(a)), Bind::In(bytemuck::cast_slice(b)), Bind::Out((m * n * 4) as u64), Bind::In(bytemuck::cast_slice(&dims))],
             &[(pipe, n.div_ceil(64) as u32, m.div_ceil(64) as u32)],
             2,
-        )?;
-        out.truncate(m * n);
-        Ok(out)
+            move |bytes| Ok(cast::<f32>(&bytes[..m * n * 4])),
+        )
     }
 
-    fn kmeans_step(&self, points: &[f32], centroids: &[f32], d: usize) -> Result<KmeansStep, GpuError> {
-        let (n, k) = check_kmeans(points, centroids, d)?;
+    fn kmeans_step_async(&self, points: &[f32], centroids: &[f32], d: usize) -> Pending<KmeansStep> {
+        let (n, k) = checked!(check_kmeans(points, centroids, d));
         let dims = [n as u32, k as u32, d as u32, 0];
         let assign = self.pipeline("kmeans_assign", KMEANS, "assign", 5);
         let update = self.pipeline("kmeans_update", KMEANS, "update", 5);
-        let vals: Vec<f32> = self.run(
+        self.engine.submit(
             &[
                 Bind::In(bytemuck::cast_slice(points)),
                 Bind::In(bytemuck::cast_slice(centroids)),
@@ -237,46 +162,48 @@ impl Kernels for GpuKernels {
             ],
             &[(assign, n.div_ceil(64) as u32, 1), (update, (k * d).div_ceil(64) as u32, 1)],
             3,
-        )?;
-        let sums = vals[..k * d].to_vec();
-        let counts = vals[k * d..k * d + k].iter().map(|&c| c as u32).collect();
-        Ok(KmeansStep { sums, counts })
+            move |bytes| {
+                let vals: Vec<f32> = cast(&bytes[..(k * d + k) * 4]);
+                let counts = vals[k * d..].iter().map(|&c| c as u32).collect();
+                let mut sums = vals;
+                sums.truncate(k * d);
+                Ok(KmeansStep { sums, counts })
+            },
+        )
     }
 
-    fn resize_bilinear(&self, img: &Image, nw: usize, nh: usize) -> Result<Image, GpuError> {
-        img.check()?;
+    fn resize_bilinear_async(&self, img: &Image, nw: usize, nh: usize) -> Pending<Image> {
+        checked!(img.check());
         if nw == 0 || nh == 0 {
-            return Err(GpuError::Input(format!("resize to {nw}×{nh}")));
+            return Pending::ready(Err(GpuError::Input(format!("resize to {nw}×{nh}"))));
         }
-        let data = self.image_passes(img, nw, nh, &[0.0], &[("image_resize", "resize")], nw * nh * img.c)?;
-        Ok(Image { w: nw, h: nh, c: img.c, data })
+        self.image_passes(img, nw, nh, &[0.0], &[("image_resize", "resize")])
     }
 
-    fn gaussian_blur(&self, img: &Image, sigma: f32) -> Result<Image, GpuError> {
-        img.check()?;
-        let wts = gaussian_weights(sigma);
-        let n = img.w * img.h * img.c;
-        let data = self.image_passes(img, img.w, img.h, &wts, &[("image_blur_h", "blur_h"), ("image_blur_v", "blur_v")], n)?;
-        Ok(Image { data, ..img.clone() })
+    fn gaussian_blur_async(&self, img: &Image, sigma: f32) -> Pending<Image> {
+        checked!(img.check());
+        self.image_passes(img, img.w, img.h, &gaussian_weights(sigma), &[("image_blur_h", "blur_h"), ("image_blur_v", "blur_v")])
     }
 
-    fn cnn_forward(&self, m: &crate::cnn::SmallCnn, images: &[f32], n: usize) -> Result<Vec<f32>, GpuError> {
-        check_cnn(m, images, n)?;
+    fn sobel_async(&self, img: &Image) -> Pending<Image> {
+        checked!(img.check());
+        self.image_passes(img, img.w, img.h, &[0.0], &[("image_sobel", "sobel")])
+    }
+
+    fn cnn_forward_async(&self, m: &crate::cnn::SmallCnn, images: &[f32], n: usize) -> Pending<Vec<f32>> {
+        checked!(check_cnn(m, images, n));
         if n == 0 {
-            return Ok(Vec::new());
+            return Pending::ready(Ok(Vec::new()));
         }
         let dims = [n as u32, m.in_c as u32, m.h as u32, m.w as u32, m.conv_c as u32, m.classes as u32, 0, 0];
         let conv_len = n * m.conv_c * m.h * m.w;
         let pool_len = conv_len / 4;
-        let grid = |len: usize| {
-            let g = len.div_ceil(64);
-            (g.min(65535) as u32, g.div_ceil(65535) as u32)
-        };
         let pass = |entry: &'static str, len: usize| {
             let (gx, gy) = grid(len);
             (self.pipeline(entry, CNN, entry, 9), gx, gy)
         };
-        let mut logits: Vec<f32> = self.run(
+        let out_len = n * m.classes;
+        self.engine.submit(
             &[
                 Bind::In(bytemuck::cast_slice(images)),
                 Bind::In(bytemuck::cast_slice(&m.conv_w)),
@@ -285,35 +212,34 @@ impl Kernels for GpuKernels {
                 Bind::Out((pool_len * 4) as u64),
                 Bind::In(bytemuck::cast_slice(&m.dense_w)),
                 Bind::In(bytemuck::cast_slice(&m.dense_b)),
-                Bind::Out((n * m.classes * 4) as u64),
+                Bind::Out((out_len * 4) as u64),
                 Bind::In(bytemuck::cast_slice(&dims)),
             ],
-            &[pass("conv_relu", conv_len), pass("max_pool", pool_len), pass("dense", n * m.classes)],
+            &[pass("conv_relu", conv_len), pass("max_pool", pool_len), pass("dense", out_len)],
             7,
-        )?;
-        logits.truncate(n * m.classes);
-        Ok(logits)
-    }
-
-    fn sobel(&self, img: &Image) -> Result<Image, GpuError> {
-        img.check()?;
-        let n = img.w * img.h * img.c;
-        let data = self.image_passes(img, img.w, img.h, &[0.0], &[("image_sobel", "sobel")], n)?;
-        Ok(Image { data, ..img.clone() })
+            move |bytes| Ok(cast::<f32>(&bytes[..out_len * 4])),
+        )
     }
 }
 
+/// Workgroups of 64 invocations for `len` items: a 2-D grid beyond 65535 groups.
+fn grid(len: usize) -> (u32, u32) {
+    let g = len.div_ceil(64);
+    (g.min(65535) as u32, g.div_ceil(65535) as u32)
+}
+
 impl GpuKernels {
-    /// Image kernels share one binding layout: src, tmp, dst, weights, dims. `out` values are
-    /// computed by each pass, one invocation each (a 2-D grid beyond 65535 workgroups).
-    fn image_passes(&self, img: &Image, nw: usize, nh: usize, weights: &[f32], passes: &[(&'static str, &'static str)], out: usize) -> Result<Vec<f32>, GpuError> {
+    /// Image kernels share one binding layout: src, tmp, dst, weights, dims. Each pass computes
+    /// the `nw × nh × c` output values, one invocation each.
+    fn image_passes(&self, img: &Image, nw: usize, nh: usize, weights: &[f32], passes: &[(&'static str, &'static str)]) -> Pending<Image> {
         let r = (weights.len() / 2) as u32;
         let dims = [img.w as u32, img.h as u32, img.c as u32, nw as u32, nh as u32, r, 0, 0];
-        let groups = out.div_ceil(64);
-        let (gx, gy) = (groups.min(65535) as u32, groups.div_ceil(65535) as u32);
+        let c = img.c;
+        let out = nw * nh * c;
+        let (gx, gy) = grid(out);
         let n_in = img.data.len();
         let pipes: Vec<_> = passes.iter().map(|(key, entry)| (self.pipeline(key, IMAGE, entry, 5), gx, gy)).collect();
-        let mut v: Vec<f32> = self.run(
+        self.engine.submit(
             &[
                 Bind::In(bytemuck::cast_slice(&img.data)),
                 Bind::Out((n_in.max(out) * 4) as u64),
@@ -323,8 +249,7 @@ impl GpuKernels {
             ],
             &pipes,
             2,
-        )?;
-        v.truncate(out);
-        Ok(v)
+            move |bytes| Ok(Image { w: nw, h: nh, c, data: cast(&bytes[..out * 4]) }),
+        )
     }
 }

@@ -3,7 +3,7 @@
 pub mod cpu;
 pub mod gpu;
 
-use crate::GpuError;
+use crate::{GpuError, Pending};
 
 /// The result of one mini-batch K-means step over a batch of points.
 #[derive(Clone, Debug, PartialEq)]
@@ -14,28 +14,59 @@ pub struct KmeansStep {
     pub counts: Vec<u32>,
 }
 
-/// The kernels of Weir, on one path.
+/// The kernels of Weir, on one path. Each kernel is submitted as one batch and returns a
+/// [`Pending`] result (ready at once on the CPU path); the plain methods wait for it.
 pub trait Kernels: Send + Sync {
     /// The path's name ("cpu" or the adapter's name).
     fn name(&self) -> String;
 
     /// `C[m×n] = A[m×k] · B[k×n]`, row-major f32.
-    fn gemm(&self, a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Result<Vec<f32>, GpuError>;
+    fn gemm_async(&self, a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Pending<Vec<f32>>;
 
     /// Assign each of `points` (n × d) to its nearest of `centroids` (k × d) and sum per centroid.
-    fn kmeans_step(&self, points: &[f32], centroids: &[f32], d: usize) -> Result<KmeansStep, GpuError>;
+    fn kmeans_step_async(&self, points: &[f32], centroids: &[f32], d: usize) -> Pending<KmeansStep>;
 
     /// Bilinear resize of an image (`w × h × c`, interleaved) to `nw × nh` (pixel centres aligned).
-    fn resize_bilinear(&self, img: &Image, nw: usize, nh: usize) -> Result<Image, GpuError>;
+    fn resize_bilinear_async(&self, img: &Image, nw: usize, nh: usize) -> Pending<Image>;
 
     /// Gaussian blur with standard deviation `sigma` (separable, radius ⌈3σ⌉, clamp-to-edge).
-    fn gaussian_blur(&self, img: &Image, sigma: f32) -> Result<Image, GpuError>;
+    fn gaussian_blur_async(&self, img: &Image, sigma: f32) -> Pending<Image>;
 
     /// Sobel gradient magnitude per channel (clamp-to-edge).
-    fn sobel(&self, img: &Image) -> Result<Image, GpuError>;
+    fn sobel_async(&self, img: &Image) -> Pending<Image>;
 
     /// Logits of `cnn` for a batch of `n` images (`n × in_c × h × w`, NCHW).
-    fn cnn_forward(&self, cnn: &crate::cnn::SmallCnn, images: &[f32], n: usize) -> Result<Vec<f32>, GpuError>;
+    fn cnn_forward_async(&self, cnn: &crate::cnn::SmallCnn, images: &[f32], n: usize) -> Pending<Vec<f32>>;
+
+    /// [`Kernels::gemm_async`], waited for.
+    fn gemm(&self, a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Result<Vec<f32>, GpuError> {
+        self.gemm_async(a, b, m, n, k).wait()
+    }
+
+    /// [`Kernels::kmeans_step_async`], waited for.
+    fn kmeans_step(&self, points: &[f32], centroids: &[f32], d: usize) -> Result<KmeansStep, GpuError> {
+        self.kmeans_step_async(points, centroids, d).wait()
+    }
+
+    /// [`Kernels::resize_bilinear_async`], waited for.
+    fn resize_bilinear(&self, img: &Image, nw: usize, nh: usize) -> Result<Image, GpuError> {
+        self.resize_bilinear_async(img, nw, nh).wait()
+    }
+
+    /// [`Kernels::gaussian_blur_async`], waited for.
+    fn gaussian_blur(&self, img: &Image, sigma: f32) -> Result<Image, GpuError> {
+        self.gaussian_blur_async(img, sigma).wait()
+    }
+
+    /// [`Kernels::sobel_async`], waited for.
+    fn sobel(&self, img: &Image) -> Result<Image, GpuError> {
+        self.sobel_async(img).wait()
+    }
+
+    /// [`Kernels::cnn_forward_async`], waited for.
+    fn cnn_forward(&self, cnn: &crate::cnn::SmallCnn, images: &[f32], n: usize) -> Result<Vec<f32>, GpuError> {
+        self.cnn_forward_async(cnn, images, n).wait()
+    }
 }
 
 pub(crate) fn check_cnn(cnn: &crate::cnn::SmallCnn, images: &[f32], n: usize) -> Result<(), GpuError> {

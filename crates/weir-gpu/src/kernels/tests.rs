@@ -24,11 +24,23 @@ fn gpu() -> Option<&'static GpuKernels> {
     .as_ref()
 }
 
+/// The same device through the staged transfer path (the default on a discrete GPU; lavapipe
+/// defaults to the direct path).
+fn gpu_staged() -> Option<&'static GpuKernels> {
+    static GPU: OnceLock<Option<GpuKernels>> = OnceLock::new();
+    GPU.get_or_init(|| gpu().map(|g| GpuKernels::with_transfer(Arc::clone(g.context()), crate::TransferMode::Staged, 3).unwrap())).as_ref()
+}
+
+/// Every path: the CPU, the GPU's default transfer path, and the staged path where the default
+/// is direct.
 fn paths() -> Vec<&'static dyn Kernels> {
     static CPU: OnceLock<CpuKernels> = OnceLock::new();
     let mut v: Vec<&'static dyn Kernels> = vec![CPU.get_or_init(|| CpuKernels::new(2))];
     if let Some(g) = gpu() {
         v.push(g);
+        if g.direct() {
+            v.push(gpu_staged().expect("staged path"));
+        }
     }
     v
 }
@@ -79,7 +91,8 @@ fn gemm_matches_reference_on_every_path() {
 fn gpu_path_is_present_when_required() {
     if std::env::var("WEIR_REQUIRE_GPU").is_ok_and(|v| v == "1") {
         assert!(gpu().is_some(), "WEIR_REQUIRE_GPU=1 and no GPU path");
-        assert_eq!(paths().len(), 2);
+        assert!(paths().len() >= 2);
+        assert_eq!(paths().len(), if gpu().unwrap().direct() { 3 } else { 2 }, "staged is tested beside direct");
     }
 }
 
@@ -102,13 +115,27 @@ fn kmeans_step_matches_on_every_path() {
 #[test]
 fn no_buffer_creation_per_batch_after_warm_up() {
     let Some(g) = gpu() else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
+    // A device of its own: the shared one's pool and ring grow with the other tests.
+    let cfg = GpuConfig { mode: GpuMode::On, device: Some(g.context().adapter.name.clone()), ..GpuConfig::default() };
+    let g = GpuKernels::new(GpuContext::select(&cfg).unwrap().unwrap());
     let a = lcg(1, 100 * 100);
-    g.gemm(&a, &a, 100, 100, 100).unwrap();
+    let want = g.gemm(&a, &a, 100, 100, 100).unwrap();
+    // Warm-up: every slot of the ring in use at once.
+    let warm: Vec<_> = (0..g.ring_slots()).map(|_| g.gemm_async(&a, &a, 100, 100, 100)).collect();
+    warm.into_iter().for_each(|p| assert_eq!(p.wait().unwrap(), want));
     let before = g.buffer_creations();
-    for _ in 0..20 {
-        g.gemm(&a, &a, 100, 100, 100).unwrap();
+    // 40 batches, up to 3 in flight: results in order, no buffer created.
+    let mut in_flight = std::collections::VecDeque::new();
+    for i in 0..40 {
+        in_flight.push_back(g.gemm_async(&a, &a, 100, 100, 100));
+        if in_flight.len() == 3 || i == 39 {
+            while let Some(p) = in_flight.pop_front() {
+                assert_eq!(p.wait().unwrap(), want);
+            }
+        }
     }
     assert_eq!(g.buffer_creations(), before);
+    assert!(g.transfer_stats().max_in_flight >= 2, "batches overlapped: {:?}", g.transfer_stats());
 }
 
 #[test]
@@ -118,7 +145,7 @@ fn out_of_memory_is_a_typed_error() {
     let Some(ctx) = GpuContext::select(&cfg).unwrap() else { return };
     let g = GpuKernels::new(ctx);
     let a = vec![1f32; 512 * 512]; // 1 MiB per matrix: three do not fit in 1 MiB
-    let err = g.gemm(&a, &a, 512, 512, 512).unwrap_err();
+    let err = g.gemm(&a, &a, 512, 512, 512).map(|c| c.len()).unwrap_err();
     assert!(matches!(err, crate::GpuError::OutOfMemory { .. }), "{err}");
     // The pool is intact afterwards.
     assert_eq!(g.gemm(&[2.0], &[3.0], 1, 1, 1).unwrap(), vec![6.0]);
@@ -228,5 +255,37 @@ proptest! {
         for kern in paths() {
             assert_close(kern, "resize", &kern.resize_bilinear(&img, nw, nh).unwrap(), &want, 1e-3);
         }
+    }
+}
+
+/// Two workers contend for a ring of one slot: slots are granted first come first served, so
+/// neither runs ahead of the other (a plain lock lets the releasing thread win again).
+#[test]
+fn contending_workers_alternate() {
+    let Some(g) = gpu() else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
+    let one = Arc::new(GpuKernels::with_transfer(Arc::clone(g.context()), crate::TransferMode::Auto, 1).unwrap());
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let a = lcg(3, 64 * 64);
+    let workers: Vec<_> = (0..2u8)
+        .map(|w| {
+            let (one, order, a) = (one.clone(), order.clone(), a.clone());
+            std::thread::spawn(move || {
+                for _ in 0..40 {
+                    let order = order.clone();
+                    one.gemm_async(&a, &a, 64, 64, 64).map(move |c| order.lock().unwrap().push((w, c[0]))).wait().unwrap();
+                }
+            })
+        })
+        .collect();
+    workers.into_iter().for_each(|t| t.join().unwrap());
+    let order = order.lock().unwrap();
+    assert_eq!(order.len(), 80);
+    // Once both run, no worker gets more than two slots in a row.
+    let both = order.iter().position(|(w, _)| *w != order[0].0).expect("both workers ran");
+    let last = order.iter().rposition(|(w, _)| *w != order[order.len() - 1].0).unwrap();
+    let mut run = 1;
+    for i in both + 1..=last {
+        run = if order[i].0 == order[i - 1].0 { run + 1 } else { 1 };
+        assert!(run <= 2, "worker {} got {run} slots in a row at {i}: {:?}", order[i].0, order.iter().map(|x| x.0).collect::<Vec<_>>());
     }
 }
