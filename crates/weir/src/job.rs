@@ -927,6 +927,19 @@ where
     }
 }
 
+/// Rows with field `idx` replaced by the kernel's image where there is one.
+fn replace_images(rows: Vec<Row>, idx: usize, imgs: Vec<Option<weir_gpu::kernels::Image>>) -> Vec<Row> {
+    rows.into_iter()
+        .zip(imgs)
+        .map(|(mut r, img)| {
+            if let Some(img) = img {
+                r.0[idx] = Value::Image(Arc::new(img));
+            }
+            r
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -983,15 +996,3 @@ mod tests {
     }
 }
 
-/// Rows with field `idx` replaced by the kernel's image where there is one.
-fn replace_images(rows: Vec<Row>, idx: usize, imgs: Vec<Option<weir_gpu::kernels::Image>>) -> Vec<Row> {
-    rows.into_iter()
-        .zip(imgs)
-        .map(|(mut r, img)| {
-            if let Some(img) = img {
-                r.0[idx] = Value::Image(Arc::new(img));
-            }
-            r
-        })
-        .collect()
-}
