@@ -15,7 +15,7 @@ pub fn info() -> Result<()> {
         println!("no Vulkan adapter found: GPU operators run on the CPU path (Debian: apt-get install mesa-vulkan-drivers for lavapipe)");
         return Ok(());
     }
-    println!("{:<3} {:<36} {:<11} {:<14} {:<8} {:>14} {:>16}  uploads", "#", "name", "vendor", "type", "backend", "max buffer", "max storage bind");
+    println!("{:<3} {:<36} {:<11} {:<14} {:<8} {:>14} {:>16}  transfers", "#", "name", "vendor", "type", "backend", "max buffer", "max storage bind");
     for a in &adapters {
         println!(
             "{:<3} {:<36} {:<11} {:<14} {:<8} {:>14} {:>16}  {}",
@@ -26,7 +26,7 @@ pub fn info() -> Result<()> {
             a.backend,
             a.max_buffer_size,
             a.max_storage_binding,
-            if a.unified_memory { "host-visible" } else { "staged" }
+            if a.unified_memory { "direct (host-visible)" } else { "staged" }
         );
     }
     if let Some(ctx) = GpuContext::select(&GpuConfig::default())? {

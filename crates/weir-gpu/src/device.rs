@@ -72,8 +72,8 @@ pub struct AdapterDesc {
     pub max_buffer_size: u64,
     /// Largest storage binding.
     pub max_storage_binding: u64,
-    /// Whether device-local memory is also host-visible (integrated GPUs, lavapipe), so that
-    /// uploads can skip the staging copy.
+    /// Whether device memory is host-visible (integrated GPUs, lavapipe) and wgpu can map
+    /// storage buffers there: the direct transfer path, which skips the staging copies.
     pub unified_memory: bool,
 }
 
@@ -95,7 +95,8 @@ fn instance() -> wgpu::Instance {
 fn describe(index: usize, a: &wgpu::Adapter) -> AdapterDesc {
     let info = a.get_info();
     let limits = a.limits();
-    let unified = matches!(info.device_type, wgpu::DeviceType::IntegratedGpu | wgpu::DeviceType::Cpu);
+    let unified = matches!(info.device_type, wgpu::DeviceType::IntegratedGpu | wgpu::DeviceType::Cpu)
+        && a.features().contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS);
     AdapterDesc {
         index,
         name: info.name.clone(),
@@ -181,7 +182,7 @@ impl GpuContext {
         let limits = adapter.limits();
         // Host-visible device memory: ask for mappable storage buffers, so kernels can bind
         // mapped memory (never on a discrete GPU, where it would put buffers in host memory).
-        let direct_capable = descs[i].unified_memory && adapter.features().contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS);
+        let direct_capable = descs[i].unified_memory;
         if cfg.transfer == TransferMode::Direct && !direct_capable {
             return Err(crate::transfer::direct_refused(&descs[i]));
         }

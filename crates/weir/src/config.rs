@@ -361,5 +361,17 @@ mod tests {
         assert!(e.to_string().contains("unknown key (did you mean 'execution.checkpointing.interval'?)"), "{e}");
         let e = JobConfig::from_pairs([("state.backend.type", "rocks")]).unwrap_err();
         assert!(e.to_string().contains("one of hashmap, heap"), "{e}");
+        let e = JobConfig::from_pairs([("weir.gpu.transfer.mode", "fast")]).unwrap_err();
+        assert!(e.to_string().contains("one of auto, staged, direct"), "{e}");
+        let e = JobConfig::from_pairs([("weir.gpu.transfer.ring-size", "0")]).unwrap_err();
+        assert_eq!(e.key, "weir.gpu.transfer.ring-size");
+    }
+
+    #[test]
+    fn gpu_transfer_keys() {
+        let c = JobConfig::from_pairs([("weir.gpu.transfer.mode", "staged"), ("weir.gpu.transfer.ring-size", "8"), ("weir.gpu.max-inflight-batches", "3")]).unwrap();
+        assert_eq!((c.gpu.transfer, c.gpu.ring_size, c.gpu_max_inflight), (weir_gpu::TransferMode::Staged, 8, 3));
+        let d = JobConfig::default();
+        assert_eq!((d.gpu.transfer, d.gpu.ring_size, d.gpu_max_inflight), (weir_gpu::TransferMode::Auto, 4, 2));
     }
 }
