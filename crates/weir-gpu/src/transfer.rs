@@ -100,8 +100,8 @@ trait PollResult<T> {
 }
 
 /// A kernel result that may still be computing. On the CPU path it is ready at once; on the
-/// GPU path [`Pending::try_take`] never blocks and [`Pending::wait`] blocks until the batch's
-/// submission completes.
+/// GPU path [`Pending::poll`] without `block` never blocks and [`Pending::wait`] blocks until the
+/// batch's submission completes.
 pub struct Pending<T>(Box<dyn PollResult<T>>);
 
 struct Ready<T>(Option<Result<T, GpuError>>);
@@ -177,9 +177,10 @@ impl<T: 'static> Pending<T> {
         Pending(Box::new(Ready(Some(r))))
     }
 
-    /// The result if the batch is done; never blocks. Take it once.
-    pub fn try_take(&mut self) -> Option<Result<T, GpuError>> {
-        self.0.poll(false)
+    /// The result if the batch is done (with `block`, once it is); `None` while it runs.
+    /// Take it once.
+    pub fn poll(&mut self, block: bool) -> Option<Result<T, GpuError>> {
+        self.0.poll(block)
     }
 
     /// Block until the result is there.
@@ -350,19 +351,19 @@ impl Engine {
                     return Ok(i);
                 }
                 waited = true;
-                // At the head of the queue: drive the oldest batch to completion.
-                let oldest = ring.in_flight.front().map(|f| f.index.clone());
-                drop(ring);
-                match oldest {
+                // At the head of the queue: drive the oldest batch to completion. (Never a
+                // timed wait: wgpu-core 30 asserts when a timed-out wait races another thread's
+                // poll that empties the queue.)
+                match ring.in_flight.front().map(|f| f.index.clone()) {
                     Some(idx) => {
+                        drop(ring);
                         self.ctx.device.poll(wgpu::PollType::Wait { submission_index: Some(idx), timeout: None }).map_err(dev_err)?;
+                        ring = self.lock();
                     }
-                    // Slots are being packed by other threads, or re-mapping: look again shortly.
-                    None => {
-                        let _ = self.ctx.device.poll(wgpu::PollType::Wait { submission_index: None, timeout: Some(Duration::from_millis(1)) });
-                    }
+                    // Slots are being packed by other threads, or re-mapping: look again when
+                    // one is released, or shortly (harvest polls the device).
+                    None => ring = self.freed.wait_timeout(ring, Duration::from_micros(200)).unwrap_or_else(|p| p.into_inner()).0,
                 }
-                ring = self.lock();
             } else {
                 waited = true;
                 ring = self.freed.wait_timeout(ring, Duration::from_millis(5)).unwrap_or_else(|p| p.into_inner()).0;
@@ -605,6 +606,18 @@ impl Engine {
     }
 }
 
+impl Drop for Engine {
+    /// The direct path's buffers were counted against the budget: give them back.
+    fn drop(&mut self) {
+        if !self.direct {
+            return;
+        }
+        let ring = self.ring.get_mut().unwrap_or_else(|p| p.into_inner());
+        let held: u64 = ring.slots.iter().flat_map(|s| [&s.upload, &s.download]).flatten().map(|b| b.size()).sum();
+        let _ = self.ctx.pool.lock().unwrap_or_else(|p| p.into_inner()).reserve_external(0, held);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -614,7 +627,7 @@ mod tests {
         let p = Pending::ready(Ok(20)).map(|x| x + 1).map(|x| x * 2);
         assert_eq!(p.wait().unwrap(), 42);
         let mut e: Pending<u32> = Pending::ready(Err(GpuError::Input("bad".into())));
-        assert!(matches!(e.try_take(), Some(Err(GpuError::Input(_)))));
+        assert!(matches!(e.poll(false), Some(Err(GpuError::Input(_)))));
         let all = Pending::all(vec![Pending::ready(Ok(1)), Pending::ready(Ok(2)).map(|x| x * 10)]);
         assert_eq!(all.wait().unwrap(), vec![1, 20]);
         let failed = Pending::all(vec![Pending::ready(Ok(1)), Pending::ready(Err(GpuError::Input("second".into())))]);

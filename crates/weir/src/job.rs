@@ -672,19 +672,9 @@ impl JobPlan {
                     .process(&format!("aggregate-{i}"), Aggregate { aggs, state: None }),
                 PlanStep::Resize { idx, width, height } => {
                     let Some(kernels) = self.kernels(job, i) else { return };
-                    stream.map_batches_async(&format!("image_resize-{i}"), move |batch: &mut Vec<Row>| {
-                        let rows = std::mem::take(batch);
-                        let parts = rows
-                            .iter()
-                            .map(|r| match r.get(idx) {
-                                Value::Image(img) => {
-                                    let h = height.unwrap_or(((img.h * width) as f64 / img.w as f64).round().max(1.0) as usize);
-                                    kernels.resize_bilinear_async(img, width, h).map(Some)
-                                }
-                                _ => weir_gpu::Pending::ready(Ok(None)),
-                            })
-                            .collect();
-                        weir_gpu::Pending::all(parts).map(move |imgs| replace_images(rows, idx, imgs))
+                    image_batches(stream, &format!("image_resize-{i}"), idx, move |img| {
+                        let h = height.unwrap_or(((img.h * width) as f64 / img.w as f64).round().max(1.0) as usize);
+                        kernels.resize_bilinear_async(img, width, h)
                     })
                 }
                 PlanStep::Gemm { idx, k, n, b } => {
@@ -736,20 +726,9 @@ impl JobPlan {
                 }
                 PlanStep::Filter2d { idx, kind, sigma } => {
                     let Some(kernels) = self.kernels(job, i) else { return };
-                    stream.map_batches_async(&format!("image_filter-{i}"), move |batch: &mut Vec<Row>| {
-                        let rows = std::mem::take(batch);
-                        let parts = rows
-                            .iter()
-                            .map(|r| match r.get(idx) {
-                                Value::Image(img) => match kind {
-                                    FilterKind::Sobel => kernels.sobel_async(img),
-                                    FilterKind::Gaussian => kernels.gaussian_blur_async(img, sigma),
-                                }
-                                .map(Some),
-                                _ => weir_gpu::Pending::ready(Ok(None)),
-                            })
-                            .collect();
-                        weir_gpu::Pending::all(parts).map(move |imgs| replace_images(rows, idx, imgs))
+                    image_batches(stream, &format!("image_filter-{i}"), idx, move |img| match kind {
+                        FilterKind::Sobel => kernels.sobel_async(img),
+                        FilterKind::Gaussian => kernels.gaussian_blur_async(img, sigma),
                     })
                 }
                 PlanStep::KeyKmeans { key, field, k } => {
@@ -927,17 +906,35 @@ where
     }
 }
 
-/// Rows with field `idx` replaced by the kernel's image where there is one.
-fn replace_images(rows: Vec<Row>, idx: usize, imgs: Vec<Option<weir_gpu::kernels::Image>>) -> Vec<Row> {
-    rows.into_iter()
-        .zip(imgs)
-        .map(|(mut r, img)| {
-            if let Some(img) = img {
-                r.0[idx] = Value::Image(Arc::new(img));
-            }
-            r
+/// An image kernel over batches: one submission per image of field `idx` (rows without an
+/// image there pass unchanged), all of a batch in flight together.
+fn image_batches<'s>(
+    stream: DataStream<'s, Row>,
+    name: &str,
+    idx: usize,
+    kernel: impl Fn(&weir_gpu::kernels::Image) -> weir_gpu::Pending<weir_gpu::kernels::Image> + 'static,
+) -> DataStream<'s, Row> {
+    stream.map_batches_async(name, move |batch: &mut Vec<Row>| {
+        let rows = std::mem::take(batch);
+        let parts = rows
+            .iter()
+            .map(|r| match r.get(idx) {
+                Value::Image(img) => kernel(img).map(Some),
+                _ => weir_gpu::Pending::ready(Ok(None)),
+            })
+            .collect();
+        weir_gpu::Pending::all(parts).map(move |imgs: Vec<Option<weir_gpu::kernels::Image>>| {
+            rows.into_iter()
+                .zip(imgs)
+                .map(|(mut r, img)| {
+                    if let Some(img) = img {
+                        r.0[idx] = Value::Image(Arc::new(img));
+                    }
+                    r
+                })
+                .collect()
         })
-        .collect()
+    })
 }
 
 #[cfg(test)]

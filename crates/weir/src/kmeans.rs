@@ -55,17 +55,9 @@ impl StreamingKMeans {
 
     /// Apply the oldest step in flight (waiting for it if `block`); false if none was ready.
     fn complete_front(&mut self, tables: &mut StateTables<Value>, out: &mut Vec<Row>, block: bool) -> bool {
-        let Some((_, p)) = self.in_flight.front_mut() else { return false };
-        let r = if block {
-            None
-        } else {
-            match p.try_take() {
-                Some(r) => Some(r),
-                None => return false,
-            }
-        };
-        let (key, p) = self.in_flight.pop_front().expect("non-empty");
-        let step = r.unwrap_or_else(|| p.wait()).unwrap_or_else(|e| panic!("kmeans on {}: key {key}: {e}", self.kernels.name()));
+        let Some(r) = self.in_flight.front_mut().and_then(|(_, p)| p.poll(block)) else { return false };
+        let (key, _) = self.in_flight.pop_front().expect("non-empty");
+        let step = r.unwrap_or_else(|e| panic!("kmeans on {}: key {key}: {e}", self.kernels.name()));
         let mut ctx = KeyedContext::new(&key, tables);
         let model = self.state.as_ref().expect("opened").get_or_insert_with(&mut ctx, KMeansModel::default);
         let (k, d) = (self.k, model.dim);

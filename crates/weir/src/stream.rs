@@ -281,16 +281,8 @@ impl<'s, T: Data> DataStream<'s, T> {
                 q.push_back(f(items));
             }
             BatchEvent::Poll { out, block, busy } => {
-                while let Some(p) = q.front_mut() {
-                    let r = if block { q.pop_front().expect("non-empty").wait() } else {
-                        match p.try_take() {
-                            Some(r) => {
-                                q.pop_front();
-                                r
-                            }
-                            None => break,
-                        }
-                    };
+                while let Some(r) = q.front_mut().and_then(|p| p.poll(block)) {
+                    q.pop_front();
                     take(r, out);
                 }
                 *busy = !q.is_empty();
