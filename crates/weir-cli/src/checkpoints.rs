@@ -36,12 +36,21 @@ pub fn main(cmd: CheckpointCmd) -> Result<()> {
                 "{:>6} {:>6} {:>10} {:>12} {:>12} {:>12} {:>10} {:>10} {:>6}  status",
                 "id", "par", "dur_ms", "bytes", "entries", "barrier_us", "sync_us", "async_us", "final"
             );
-            for id in s.completed_checkpoints()? {
-                match s.load_metadata(id).and_then(|m| s.verify(&m).map(|()| m)) {
+            let completed = s.completed_checkpoints()?;
+            let abandoned = s.abandoned_checkpoints()?;
+            let mut ids: Vec<(u64, bool)> = completed.iter().map(|&i| (i, false)).chain(abandoned.iter().map(|&i| (i, true))).collect();
+            ids.sort_unstable();
+            for (id, is_abandoned) in ids {
+                let loaded = if is_abandoned {
+                    s.load_abandoned_metadata(id)
+                } else {
+                    s.load_metadata(id).and_then(|m| s.verify(&m).map(|()| m))
+                };
+                match loaded {
                     Ok(m) => {
                         let (b, sy, a) = m.max_costs();
                         println!(
-                            "{:>6} {:>6} {:>10} {:>12} {:>12} {:>12} {:>10} {:>10} {:>6}  ok",
+                            "{:>6} {:>6} {:>10} {:>12} {:>12} {:>12} {:>10} {:>10} {:>6}  {}",
                             m.id,
                             m.parallelism,
                             m.duration_ms(),
@@ -50,17 +59,32 @@ pub fn main(cmd: CheckpointCmd) -> Result<()> {
                             b,
                             sy,
                             a,
-                            if m.is_final { "yes" } else { "" }
+                            if m.is_final { "yes" } else { "" },
+                            if is_abandoned { "ABANDONED" } else { "ok" }
                         );
                     }
+                    Err(e) if is_abandoned => println!("{id:>6} {:>92}  ABANDONED (corrupt: {e})", ""),
                     Err(e) => println!("{id:>6} {:>92}  CORRUPT: {e}", ""),
+                }
+            }
+            if let Some(l) = s.lineage()? {
+                match (l.restored_from, &l.restored_path) {
+                    (Some(id), Some(p)) => println!("lineage: the latest run restored checkpoint {id} ({p}); its ids start at {}", l.first_id),
+                    _ => println!("lineage: the latest run started fresh; its ids start at {}", l.first_id),
+                }
+                if !l.abandoned.is_empty() {
+                    println!("         it abandoned {:?}: outside its lineage, never restored", l.abandoned);
                 }
             }
         }
         CheckpointCmd::Inspect { path } => {
             let (s, id) = CheckpointStorage::open_checkpoint_path(&path)?;
-            let m = s.load_metadata(id)?;
+            let abandoned = s.abandoned_checkpoints()?.contains(&id);
+            let m = if abandoned { s.load_abandoned_metadata(id)? } else { s.load_metadata(id)? };
             let valid = s.verify(&m);
+            if abandoned {
+                println!("ABANDONED: newer than a checkpoint that was restored; outside the lineage, never restored");
+            }
             println!(
                 "checkpoint {} of job {}: parallelism {}, max parallelism {}, {} ms, {} bytes{}",
                 m.id,

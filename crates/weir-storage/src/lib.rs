@@ -54,6 +54,55 @@ pub enum StorageError {
     Location(String),
 }
 
+impl StorageError {
+    /// Whether this error proves the checkpoint corrupt (checksum mismatch, truncation, bad
+    /// `_metadata`, a missing file), as opposed to a transient failure to read it (EIO, EMFILE,
+    /// a timeout) after which the same checkpoint may well be readable. Only proven corruption
+    /// may make a restore fall back to an older checkpoint.
+    pub fn is_corruption(&self) -> bool {
+        match self {
+            StorageError::Corrupt { .. } => true,
+            StorageError::Io { source, .. } => {
+                matches!(source.downcast_ref::<object_store::Error>(), Some(object_store::Error::NotFound { .. }))
+            }
+            StorageError::Location(_) => false,
+        }
+    }
+}
+
+/// Why no checkpoint could be restored although completed checkpoints exist.
+#[derive(Debug)]
+pub struct NoValidCheckpoint {
+    /// The job directory.
+    pub location: PathBuf,
+    /// Each completed checkpoint, newest first, and what is wrong with it.
+    pub rejected: Vec<(CheckpointId, StorageError)>,
+}
+
+impl std::fmt::Display for NoValidCheckpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} holds {} completed checkpoint(s) and none can be restored:", self.location.display(), self.rejected.len())?;
+        for (id, e) in &self.rejected {
+            write!(f, "\n  chk-{id}: {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of looking for the newest restorable checkpoint.
+#[derive(Debug)]
+pub enum LatestValid {
+    /// No completed checkpoint exists: a fresh start is correct.
+    Empty,
+    /// The newest checkpoint that verifies, and the newer ones proven corrupt.
+    Found(CheckpointMetadata, Vec<(CheckpointId, StorageError)>),
+    /// Completed checkpoints exist and every one is corrupt: never a fresh start.
+    NoneValid(NoValidCheckpoint),
+}
+
+/// The name `_metadata` is moved to when its checkpoint leaves the lineage.
+pub const ABANDONED_METADATA: &str = "_metadata.abandoned";
+
 /// A job's checkpoint directory.
 #[derive(Clone, Debug)]
 pub struct CheckpointStorage {
@@ -68,6 +117,23 @@ fn io(op: &'static str, file: String) -> impl FnOnce(object_store::Error) -> Sto
 
 fn std_io(op: &'static str, file: String) -> impl FnOnce(std::io::Error) -> StorageError {
     move |e| StorageError::Io { op, file, source: Box::new(e) }
+}
+
+const LINEAGE: &str = "_lineage";
+
+/// Where a run of a job came from: recorded in `<job>/_lineage` at the start of each run.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Lineage {
+    /// The checkpoint the run restored (`None`: a fresh start).
+    pub restored_from: Option<CheckpointId>,
+    /// Where that checkpoint lives (its `chk-<n>` directory).
+    pub restored_path: Option<String>,
+    /// The first checkpoint id of the run; every id it uses is at least this.
+    pub first_id: CheckpointId,
+    /// Checkpoints the run took out of the lineage.
+    pub abandoned: Vec<CheckpointId>,
+    /// Wall-clock start of the run (ms since the Unix epoch), for humans.
+    pub started_ms: u64,
 }
 
 /// The directory name of checkpoint `id`.
@@ -93,8 +159,11 @@ impl CheckpointStorage {
         let local = base.join(job);
         std::fs::create_dir_all(&local).map_err(std_io("create", local.display().to_string()))?;
         let local = std::fs::canonicalize(&local).map_err(std_io("resolve", local.display().to_string()))?;
+        // with_fsync: data is fsynced before the rename that publishes it, so a crash never
+        // leaves a published file with unwritten contents.
         let fs = LocalFileSystem::new_with_prefix(&local)
-            .map_err(|e| StorageError::Location(format!("'{}': {e}", local.display())))?;
+            .map_err(|e| StorageError::Location(format!("'{}': {e}", local.display())))?
+            .with_fsync(true);
         Ok(Self { store: Arc::new(fs), local })
     }
 
@@ -124,18 +193,11 @@ impl CheckpointStorage {
         self.local.join(rel).display().to_string()
     }
 
-    /// Write a file durably (the object store's atomic put, then fsync).
+    /// Write a file durably: the local store writes a staging file, fsyncs it, renames it into
+    /// place and fsyncs every directory it changed (a new `chk-<n>` and the job directory), so
+    /// state files are durable before `_metadata` names them.
     pub fn put(&self, rel: &str, bytes: Vec<u8>) -> Result<(), StorageError> {
         block_on(self.store.put(&Path::from(rel), PutPayload::from(bytes))).map_err(io("write", self.display(rel)))?;
-        self.fsync(rel)
-    }
-
-    fn fsync(&self, rel: &str) -> Result<(), StorageError> {
-        let full = self.local.join(rel);
-        std::fs::File::open(&full).and_then(|f| f.sync_all()).map_err(std_io("fsync", self.display(rel)))?;
-        if let Some(parent) = full.parent() {
-            std::fs::File::open(parent).and_then(|f| f.sync_all()).map_err(std_io("fsync", parent.display().to_string()))?;
-        }
         Ok(())
     }
 
@@ -167,9 +229,12 @@ impl CheckpointStorage {
 
     /// Load and check the `_metadata` of checkpoint `id`.
     pub fn load_metadata(&self, id: CheckpointId) -> Result<CheckpointMetadata, StorageError> {
-        let rel = format!("{}/_metadata", checkpoint_dir_name(id));
-        let file = self.display(&rel);
-        let bytes = self.read(&rel)?;
+        self.load_metadata_file(id, &format!("{}/_metadata", checkpoint_dir_name(id)))
+    }
+
+    fn load_metadata_file(&self, id: CheckpointId, rel: &str) -> Result<CheckpointMetadata, StorageError> {
+        let file = self.display(rel);
+        let bytes = self.read(rel)?;
         let corrupt = |what: String| StorageError::Corrupt { file: file.clone(), what };
         let text = &bytes[..];
         let split = text
@@ -243,20 +308,72 @@ impl CheckpointStorage {
         Ok((self.completed_checkpoints()?, newest))
     }
 
-    /// The newest checkpoint whose metadata and files all check out, skipping (and reporting) the
-    /// corrupt ones: nothing corrupt is ever loaded.
-    pub fn latest_valid(&self) -> Result<(Option<CheckpointMetadata>, Vec<StorageError>), StorageError> {
-        let mut skipped = Vec::new();
+    /// The newest checkpoint whose metadata and files all check out. A checkpoint is skipped
+    /// (and reported) only when it is provably corrupt; any other error is returned, so that a
+    /// transient failure fails the attempt instead of silently restoring an older checkpoint.
+    /// Nothing corrupt is ever loaded.
+    pub fn latest_valid(&self) -> Result<LatestValid, StorageError> {
+        let mut rejected = Vec::new();
         for id in self.completed_checkpoints()?.into_iter().rev() {
             match self.load_metadata(id).and_then(|m| self.verify(&m).map(|()| m)) {
-                Ok(m) => return Ok((Some(m), skipped)),
-                Err(e) => {
-                    tracing::error!("skipping checkpoint {id}: {e}");
-                    skipped.push(e);
+                Ok(m) => return Ok(LatestValid::Found(m, rejected)),
+                Err(e) if e.is_corruption() => {
+                    tracing::error!("checkpoint {id} is corrupt: {e}");
+                    rejected.push((id, e));
                 }
+                Err(e) => return Err(e),
             }
         }
-        Ok((None, skipped))
+        if rejected.is_empty() {
+            Ok(LatestValid::Empty)
+        } else {
+            Ok(LatestValid::NoneValid(NoValidCheckpoint { location: self.local.clone(), rejected }))
+        }
+    }
+
+    /// Take checkpoint `id` out of the lineage: its `_metadata` is moved aside (and the move
+    /// fsynced), so it is never restored again, while its files stay for inspection.
+    pub fn abandon(&self, id: CheckpointId) -> Result<(), StorageError> {
+        let dir = checkpoint_dir_name(id);
+        let (from, to) = (format!("{dir}/_metadata"), format!("{dir}/{ABANDONED_METADATA}"));
+        // The store fsyncs the directory after the rename (with_fsync).
+        block_on(self.store.rename(&Path::from(from.as_str()), &Path::from(to.as_str()))).map_err(io("abandon", self.display(&from)))
+    }
+
+    /// Ids of abandoned checkpoints (left the lineage when an older one was restored), ascending.
+    pub fn abandoned_checkpoints(&self) -> Result<Vec<CheckpointId>, StorageError> {
+        let listing = block_on(self.store.list_with_delimiter(None)).map_err(io("list", self.display("")))?;
+        let mut ids: Vec<_> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.as_ref().strip_prefix("chk-").and_then(|n| n.parse::<u64>().ok()))
+            .filter(|id| self.local.join(format!("chk-{id}/{ABANDONED_METADATA}")).exists())
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Load the metadata of an abandoned checkpoint (for listing only: never restored).
+    pub fn load_abandoned_metadata(&self, id: CheckpointId) -> Result<CheckpointMetadata, StorageError> {
+        self.load_metadata_file(id, &format!("{}/{ABANDONED_METADATA}", checkpoint_dir_name(id)))
+    }
+
+    /// Record the lineage of a run durably: which checkpoint it restored (none for a fresh
+    /// start) and the first id it uses. Written before any sink rolls anything back.
+    pub fn record_lineage(&self, lineage: &Lineage) -> Result<(), StorageError> {
+        let body = serde_json::to_vec_pretty(lineage).map_err(|e| StorageError::Corrupt { file: self.display(LINEAGE), what: e.to_string() })?;
+        self.put(LINEAGE, body)
+    }
+
+    /// The lineage of the latest run, if one was recorded.
+    pub fn lineage(&self) -> Result<Option<Lineage>, StorageError> {
+        match block_on(async { self.store.get(&Path::from(LINEAGE)).await?.bytes().await }) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| StorageError::Corrupt { file: self.display(LINEAGE), what: e.to_string() }),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(io("read", self.display(LINEAGE))(e)),
+        }
     }
 
     /// Delete checkpoint `id`: `_metadata` first, so a half-deleted checkpoint never looks valid.

@@ -29,8 +29,41 @@ pub struct SinkContext {
 
 /// A transactional sink.
 pub trait Sink<T>: 'static {
+    /// Checks that no restart can fix, made before [`Sink::open`] touches anything: a failure
+    /// here ends the job at once. The file sinks refuse a fresh start (`ctx.restored` is
+    /// `None`) into a directory that already holds committed output, which would be written
+    /// a second time.
+    fn preflight(&self, _ctx: &SinkContext) -> Result<(), SinkError> {
+        Ok(())
+    }
     /// Open instance `ctx.subtask`, recovering its predecessors' transactions.
     fn open(&self, ctx: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError>;
+}
+
+/// A fresh start into `dir` must not write over output that a restore would keep: refuse it
+/// when `dir` holds a committed (visible) file, naming the way out.
+fn refuse_fresh_start_into_used(dir: &Path, ctx: &SinkContext, is_output: impl Fn(&str) -> bool) -> Result<(), SinkError> {
+    if ctx.restored.is_some() {
+        return Ok(());
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) }; // created by open
+    let mut committed = 0usize;
+    let mut example = None;
+    for entry in entries {
+        let name = entry.map_err(|e| io_err("list", dir, e))?.file_name().to_string_lossy().into_owned();
+        if is_output(&name) {
+            committed += 1;
+            example.get_or_insert(name);
+        }
+    }
+    match example {
+        None => Ok(()),
+        Some(name) => Err(SinkError(format!(
+            "{} already holds {committed} committed output file(s) of an earlier run (e.g. {name}); starting fresh would write \
+             them again. Resume the job with `--restore latest`, or write into an empty directory",
+            dir.display()
+        ))),
+    }
 }
 
 /// One sink instance.
@@ -132,8 +165,9 @@ pub type Formatter<T> = Rc<dyn Fn(&T, &mut Vec<u8>)>;
 /// fsynced and renamed `.part-<s>-<e>.pending`; when the checkpoint that closes `e` completes it
 /// is renamed `part-<s>-<e>`. Hidden files are never output. On restore from checkpoint `n`,
 /// pending files of epochs `<= n` are committed and all other hidden files are deleted; part
-/// files of epochs `> n` (committed by a newer checkpoint that could not be restored, e.g. a
-/// corrupt one) are rolled back, since the replay produces them again.
+/// files of epochs `> n` (committed by a newer checkpoint that was abandoned, e.g. a corrupt
+/// one) are withdrawn to `.withdrawn/chk-<e>/`, since the replay produces them again. A fresh
+/// start into a directory with committed part files is refused.
 pub struct FileSink<T> {
     dir: PathBuf,
     format: Formatter<T>,
@@ -188,20 +222,34 @@ struct FileSinkWriter<T> {
     buf: Vec<u8>,
 }
 
+/// Where withdrawn committed output goes (hidden, so never read as output).
+pub const WITHDRAWN: &str = ".withdrawn";
+
 impl<T: 'static> Sink<T> for FileSink<T> {
+    fn preflight(&self, ctx: &SinkContext) -> Result<(), SinkError> {
+        refuse_fresh_start_into_used(&self.dir, ctx, |n| parse_committed(n).is_some())
+    }
+
     fn open(&self, ctx: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError> {
         std::fs::create_dir_all(&self.dir).map_err(|e| io_err("create", &self.dir, e))?;
         // Recover the transactions of every earlier instance this one inherits.
         let entries = std::fs::read_dir(&self.dir).map_err(|e| io_err("list", &self.dir, e))?;
+        let mut withdrawn = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| io_err("list", &self.dir, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Some((sub, epoch)) = parse_committed(&name) {
                 // Output committed by a checkpoint newer than the one restored is produced again
-                // by the replay: roll it back, or it would appear twice.
+                // by the replay: withdraw it, or it would appear twice. Committed output is never
+                // deleted: it moves to .withdrawn/chk-<epoch>/.
                 if sub % ctx.parallelism == ctx.subtask && ctx.restored.is_some_and(|n| epoch > n) {
-                    tracing::warn!("file sink: rolling back {name}: its epoch {epoch} is newer than the restored checkpoint");
-                    std::fs::remove_file(entry.path()).map_err(|e| io_err("roll back", &entry.path(), e))?;
+                    let to_dir = self.dir.join(WITHDRAWN).join(format!("chk-{epoch}"));
+                    std::fs::create_dir_all(&to_dir).map_err(|e| io_err("create", &to_dir, e))?;
+                    let to = to_dir.join(&name);
+                    std::fs::rename(entry.path(), &to).map_err(|e| io_err("withdraw", &entry.path(), e))?;
+                    fsync_dir(&to_dir)?;
+                    fsync_dir(&self.dir.join(WITHDRAWN))?;
+                    withdrawn.push(epoch);
                 }
                 continue;
             }
@@ -218,6 +266,18 @@ impl<T: 'static> Sink<T> for FileSink<T> {
             }
         }
         fsync_dir(&self.dir)?;
+        if !withdrawn.is_empty() {
+            withdrawn.sort_unstable();
+            tracing::warn!(
+                "file sink {}: withdrew {} committed file(s) of epochs {}..={} (newer than the restored checkpoint {}) to {}/chk-<epoch>/; the replay writes them again",
+                self.dir.display(),
+                withdrawn.len(),
+                withdrawn[0],
+                withdrawn[withdrawn.len() - 1],
+                ctx.restored.unwrap_or(0),
+                self.dir.join(WITHDRAWN).display()
+            );
+        }
         Ok(Box::new(FileSinkWriter {
             dir: self.dir.clone(),
             subtask: ctx.subtask,
@@ -332,6 +392,10 @@ fn publish(stage: &Path, dir: &Path) -> Result<(), SinkError> {
 }
 
 impl Sink<Row> for ImageSink {
+    fn preflight(&self, ctx: &SinkContext) -> Result<(), SinkError> {
+        refuse_fresh_start_into_used(&self.dir, ctx, |n| !n.starts_with('.'))
+    }
+
     fn open(&self, ctx: &SinkContext) -> Result<Box<dyn SinkWriter<Row>>, SinkError> {
         std::fs::create_dir_all(&self.dir).map_err(|e| io_err("create", &self.dir, e))?;
         for entry in std::fs::read_dir(&self.dir).map_err(|e| io_err("list", &self.dir, e))? {

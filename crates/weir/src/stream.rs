@@ -394,6 +394,10 @@ impl<'s, T: Data> DataStream<'s, T> {
             parallelism: ctx.peers as u32,
             restored: ctx.restored.as_ref().map(|m| m.id),
         };
+        if let Err(e) = sink.preflight(&sctx) {
+            ctx.fail_deterministic(format!("sink '{name}': {e}"));
+            return;
+        }
         let writer = match sink.open(&sctx) {
             Ok(w) => Rc::new(std::cell::RefCell::new(w)),
             Err(e) => {

@@ -2,7 +2,7 @@
 //!
 //! Each worker builds three dataflows: the control broadcast from worker 0, the acks exchanged
 //! to worker 0, and the job itself. Worker 0 drives the pure [`CheckpointCoordinator`] with
-//! wall-clock time and the acks it receives, and carries out its actions: broadcast triggers and
+//! monotonic time and the acks it receives, and carries out its actions: broadcast triggers and
 //! notifications, commit `_metadata`, discard old checkpoints.
 
 pub(crate) mod control;
@@ -21,8 +21,8 @@ use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Exchange, Inspect};
 use timely::dataflow::{InputHandle, ProbeHandle};
 use timely::worker::Worker;
-use weir_checkpoint::{Action, CheckpointCoordinator, CheckpointMetadata, SubtaskSnapshot, TaskId, METADATA_VERSION};
-use weir_storage::{CheckpointStorage, StorageError};
+use weir_checkpoint::{Action, CheckpointCoordinator, CheckpointId, CheckpointMetadata, SubtaskSnapshot, TaskId, METADATA_VERSION};
+use weir_storage::{checkpoint_dir_name, CheckpointStorage, LatestValid, Lineage, StorageError};
 
 use crate::config::{ConfigError, JobConfig, RestartStrategy};
 use crate::epoch::Time;
@@ -112,6 +112,8 @@ pub(crate) struct JobCtx {
     next_op: Cell<u32>,
     pub tasks: RefCell<Vec<(u32, bool)>>,
     build_error: RefCell<Option<String>>,
+    /// Set by a failure that no restart can fix; the job then ends without restarting.
+    deterministic: Arc<AtomicBool>,
 }
 
 impl JobCtx {
@@ -128,6 +130,15 @@ impl JobCtx {
         self.build_error.borrow_mut().get_or_insert(message);
     }
 
+    /// A failure that a restart cannot fix (malformed input, a sink directory that holds another
+    /// run's output): the job fails at once with `message` instead of restarting. Works while
+    /// building and while running.
+    pub(crate) fn fail_deterministic(&self, message: String) {
+        self.deterministic.store(true, Ordering::SeqCst);
+        self.fail_build(message.clone());
+        self.shared.borrow_mut().set_fail(message);
+    }
+
     /// The snapshots of operator `op` in the restored checkpoint.
     pub(crate) fn restored_subtasks(&self, op: u32) -> impl Iterator<Item = &SubtaskSnapshot> {
         self.restored
@@ -140,6 +151,28 @@ pub(crate) fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
+/// The coordinator's time: monotonic milliseconds since the attempt started, so that a
+/// wall-clock jump (an NTP step, a resumed VM) neither stalls checkpoints nor expires them.
+/// Wall time only stamps metadata for humans: the wall time at start plus monotonic time.
+pub(crate) struct CoordinatorClock {
+    start: Instant,
+    wall_at_start_ms: u64,
+}
+
+impl CoordinatorClock {
+    pub(crate) fn new() -> Self {
+        Self { start: Instant::now(), wall_at_start_ms: now_us() / 1000 }
+    }
+    /// Monotonic ms, for every timing decision.
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+    /// The wall-clock stamp (ms since the Unix epoch) of monotonic instant `mono_ms`.
+    pub(crate) fn wall_ms(&self, mono_ms: u64) -> u64 {
+        self.wall_at_start_ms + mono_ms
+    }
+}
+
 type BuildFn = dyn Fn(&mut Job<'_>) + Send + Sync;
 
 struct AttemptEnv {
@@ -150,7 +183,9 @@ struct AttemptEnv {
     restored: Option<Arc<CheckpointMetadata>>,
     first_epoch: u64,
     retained: Vec<u64>,
+    after_build: Option<Lineage>,
     failed: AtomicBool,
+    deterministic: Arc<AtomicBool>,
     cancel: Arc<AtomicBool>,
     executor: Mutex<SnapshotExecutor>,
     build: Arc<BuildFn>,
@@ -182,16 +217,35 @@ pub(crate) fn run_job(
         None
     };
     let mut restarts = 0;
+    // What a restart restores: the run's own restore point until the run completes a
+    // checkpoint of its own (see `restart_restore`).
     let mut restore = restore.clone();
+    let mut run_first_id: Option<CheckpointId> = None;
     loop {
-        let (restore_storage, restored) = choose_checkpoint(&restore, storage.as_ref())?;
+        let prepared = prepare_attempt(job, &restore, storage.as_ref(), cluster.process == 0, run_first_id);
+        let Prepared { restore_storage, restored, first_epoch, retained, after_build } = match prepared {
+            Ok(p) => p,
+            Err(AttemptError::Final(e)) => return Err(e),
+            Err(AttemptError::Retry(message)) => {
+                restarts = next_restart(&config, job, restarts, message)?;
+                continue;
+            }
+        };
         let restored_id = restored.as_ref().map(|m| m.id).unwrap_or(0);
-        let mut first_epoch = restored_id + 1;
-        let mut retained = Vec::new();
-        if let Some(s) = &storage {
-            let (valid, newest) = s.checkpoint_ids()?;
-            first_epoch = first_epoch.max(newest + 1);
-            retained = valid.into_iter().filter(|&id| id <= restored_id).collect();
+        if run_first_id.is_none() {
+            run_first_id = Some(first_epoch);
+            // A restore point outside the job's own checkpoint directory (or a fresh start)
+            // stays the run's restore point until it completes a checkpoint of its own.
+            let in_storage = match (&restore_storage, &storage) {
+                (Some(r), Some(s)) => r.location() == s.location(),
+                _ => false,
+            };
+            if !in_storage {
+                restore = match (&restored, &restore_storage) {
+                    (Some(m), Some(r)) => Restore::Path(r.location().join(checkpoint_dir_name(m.id)).display().to_string()),
+                    _ => Restore::None,
+                };
+            }
         }
         if let Some(m) = &restored {
             tracing::info!("restoring {job} from checkpoint {} (parallelism {} → {})", m.id, m.parallelism, config.parallelism);
@@ -205,12 +259,15 @@ pub(crate) fn run_job(
             restored: restored.map(Arc::new),
             first_epoch,
             retained,
+            after_build,
             failed: AtomicBool::new(false),
+            deterministic: Arc::default(),
             cancel: cancel.clone(),
             executor: Mutex::new(exec),
             build: build.clone(),
         });
         let outcome = run_attempt(env.clone(), workers, cluster);
+        let deterministic = env.deterministic.load(Ordering::SeqCst);
         drop(env);
         drop(exec_guard);
         match outcome {
@@ -218,42 +275,158 @@ pub(crate) fn run_job(
                 return Ok(JobResult { restored_from: (restored_id > 0).then_some(restored_id), restarts, checkpoints })
             }
             Err(_) if cancel.load(Ordering::SeqCst) => return Err(JobError::Cancelled),
+            Err(message) if deterministic => {
+                tracing::error!("job {job} failed: {message} (not restarted: a restart cannot fix this)");
+                return Err(JobError::Failed { restarts, message });
+            }
             Err(message) => {
-                let allowed = match config.restart {
-                    RestartStrategy::None => None,
-                    RestartStrategy::FixedDelay { attempts, delay } => (restarts < attempts).then_some(delay),
-                };
-                let Some(delay) = allowed else { return Err(JobError::Failed { restarts, message }) };
-                restarts += 1;
-                tracing::warn!("job {job} failed ({message}); restart {restarts} in {delay:?} from the latest checkpoint");
-                std::thread::sleep(delay);
-                restore = if storage.is_some() { Restore::Latest } else { Restore::None };
+                restarts = next_restart(&config, job, restarts, message)?;
+                // Once the run has a checkpoint of its own in the job directory, `latest` is in
+                // its lineage: everything newer than its restore point was abandoned.
+                if let (Some(s), Some(first)) = (&storage, run_first_id) {
+                    if s.completed_checkpoints().is_ok_and(|ids| ids.iter().any(|&id| id >= first)) {
+                        restore = Restore::Latest;
+                    }
+                }
             }
         }
     }
 }
 
+/// Why an attempt could not start.
+enum AttemptError {
+    /// A restart may fix it (a transient storage error).
+    Retry(String),
+    /// No restart can (no valid checkpoint, a corrupt or abandoned checkpoint named explicitly).
+    Final(JobError),
+}
+
+/// Count a restart and wait its delay, or give up per the restart strategy.
+fn next_restart(config: &JobConfig, job: &str, restarts: u32, message: String) -> Result<u32, JobError> {
+    let allowed = match config.restart {
+        RestartStrategy::None => None,
+        RestartStrategy::FixedDelay { attempts, delay } => (restarts < attempts).then_some(delay),
+    };
+    let Some(delay) = allowed else { return Err(JobError::Failed { restarts, message }) };
+    tracing::warn!("job {job} failed ({message}); restart {} in {delay:?}", restarts + 1);
+    std::thread::sleep(delay);
+    Ok(restarts + 1)
+}
+
+/// What an attempt starts from.
+struct Prepared {
+    restore_storage: Option<CheckpointStorage>,
+    restored: Option<CheckpointMetadata>,
+    first_epoch: CheckpointId,
+    retained: Vec<CheckpointId>,
+    /// A fresh start's lineage, fixed by the leader once the job is built.
+    after_build: Option<Lineage>,
+}
+
+/// Choose the restore point of an attempt and fix the lineage before anything is rolled back:
+/// every completed checkpoint of the job directory newer than the restore point (all of them
+/// on a fresh start) is abandoned, and the run is recorded in `_lineage`. New ids stay above
+/// every existing `chk-<n>`. Only process 0 changes the directory.
+fn prepare_attempt(
+    job: &str,
+    restore: &Restore,
+    storage: Option<&CheckpointStorage>,
+    leader: bool,
+    run_first_id: Option<CheckpointId>,
+) -> Result<Prepared, AttemptError> {
+    let transient = |e: StorageError| AttemptError::Retry(format!("restore: {e}"));
+    let (restore_storage, restored) = choose_checkpoint(restore, storage)?;
+    let restored_id = restored.as_ref().map(|m| m.id).unwrap_or(0);
+    let mut first_epoch = restored_id + 1;
+    let mut retained = Vec::new();
+    let mut after_build = None;
+    if let Some(s) = storage {
+        let same = restore_storage.as_ref().is_some_and(|r| r.location() == s.location());
+        let keep_upto = if same { restored_id } else { 0 };
+        let (valid, newest) = s.checkpoint_ids().map_err(transient)?;
+        first_epoch = first_epoch.max(newest + 1);
+        if let Some(first) = run_first_id {
+            first_epoch = first_epoch.max(first);
+        }
+        let (kept, newer): (Vec<_>, Vec<_>) = valid.into_iter().partition(|&id| id <= keep_upto);
+        retained = kept;
+        if leader {
+            let lineage = Lineage {
+                restored_from: restored.as_ref().map(|m| m.id),
+                restored_path: restored
+                    .as_ref()
+                    .zip(restore_storage.as_ref())
+                    .map(|(m, r)| r.location().join(checkpoint_dir_name(m.id)).display().to_string()),
+                first_id: first_epoch,
+                abandoned: newer,
+                started_ms: now_us() / 1000,
+            };
+            if restored.is_some() {
+                // Before any sink rolls back the output of the abandoned epochs.
+                fix_lineage(job, s, &lineage).map_err(transient)?;
+            } else {
+                // A fresh start changes nothing until its sinks have accepted it (a fresh start
+                // into a used sink is refused, and must leave the lineage as it was).
+                after_build = Some(lineage);
+            }
+        }
+    }
+    Ok(Prepared { restore_storage, restored, first_epoch, retained, after_build })
+}
+
+/// Abandon the checkpoints a run leaves behind and record its lineage, durably.
+fn fix_lineage(job: &str, s: &CheckpointStorage, lineage: &Lineage) -> Result<(), StorageError> {
+    for &id in &lineage.abandoned {
+        s.abandon(id)?;
+    }
+    if !lineage.abandoned.is_empty() {
+        let ids = lineage.abandoned.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+        match lineage.restored_from {
+            Some(r) => tracing::warn!("{job}: checkpoint(s) {ids} are newer than the restored checkpoint {r}: abandoned, never to be restored"),
+            None => tracing::warn!("{job}: fresh start: checkpoint(s) {ids} of an earlier run abandoned, never to be restored"),
+        }
+    }
+    s.record_lineage(lineage)
+}
+
 fn choose_checkpoint(
     restore: &Restore,
     storage: Option<&CheckpointStorage>,
-) -> Result<(Option<CheckpointStorage>, Option<CheckpointMetadata>), JobError> {
+) -> Result<(Option<CheckpointStorage>, Option<CheckpointMetadata>), AttemptError> {
+    let classify = |e: StorageError| {
+        if e.is_corruption() {
+            AttemptError::Final(JobError::Restore(e.to_string()))
+        } else {
+            AttemptError::Retry(format!("restore: {e}"))
+        }
+    };
     match restore {
         Restore::None => Ok((None, None)),
         Restore::Latest => {
             let s = storage.expect("storage is open when restoring latest");
-            let (meta, skipped) = s.latest_valid()?;
-            for e in &skipped {
-                tracing::error!("not restoring a corrupt checkpoint: {e}");
+            match s.latest_valid().map_err(|e| AttemptError::Retry(format!("restore: {e}")))? {
+                LatestValid::Empty => {
+                    tracing::info!("no checkpoint in {}: starting fresh", s.location().display());
+                    Ok((None, None))
+                }
+                LatestValid::Found(m, skipped) => {
+                    for (id, e) in &skipped {
+                        tracing::error!("not restoring checkpoint {id}: {e}");
+                    }
+                    Ok((Some(s.clone()), Some(m)))
+                }
+                LatestValid::NoneValid(e) => Err(AttemptError::Final(JobError::Restore(e.to_string()))),
             }
-            if meta.is_none() {
-                tracing::info!("no valid checkpoint in {}: starting fresh", s.location().display());
-            }
-            Ok((meta.as_ref().map(|_| s.clone()), meta))
         }
         Restore::Path(p) => {
-            let (s, id) = CheckpointStorage::open_checkpoint_path(p)?;
-            let meta = s.load_metadata(id).map_err(|e| JobError::Restore(e.to_string()))?;
-            s.verify(&meta).map_err(|e| JobError::Restore(e.to_string()))?;
+            let (s, id) = CheckpointStorage::open_checkpoint_path(p).map_err(|e| AttemptError::Final(e.into()))?;
+            if s.abandoned_checkpoints().map_err(classify)?.contains(&id) {
+                return Err(AttemptError::Final(JobError::Restore(format!(
+                    "{p} was abandoned when an older checkpoint was restored: it is outside the job's lineage and is never restored"
+                ))));
+            }
+            let meta = s.load_metadata(id).map_err(classify)?;
+            s.verify(&meta).map_err(classify)?;
             Ok((Some(s), Some(meta)))
         }
     }
@@ -356,6 +529,7 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
         next_op: Cell::new(0),
         tasks: RefCell::new(Vec::new()),
         build_error: RefCell::new(None),
+        deterministic: env.deterministic.clone(),
     });
     worker.dataflow::<Time, _, _>(|scope| {
         let mut job = Job::new(scope, ctx.clone());
@@ -363,6 +537,10 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
     });
     if let Some(e) = ctx.build_error.borrow_mut().take() {
         return Err(e);
+    }
+    if let (0, Some(lineage), Some(s)) = (index, &env.after_build, &env.storage) {
+        // Before the first trigger, so no output of this run commits outside its lineage.
+        fix_lineage(&env.job, s, lineage).map_err(|e| e.to_string())?;
     }
 
     let mut coord = (index == 0).then(|| {
@@ -379,9 +557,10 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
             all(true),
             env.first_epoch,
             env.retained.clone(),
-            now_us() / 1000,
+            0,
         )
     });
+    let clock = CoordinatorClock::new();
     let mut ctl_in = (index == 0).then_some(ctl_in);
     let mut ctl_time: Time = 0;
     let mut ack_time: Time = 0;
@@ -413,7 +592,7 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
                 ctl_time += 1;
                 ctl.advance_to(ctl_time);
             }
-            let sent = drive_coordinator(c, ctl, &inbox, env, &mut completed)?;
+            let sent = drive_coordinator(c, ctl, &inbox, env, &clock, &mut completed)?;
             if sent {
                 ctl_time += 1;
                 ctl.advance_to(ctl_time);
@@ -479,9 +658,10 @@ fn drive_coordinator(
     ctl: &mut InputHandle<Time, CapacityContainerBuilder<Vec<Control>>>,
     inbox: &RefCell<Vec<AckMsg>>,
     env: &AttemptEnv,
+    clock: &CoordinatorClock,
     completed: &mut Vec<CheckpointMetadata>,
 ) -> Result<bool, String> {
-    let now = || now_us() / 1000;
+    let now = || clock.now_ms();
     let mut actions = c.tick(now());
     for msg in inbox.borrow_mut().drain(..) {
         actions.extend(match msg {
@@ -504,8 +684,8 @@ fn drive_coordinator(
                     version: METADATA_VERSION,
                     job: env.job.clone(),
                     id,
-                    triggered_ms,
-                    completed_ms: now(),
+                    triggered_ms: clock.wall_ms(triggered_ms),
+                    completed_ms: clock.wall_ms(now()),
                     parallelism: env.config.parallelism,
                     max_parallelism: env.config.max_parallelism,
                     is_final,

@@ -1,0 +1,226 @@
+//! Recovery policy end to end: lineage after restoring an older checkpoint, fallback only on
+//! proven corruption, no fresh start over committed output, withdrawn (never deleted) output.
+//! Every test asserts that the committed output is exactly once in the end.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+const JOB: &str = "keyed-sum";
+
+fn keyed_sum(out: &Path, ck: &Path, extra: &[&str]) -> Command {
+    let mut c = weir();
+    c.args(["run", "examples/keyed_sum.yaml", "--set", "source.count=2000000", "--set", "source.keys=100000"])
+        .arg("--set")
+        .arg(format!("sink.path={}", out.display()))
+        .arg("-D")
+        .arg(format!("execution.checkpointing.dir={}", ck.display()))
+        .args(["-D", "execution.checkpointing.interval=200ms", "-D", "restart-strategy.fixed-delay.delay=100ms"])
+        .args(extra);
+    c
+}
+
+fn reference(tmp: &TempDir) -> std::collections::BTreeMap<String, usize> {
+    let out = tmp.join("ref-out");
+    run_ok(&mut keyed_sum(&out, &tmp.join("ref-ck"), &[]));
+    committed_lines(&out)
+}
+
+/// Run slowly until the job directory holds `n` more completed checkpoints, then SIGKILL.
+fn run_until_checkpoints(out: &Path, ck: &Path, n: u64, extra: &[&str]) -> Vec<u64> {
+    let job_dir = ck.join(JOB);
+    let mut args = vec!["--set", "source.rate=1000000"];
+    args.extend_from_slice(extra);
+    let mut child = spawn(&mut keyed_sum(out, ck, &args));
+    let before = latest_checkpoint(&job_dir);
+    assert!(wait_for_checkpoint_after(&mut child, &job_dir, before + n - 1, Duration::from_secs(60)), "no checkpoints");
+    kill9(&mut child);
+    completed_checkpoints(&job_dir)
+}
+
+/// Files under `<out>/.withdrawn`, recursively.
+fn withdrawn_files(out: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut dirs = vec![out.join(".withdrawn")];
+    while let Some(d) = dirs.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    files
+}
+
+/// Issue 7, item 1: `--restore chk-k` while newer checkpoints exist, then a crash before the
+/// run's first checkpoint: `--restore latest` must restore chk-k again (the newer ones were
+/// abandoned), not the newest, whose epochs' output the first restore already withdrew.
+#[test]
+fn restoring_an_older_checkpoint_abandons_the_newer_ones() {
+    let tmp = TempDir::new("lineage");
+    let expected = reference(&tmp);
+    let (out, ck) = (tmp.join("out"), tmp.join("ck"));
+    let job_dir = ck.join(JOB);
+    let ids = run_until_checkpoints(&out, &ck, 4, &["-D", "execution.checkpointing.num-retained=10"]);
+    let older = ids[ids.len() - 3];
+    let newer: Vec<u64> = ids.iter().copied().filter(|&i| i > older).collect();
+    let committed_before: usize = committed_lines(&out).values().sum();
+
+    // Restore the older checkpoint; die once the sink has withdrawn the newer epochs' output,
+    // long before the run's first checkpoint (1 h interval).
+    let chk = job_dir.join(format!("chk-{older}"));
+    let mut child = spawn(&mut keyed_sum(
+        &out,
+        &ck,
+        &["--restore", chk.to_str().unwrap(), "--set", "source.rate=100000", "-D", "execution.checkpointing.interval=1h"],
+    ));
+    let mut log = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("withdrew") {
+            break;
+        }
+    }
+    kill9(&mut child);
+    assert!(log.contains("withdrew"), "the sink withdraws the newer epochs' output:\n{log}");
+    assert!(log.contains("abandoned"), "the newer checkpoints are abandoned:\n{log}");
+    let withdrawn = withdrawn_files(&out);
+    assert!(!withdrawn.is_empty(), "withdrawn files are kept under .withdrawn/");
+    let visible: usize = committed_lines(&out).values().sum();
+    let kept: usize = withdrawn.iter().map(|p| std::fs::read_to_string(p).unwrap().lines().count()).sum();
+    assert_eq!(visible + kept, committed_before, "no committed line is destroyed, only withdrawn");
+
+    // The abandoned checkpoints are listed as such and never restored, not even by path.
+    let list = run_ok(weir().args(["checkpoints", "list", job_dir.to_str().unwrap()]));
+    let list = String::from_utf8_lossy(&list.stdout);
+    for id in &newer {
+        assert!(
+            list.lines().any(|l| l.trim_start().starts_with(&format!("{id} ")) && l.contains("ABANDONED")),
+            "chk-{id} listed as ABANDONED:\n{list}"
+        );
+    }
+    let abandoned = job_dir.join(format!("chk-{}", newer[newer.len() - 1]));
+    let refused = keyed_sum(&out, &ck, &["--restore", abandoned.to_str().unwrap()]).output().unwrap();
+    assert!(!refused.status.success(), "an abandoned checkpoint is never restored");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("abandoned"), "{}", String::from_utf8_lossy(&refused.stderr));
+
+    let done = run_ok(&mut keyed_sum(&out, &ck, &["--restore", "latest"]));
+    let log = String::from_utf8_lossy(&done.stderr);
+    assert!(log.contains(&format!("restoring {JOB} from checkpoint {older} ")), "restores the run's restore point:\n{log}");
+    assert_exactly_once(&expected, &committed_lines(&out));
+    let new_ids = completed_checkpoints(&job_dir);
+    assert!(new_ids.iter().all(|&i| i <= older || i > *newer.last().unwrap()), "new ids stay above every existing id: {new_ids:?}");
+}
+
+/// Issue 7, item 3: `num-retained: 1`, the only checkpoint corrupt: `--restore latest` fails
+/// listing the checkpoint and its fault, instead of starting fresh and writing every committed
+/// record a second time.
+#[test]
+fn no_valid_checkpoint_is_an_error_not_a_fresh_start() {
+    let tmp = TempDir::new("novalid");
+    let (out, ck) = (tmp.join("out"), tmp.join("ck"));
+    // One retained checkpoint (an older one may linger if the kill beat its deletion).
+    let ids = run_until_checkpoints(&out, &ck, 2, &["-D", "execution.checkpointing.num-retained=1"]);
+    for id in &ids {
+        let state = first_state_file(&ck.join(JOB).join(format!("chk-{id}")));
+        let mut bytes = std::fs::read(&state).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x10;
+        std::fs::write(&state, bytes).unwrap();
+    }
+    let before = committed_lines(&out);
+    assert!(!before.is_empty());
+
+    let run = keyed_sum(&out, &ck, &["--restore", "latest"]).output().unwrap();
+    let log = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "must fail:\n{log}");
+    for id in &ids {
+        assert!(log.contains(&format!("chk-{id}: ")), "lists chk-{id}:\n{log}");
+    }
+    assert!(log.contains("checksum mismatch"), "names the fault:\n{log}");
+    assert!(!log.contains("restart 1"), "no restart can fix it:\n{log}");
+    assert_eq!(committed_lines(&out), before, "nothing written");
+}
+
+/// Issue 7, item 2: a read error that does not prove corruption (here ELOOP from a symlink
+/// loop standing in for EIO) fails the attempt; it never makes the restore fall back to an
+/// older checkpoint. Once the file is readable again the job resumes from the newest one.
+#[test]
+fn transient_read_error_fails_instead_of_falling_back() {
+    let tmp = TempDir::new("transient");
+    let expected = reference(&tmp);
+    let (out, ck) = (tmp.join("out"), tmp.join("ck"));
+    let ids = run_until_checkpoints(&out, &ck, 2, &[]);
+    let latest = *ids.last().unwrap();
+    let chk = ck.join(JOB).join(format!("chk-{latest}"));
+    let state = first_state_file(&chk);
+    let aside = tmp.join("aside.state");
+    std::fs::rename(&state, &aside).unwrap();
+    std::os::unix::fs::symlink(&state, &state).unwrap();
+
+    let run = keyed_sum(&out, &ck, &["--restore", "latest", "-D", "restart-strategy.fixed-delay.attempts=1"]).output().unwrap();
+    let log = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "a transient error fails the job:\n{log}");
+    assert!(!log.contains("restoring keyed-sum from checkpoint"), "no fallback to an older checkpoint:\n{log}");
+    assert!(log.contains("restart 1"), "the restart strategy retries:\n{log}");
+    assert!(log.contains(state.file_name().unwrap().to_str().unwrap()), "names the file:\n{log}");
+    assert!(withdrawn_files(&out).is_empty(), "nothing withdrawn");
+
+    std::fs::remove_file(&state).unwrap();
+    std::fs::rename(&aside, &state).unwrap();
+    let done = run_ok(&mut keyed_sum(&out, &ck, &["--restore", "latest"]));
+    assert!(String::from_utf8_lossy(&done.stderr).contains(&format!("restoring {JOB} from checkpoint {latest} ")));
+    assert_exactly_once(&expected, &committed_lines(&out));
+}
+
+/// Issue 7, items 4 and 5: a fallback past a corrupt checkpoint withdraws (never deletes) the
+/// committed files of its epochs; a fresh start into a sink with committed output is refused.
+#[test]
+fn fallback_withdraws_and_fresh_start_into_used_sink_is_refused() {
+    let tmp = TempDir::new("withdraw");
+    let expected = reference(&tmp);
+    let (out, ck) = (tmp.join("out"), tmp.join("ck"));
+    let ids = run_until_checkpoints(&out, &ck, 3, &[]);
+    let latest = *ids.last().unwrap();
+    let state = first_state_file(&ck.join(JOB).join(format!("chk-{latest}")));
+    let len = std::fs::metadata(&state).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&state).unwrap().set_len(len - 10).unwrap();
+
+    // Forgetting --restore after the crash: refused at once, nothing touched.
+    let before = committed_lines(&out);
+    let fresh = keyed_sum(&out, &ck, &[]).output().unwrap();
+    let log = String::from_utf8_lossy(&fresh.stderr);
+    assert!(!fresh.status.success(), "{log}");
+    assert!(log.contains("--restore latest") && log.contains("empty directory"), "says how to resume:\n{log}");
+    assert!(!log.contains("restart 1"), "refused at start, not retried:\n{log}");
+    assert_eq!(committed_lines(&out), before);
+    assert_eq!(completed_checkpoints(&ck.join(JOB)), ids, "a refused start leaves the checkpoints in the lineage");
+
+    let done = run_ok(&mut keyed_sum(&out, &ck, &["--restore", "latest"]));
+    let log = String::from_utf8_lossy(&done.stderr);
+    assert!(log.contains("withdrew"), "{log}");
+    let dir = out.join(".withdrawn").join(format!("chk-{latest}"));
+    assert!(std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()), "epoch {latest}'s files kept in {}", dir.display());
+    assert_exactly_once(&expected, &committed_lines(&out));
+}
+
+fn first_state_file(chk: &Path) -> PathBuf {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(chk)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "state") && std::fs::metadata(p).is_ok_and(|m| m.len() > 200))
+        .collect();
+    files.sort();
+    files.into_iter().next().expect("a state file")
+}
