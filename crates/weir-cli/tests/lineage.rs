@@ -224,3 +224,46 @@ fn first_state_file(chk: &Path) -> PathBuf {
     files.sort();
     files.into_iter().next().expect("a state file")
 }
+
+/// Issue 7, item 6: in a two-process job, process 0 chooses the restore point and the others
+/// check theirs against it: a process that would restore another checkpoint fails the job
+/// before anything is rolled back, instead of running with a mixed state.
+#[test]
+fn processes_that_disagree_on_the_restore_point_fail() {
+    let tmp = TempDir::new("agree");
+    let expected = reference(&tmp);
+    let (out, ck) = (tmp.join("out"), tmp.join("ck"));
+    let ids = run_until_checkpoints(&out, &ck, 3, &["-D", "execution.checkpointing.num-retained=10"]);
+    let older = ck.join(JOB).join(format!("chk-{}", ids[0]));
+    let cluster = |restores: [&str; 2]| {
+        let hosts = tmp.join("hosts.txt");
+        std::fs::write(&hosts, format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port())).unwrap();
+        (0..2)
+            .map(|p| {
+                let mut c = keyed_sum(&out, &ck, &["-D", "restart-strategy.type=none", "--restore", restores[p]]);
+                c.arg("--process").arg(p.to_string()).arg("--hostfile").arg(&hosts);
+                spawn(&mut c)
+            })
+            .collect::<Vec<_>>()
+    };
+    let before = committed_lines(&out);
+    let mut procs = cluster(["latest", older.to_str().unwrap()]);
+    for p in procs.iter_mut() {
+        assert!(!wait_success(p, Duration::from_secs(60)), "a process that disagrees fails the job");
+    }
+    let log1 = {
+        use std::io::Read;
+        let mut s = String::new();
+        procs[1].stderr.take().unwrap().read_to_string(&mut s).unwrap();
+        s
+    };
+    assert!(log1.contains("restore point disagreement"), "{log1}");
+    assert!(withdrawn_files(&out).is_empty(), "process 1 rolled nothing back");
+    assert!(committed_lines(&out).values().sum::<usize>() >= before.values().sum::<usize>());
+
+    let mut procs = cluster(["latest", "latest"]);
+    for p in procs.iter_mut() {
+        assert!(wait_success(p, Duration::from_secs(120)), "the agreeing cluster run failed");
+    }
+    assert_exactly_once(&expected, &committed_lines(&out));
+}

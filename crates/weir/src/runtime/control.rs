@@ -10,6 +10,10 @@ use weir_checkpoint::{CheckpointId, SubtaskSnapshot, TaskId};
 /// Coordinator → every worker (broadcast).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) enum Control {
+    /// The restore point process 0 chose: the checkpoint (none: a fresh start) and first epoch.
+    RestorePoint { restored: Option<CheckpointId>, first_epoch: u64 },
+    /// Whether every process agreed on it (`Some`: why not; the attempt fails everywhere).
+    RestoreVerdict { disagreement: Option<String> },
     /// Inject barrier `id` at the sources.
     Trigger { id: CheckpointId, at_us: u64, is_final: bool },
     /// Checkpoint `id` is committed: sinks commit epochs `<= id`.
@@ -26,6 +30,8 @@ pub(crate) enum AckMsg {
     Ack { id: CheckpointId, task: TaskId, snapshot: SubtaskSnapshot },
     Decline { id: CheckpointId, task: TaskId, reason: String },
     SourceFinished { task: TaskId },
+    /// The checkpoint this worker's process chose, checked against process 0's.
+    RestoreCheck { worker: u32, restored: Option<CheckpointId> },
 }
 
 /// A barrier for one source.
@@ -48,6 +54,8 @@ pub(crate) struct WorkerShared {
     pub outbox: Vec<AckMsg>,
     pub finish: bool,
     pub fail: Option<String>,
+    pub restore_point: Option<(Option<CheckpointId>, u64)>,
+    pub restore_verdict: Option<Option<String>>,
     pub committers: Vec<Committer>,
 }
 
@@ -71,6 +79,8 @@ impl WorkerShared {
                 // Trigger times of committed checkpoints are no longer needed.
                 self.trigger_us = self.trigger_us.split_off(&(*id + 1));
             }
+            Control::RestorePoint { restored, first_epoch } => self.restore_point = Some((*restored, *first_epoch)),
+            Control::RestoreVerdict { disagreement } => self.restore_verdict = Some(disagreement.clone()),
             Control::Finish => self.finish = true,
             Control::Fail { reason } => {
                 if self.fail.is_none() {

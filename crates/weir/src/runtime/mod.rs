@@ -513,6 +513,7 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
             .exchange(|_: &AckMsg| 0)
             .inspect(move |a: &AckMsg| ib.borrow_mut().push(a.clone()));
     });
+    let first_epoch = agree_on_restore_point(worker, &shared, &inbox, &mut ctl_in, &mut ack_in, env)?;
 
     let ctx = Rc::new(JobCtx {
         index,
@@ -523,7 +524,7 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
         storage: env.storage.clone(),
         restore_storage: env.restore_storage.clone(),
         restored: env.restored.clone(),
-        first_epoch: env.first_epoch,
+        first_epoch,
         executor: env.executor.lock().expect("executor").clone(),
         ack_tx,
         next_op: Cell::new(0),
@@ -562,8 +563,8 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
     });
     let clock = CoordinatorClock::new();
     let mut ctl_in = (index == 0).then_some(ctl_in);
-    let mut ctl_time: Time = 0;
-    let mut ack_time: Time = 0;
+    let mut ctl_time: Time = 2; // 0 and 1 carried the restore point and the verdict
+    let mut ack_time: Time = 1; // 0 carried the restore point check
     let mut committed_upto = 0;
     let mut cancel_sent = false;
     let mut completed = Vec::new();
@@ -632,6 +633,78 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
     Ok(completed)
 }
 
+/// One restore point for all processes: worker 0 (process 0, which fixed the lineage) sends
+/// the checkpoint it restores and the first epoch; every worker reports whether its process
+/// chose (and verified) the same checkpoint; worker 0 sends the verdict. Runs before the job
+/// is built, so nothing is rolled back on a disagreement, and every worker of every process
+/// then fails the attempt together (a lone failing process would leave its peers waiting).
+fn agree_on_restore_point(
+    worker: &mut Worker,
+    shared: &Rc<RefCell<WorkerShared>>,
+    inbox: &RefCell<Vec<AckMsg>>,
+    ctl_in: &mut InputHandle<Time, CapacityContainerBuilder<Vec<Control>>>,
+    ack_in: &mut InputHandle<Time, CapacityContainerBuilder<Vec<AckMsg>>>,
+    env: &AttemptEnv,
+) -> Result<u64, String> {
+    let mine = env.restored.as_ref().map(|m| m.id);
+    let (index, peers) = (worker.index(), worker.peers());
+    if index == 0 {
+        ctl_in.send(Control::RestorePoint { restored: mine, first_epoch: env.first_epoch });
+    }
+    ctl_in.advance_to(1);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let step = |worker: &mut Worker| {
+        if env.failed.load(Ordering::Relaxed) {
+            return Err(format!("stopped: job {} failed on another worker", env.job));
+        }
+        if Instant::now() > deadline {
+            return Err("no agreement on the restore point within 60 s".to_string());
+        }
+        worker.step_or_park(Some(Duration::from_millis(1)));
+        Ok(())
+    };
+    let (leader, first_epoch) = loop {
+        if let Some(p) = shared.borrow().restore_point {
+            break p;
+        }
+        step(worker)?;
+    };
+    ack_in.send(AckMsg::RestoreCheck { worker: index as u32, restored: mine });
+    ack_in.advance_to(1);
+    if index == 0 {
+        let mut checks = Vec::with_capacity(peers);
+        while checks.len() < peers {
+            checks.extend(inbox.borrow_mut().drain(..).filter_map(|m| match m {
+                AckMsg::RestoreCheck { worker, restored } => Some((worker, restored)),
+                _ => None,
+            }));
+            if checks.len() < peers {
+                step(worker)?;
+            }
+        }
+        let name = |c: Option<u64>| c.map(|id| format!("checkpoint {id}")).unwrap_or_else(|| "a fresh start".into());
+        let disagreement = checks.iter().find(|(_, r)| *r != leader).map(|(w, r)| {
+            format!(
+                "restore point disagreement: process 0 chose {}, worker {w}'s process chose {}; not running with a mixed state",
+                name(leader),
+                name(*r)
+            )
+        });
+        ctl_in.send(Control::RestoreVerdict { disagreement });
+    }
+    ctl_in.advance_to(2);
+    let verdict = loop {
+        if let Some(v) = shared.borrow_mut().restore_verdict.take() {
+            break v;
+        }
+        step(worker)?;
+    };
+    match verdict {
+        Some(message) => Err(message),
+        None => Ok(first_epoch),
+    }
+}
+
 /// Cancel: drop pending checkpoints, keep or delete completed ones per the retention policy,
 /// and stop every worker.
 fn cancel_job(c: &mut CheckpointCoordinator<SubtaskSnapshot>, ctl: &mut InputHandle<Time, CapacityContainerBuilder<Vec<Control>>>, env: &AttemptEnv) {
@@ -668,6 +741,7 @@ fn drive_coordinator(
             AckMsg::Ack { id, task, snapshot } => c.ack(id, task, snapshot, now()),
             AckMsg::Decline { id, task, reason } => c.decline(id, task, reason, now()),
             AckMsg::SourceFinished { task } => c.source_finished(task, now()),
+            AckMsg::RestoreCheck { .. } => Vec::new(),
         });
     }
     let mut sent = false;
