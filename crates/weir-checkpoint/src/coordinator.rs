@@ -48,6 +48,16 @@ pub enum FailureReason {
     Declined(TaskId, String),
     /// Writing its `_metadata` failed, with the storage's message.
     CommitFailed(String),
+    /// The job failed while it was pending (its tasks are going away).
+    JobFailed,
+    /// The final checkpoint of a bounded job failed for `cause`. Its sources have stopped, so no
+    /// later checkpoint can replace it: the job fails whatever the tolerated failures.
+    FinalCheckpoint {
+        /// The final checkpoint's id.
+        id: CheckpointId,
+        /// Why it failed.
+        cause: Box<FailureReason>,
+    },
 }
 
 impl std::fmt::Display for FailureReason {
@@ -56,6 +66,8 @@ impl std::fmt::Display for FailureReason {
             FailureReason::Timeout => write!(f, "checkpoint expired before completing"),
             FailureReason::Declined(t, m) => write!(f, "declined by {t}: {m}"),
             FailureReason::CommitFailed(m) => write!(f, "writing _metadata failed: {m}"),
+            FailureReason::JobFailed => write!(f, "the job failed"),
+            FailureReason::FinalCheckpoint { id, cause } => write!(f, "final checkpoint {id} failed: {cause}"),
         }
     }
 }
@@ -100,7 +112,10 @@ pub enum Action<A> {
         /// The checkpoint id.
         id: CheckpointId,
     },
-    /// Too many consecutive checkpoint failures: fail the job (and restart it per strategy).
+    /// Too many consecutive checkpoint failures, or a failed final checkpoint
+    /// ([`FailureReason::FinalCheckpoint`]): fail the job (and restart it per strategy). Pending
+    /// checkpoints are aborted with it, except one being committed, which `committed` or
+    /// `commit_failed` still resolves. Emitted at most once.
     FailJob {
         /// The last failure.
         reason: FailureReason,
@@ -186,22 +201,18 @@ impl<A> CheckpointCoordinator<A> {
         if self.failed {
             return out;
         }
+        // A fully acked checkpoint (committing, or waiting for older ones) waits on no task, so
+        // it does not expire: it completes once the older ones are resolved.
         let expired: Vec<CheckpointId> = self
             .pending
             .iter()
-            .filter(|(id, p)| {
-                Some(**id) != self.committing && now_ms.saturating_sub(p.triggered_ms) >= self.cfg.timeout_ms
-            })
+            .filter(|(_, p)| !p.awaiting.is_empty() && now_ms.saturating_sub(p.triggered_ms) >= self.cfg.timeout_ms)
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
-            let p = self.pending.remove(&id).expect("pending");
-            if p.is_final {
-                // The final checkpoint cannot be skipped: retry it with a new id.
-                self.final_id = None;
-            }
-            self.fail(id, FailureReason::Timeout, &mut out);
+            self.abort(id, FailureReason::Timeout, &mut out);
         }
+        out.extend(self.commit_next());
         if self.failed || self.committing.is_some() {
             return out;
         }
@@ -256,18 +267,21 @@ impl<A> CheckpointCoordinator<A> {
             return out; // duplicate or unknown task
         }
         p.acks.push((task, ack));
-        if p.awaiting.is_empty() && self.committing.is_none() && self.first_pending() == Some(id) {
-            out.extend(self.start_commit(id));
-        }
+        out.extend(self.commit_next());
         out
     }
 
-    fn first_pending(&self) -> Option<CheckpointId> {
-        self.pending.keys().next().copied()
-    }
-
-    fn start_commit(&mut self, id: CheckpointId) -> Option<Action<A>> {
-        let p = self.pending.get_mut(&id)?;
+    /// Start committing the oldest pending checkpoint if every task has acked it and no commit is
+    /// under way. Completion follows id order, so a newer acked checkpoint waits here until
+    /// every older one has completed or been aborted.
+    fn commit_next(&mut self) -> Option<Action<A>> {
+        if self.failed || self.committing.is_some() {
+            return None;
+        }
+        let (&id, p) = self.pending.iter_mut().next()?;
+        if !p.awaiting.is_empty() {
+            return None;
+        }
         let mut acks = std::mem::take(&mut p.acks);
         acks.sort_by_key(|(t, _)| *t);
         self.committing = Some(id);
@@ -279,11 +293,8 @@ impl<A> CheckpointCoordinator<A> {
         let mut out = Vec::new();
         let declinable = self.committing != Some(id)
             && self.pending.get(&id).is_some_and(|p| p.awaiting.contains(&task));
-        if let Some(p) = declinable.then(|| self.pending.remove(&id)).flatten() {
-            if p.is_final {
-                self.final_id = None;
-            }
-            self.fail(id, FailureReason::Declined(task, message), &mut out);
+        if declinable {
+            self.abort(id, FailureReason::Declined(task, message), &mut out);
         }
         out.extend(self.tick(now_ms));
         out
@@ -297,12 +308,7 @@ impl<A> CheckpointCoordinator<A> {
         }
         self.committing = None;
         let p = self.pending.remove(&id).expect("committing checkpoint is pending");
-        // Older pending checkpoints are subsumed by this one.
-        let older: Vec<CheckpointId> = self.pending.range(..id).map(|(k, _)| *k).collect();
-        for o in older {
-            self.pending.remove(&o);
-            out.push(Action::Abort { id: o, reason: FailureReason::Timeout });
-        }
+        debug_assert!(self.pending.range(..id).next().is_none(), "only the oldest pending one commits");
         self.consecutive_failures = 0;
         self.last_completion_ms = Some(now_ms);
         self.retained.push_back(id);
@@ -315,11 +321,6 @@ impl<A> CheckpointCoordinator<A> {
             out.push(Action::Finished);
             return out;
         }
-        if let Some(next) = self.first_pending() {
-            if self.pending[&next].awaiting.is_empty() {
-                out.extend(self.start_commit(next));
-            }
-        }
         out.extend(self.tick(now_ms));
         out
     }
@@ -331,22 +332,37 @@ impl<A> CheckpointCoordinator<A> {
             return out;
         }
         self.committing = None;
-        if let Some(p) = self.pending.remove(&id) {
-            if p.is_final {
-                self.final_id = None;
-            }
-        }
-        self.fail(id, FailureReason::CommitFailed(message), &mut out);
+        self.abort(id, FailureReason::CommitFailed(message), &mut out);
         out.extend(self.tick(now_ms));
         out
     }
 
-    fn fail(&mut self, id: CheckpointId, reason: FailureReason, out: &mut Vec<Action<A>>) {
-        self.consecutive_failures += 1;
+    /// Abort pending checkpoint `id` as a failure, and fail the job when it was the final
+    /// checkpoint or one failure too many.
+    fn abort(&mut self, id: CheckpointId, reason: FailureReason, out: &mut Vec<Action<A>>) {
+        let Some(p) = self.pending.remove(&id) else { return };
         out.push(Action::Abort { id, reason: reason.clone() });
-        if self.consecutive_failures > self.cfg.tolerable_failed {
-            self.failed = true;
-            out.push(Action::FailJob { reason });
+        if self.failed {
+            return; // already failing: one FailJob is enough
+        }
+        self.consecutive_failures += 1;
+        let reason = if p.is_final {
+            // Its sources have stopped and will inject no other barrier: no retry can succeed.
+            FailureReason::FinalCheckpoint { id, cause: Box::new(reason) }
+        } else if self.consecutive_failures > self.cfg.tolerable_failed {
+            reason
+        } else {
+            return;
+        };
+        self.failed = true;
+        out.push(Action::FailJob { reason });
+        // The failing job's tasks will ack nothing more. The checkpoint being committed is left
+        // to `committed` / `commit_failed`, since the runtime may be writing its `_metadata`.
+        let orphans: Vec<CheckpointId> =
+            self.pending.keys().copied().filter(|&o| Some(o) != self.committing).collect();
+        for o in orphans {
+            self.pending.remove(&o);
+            out.push(Action::Abort { id: o, reason: FailureReason::JobFailed });
         }
     }
 
@@ -502,6 +518,99 @@ mod tests {
         assert_eq!(ids(&c.committed(1, 230)), ["notify1", "complete2"]);
     }
 
+    /// Two concurrent checkpoints, 1 and 2, with 2 fully acked while 1 is still pending.
+    fn acked_behind_pending(timeout_ms: u64) -> CheckpointCoordinator<u32> {
+        let cfg = CoordinatorConfig { max_concurrent: 2, timeout_ms, tolerable_failed: 10, ..cfg(100) };
+        let mut c = coord(cfg, 2);
+        assert_eq!(ids(&c.tick(100)), ["trigger1"]);
+        assert_eq!(ids(&c.tick(200)), ["trigger2"]);
+        c.ack(1, TaskId::new(0, 0), 0, 205);
+        c.ack(2, TaskId::new(0, 0), 0, 210);
+        assert!(c.ack(2, TaskId::new(0, 1), 0, 210).is_empty(), "2 waits for 1");
+        c
+    }
+
+    #[test]
+    fn acked_checkpoint_completes_when_older_one_expires() {
+        let mut c = acked_behind_pending(250);
+        assert_eq!(ids(&c.tick(350)), ["abort1", "complete2"]);
+        assert_eq!(ids(&c.committed(2, 360)), ["notify2", "trigger3"]);
+        // Expiring in the same tick as the older one: fully acked, it is no longer waiting on tasks.
+        let mut c = acked_behind_pending(150);
+        assert_eq!(ids(&c.tick(400)), ["abort1", "complete2"]);
+    }
+
+    #[test]
+    fn acked_checkpoint_completes_when_older_one_is_declined() {
+        let mut c = acked_behind_pending(10_000);
+        assert_eq!(ids(&c.decline(1, TaskId::new(0, 1), "disk full".into(), 220)), ["abort1", "complete2"]);
+        assert_eq!(ids(&c.committed(2, 230)), ["notify2"]);
+    }
+
+    #[test]
+    fn acked_checkpoint_completes_when_older_commit_fails() {
+        let mut c = acked_behind_pending(10_000);
+        assert_eq!(ids(&c.ack(1, TaskId::new(0, 1), 0, 220)), ["complete1"]);
+        assert_eq!(ids(&c.commit_failed(1, "store down".into(), 230)), ["abort1", "complete2"]);
+        assert_eq!(ids(&c.committed(2, 240)), ["notify2"]);
+        assert_eq!(c.consecutive_failures(), 0);
+    }
+
+    #[test]
+    fn no_completion_once_the_job_fails() {
+        let mut c = acked_behind_pending(250);
+        c.cfg.tolerable_failed = 0;
+        assert_eq!(ids(&c.tick(350)), ["abort1", "fail", "abort2"]);
+        assert!(c.pending().is_empty());
+        assert!(c.tick(10_000).is_empty());
+    }
+
+    /// A bounded job with two tasks (both sources) whose final checkpoint 5 is pending.
+    fn final_pending() -> CheckpointCoordinator<u32> {
+        let cfg = CoordinatorConfig { timeout_ms: 100, tolerable_failed: 10, ..CoordinatorConfig::default() };
+        let mut c = CheckpointCoordinator::new(cfg, tasks(2), tasks(2), 5, vec![4], 0);
+        c.source_finished(TaskId::new(0, 0), 10);
+        assert_eq!(ids(&c.source_finished(TaskId::new(0, 1), 20)), ["trigger5F"]);
+        c
+    }
+
+    fn assert_final_failure(actions: &[Action<u32>], cause: FailureReason) {
+        assert_eq!(ids(actions), ["abort5", "fail"]);
+        assert_eq!(actions[0], Action::Abort { id: 5, reason: cause.clone() });
+        let expected = FailureReason::FinalCheckpoint { id: 5, cause: Box::new(cause) };
+        assert_eq!(actions[1], Action::FailJob { reason: expected.clone() });
+        assert!(expected.to_string().contains("final checkpoint 5"), "{expected}");
+    }
+
+    #[test]
+    fn declined_final_checkpoint_fails_the_job() {
+        let mut c = final_pending();
+        let a = c.decline(5, TaskId::new(0, 1), "disk full".into(), 30);
+        assert_final_failure(&a, FailureReason::Declined(TaskId::new(0, 1), "disk full".into()));
+        assert!(c.pending().is_empty());
+        assert!(c.tick(10_000).is_empty(), "never retried");
+    }
+
+    #[test]
+    fn expired_final_checkpoint_fails_the_job() {
+        let mut c = final_pending();
+        c.ack(5, TaskId::new(0, 0), 0, 30);
+        assert!(c.tick(119).is_empty());
+        assert_final_failure(&c.tick(120), FailureReason::Timeout);
+        assert!(c.tick(10_000).is_empty(), "never retried");
+        assert!(c.ack(5, TaskId::new(0, 1), 0, 10_000).is_empty());
+    }
+
+    #[test]
+    fn final_checkpoint_whose_commit_fails_fails_the_job() {
+        let mut c = final_pending();
+        c.ack(5, TaskId::new(0, 0), 0, 30);
+        assert_eq!(ids(&c.ack(5, TaskId::new(0, 1), 0, 30)), ["complete5"]);
+        let a = c.commit_failed(5, "store down".into(), 40);
+        assert_final_failure(&a, FailureReason::CommitFailed("store down".into()));
+        assert!(c.tick(10_000).is_empty(), "never retried");
+    }
+
     #[test]
     fn cancel_discards_unless_retained() {
         let mut c = coord(cfg(100), 1);
@@ -514,6 +623,163 @@ mod tests {
         c.ack(1, TaskId::new(0, 0), 0, 110);
         c.committed(1, 110);
         assert_eq!(ids(&c.on_cancel(false)), ["discard1"]);
+    }
+
+    /// What a property test saw of one coordinator, checked action by action.
+    #[derive(Default)]
+    struct Observed {
+        /// Triggered ids, with whether each is final.
+        triggered: BTreeMap<CheckpointId, bool>,
+        /// Tasks that acked each id.
+        acked: BTreeMap<CheckpointId, BTreeSet<TaskId>>,
+        /// The checkpoint whose `Complete` awaits `committed` / `commit_failed`.
+        completing: Option<CheckpointId>,
+        last_complete: Option<CheckpointId>,
+        notified: BTreeSet<CheckpointId>,
+        aborted: BTreeSet<CheckpointId>,
+        failed: bool,
+        finished: bool,
+    }
+
+    impl Observed {
+        /// Check one call's actions against the protocol's safety rules.
+        fn check(&mut self, actions: &[Action<u32>], tasks: usize) -> Result<(), TestCaseError> {
+            for a in actions {
+                match a {
+                    Action::Trigger { id, is_final, .. } => {
+                        prop_assert!(!self.failed && !self.finished, "trigger {} after the end", id);
+                        prop_assert!(self.triggered.keys().next_back().is_none_or(|last| id > last));
+                        self.triggered.insert(*id, *is_final);
+                    }
+                    Action::Complete { id, acks, is_final, .. } => {
+                        prop_assert!(!self.failed, "complete {} after FailJob", id);
+                        prop_assert_eq!(self.completing, None, "one commit at a time");
+                        prop_assert!(self.last_complete.is_none_or(|l| *id > l), "complete {} out of order", id);
+                        prop_assert!(!self.aborted.contains(id), "complete {} after its abort", id);
+                        prop_assert_eq!(acks.len(), tasks);
+                        prop_assert_eq!(Some(is_final), self.triggered.get(id));
+                        self.completing = Some(*id);
+                        self.last_complete = Some(*id);
+                    }
+                    Action::Abort { id, reason } => {
+                        prop_assert!(self.triggered.contains_key(id), "abort of untriggered {}", id);
+                        prop_assert!(!self.notified.contains(id), "{} both completed and aborted", id);
+                        prop_assert!(self.aborted.insert(*id), "{} aborted twice", id);
+                        let fully_acked = self.acked.get(id).is_some_and(|a| a.len() == tasks);
+                        prop_assert!(!(fully_acked && *reason == FailureReason::Timeout), "fully acked {} expired", id);
+                        if self.completing == Some(*id) {
+                            prop_assert!(matches!(reason, FailureReason::CommitFailed(_)));
+                            self.completing = None;
+                        }
+                        if self.triggered[id] {
+                            // A failed final checkpoint fails the job in the same call, naming it.
+                            let expected = FailureReason::FinalCheckpoint { id: *id, cause: Box::new(reason.clone()) };
+                            prop_assert!(
+                                actions.contains(&Action::FailJob { reason: expected }),
+                                "final {} aborted without FailJob: {:?}", id, actions
+                            );
+                        }
+                    }
+                    Action::Notify { id } => {
+                        prop_assert_eq!(self.completing, Some(*id), "notify of a checkpoint not committing");
+                        prop_assert!(!self.aborted.contains(id), "{} both completed and aborted", id);
+                        prop_assert!(self.notified.iter().next_back().is_none_or(|l| id > l));
+                        self.notified.insert(*id);
+                        self.completing = None;
+                    }
+                    Action::Discard { id } => prop_assert!(self.notified.contains(id)),
+                    Action::FailJob { .. } => {
+                        prop_assert!(!self.failed, "FailJob twice");
+                        self.failed = true;
+                    }
+                    Action::Finished => {
+                        let last = self.notified.iter().next_back();
+                        prop_assert!(last.is_some_and(|l| self.triggered[l]), "finished before the final checkpoint");
+                        self.finished = true;
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        /// Check the coordinator's state after a call: completion is never held up, so unless a
+        /// commit is under way the oldest pending checkpoint still awaits a task.
+        fn check_state(&self, c: &CheckpointCoordinator<u32>, tasks: usize) -> Result<(), TestCaseError> {
+            let pending = c.pending();
+            if self.failed {
+                prop_assert!(pending.iter().all(|id| Some(*id) == self.completing), "pending after FailJob: {:?}", pending);
+            }
+            if let Some(id) = self.completing {
+                prop_assert_eq!(pending.first(), Some(&id), "the committing checkpoint is the oldest");
+            } else if let Some(oldest) = pending.first() {
+                let acked = self.acked.get(oldest).map_or(0, |a| a.len());
+                prop_assert!(self.failed || acked < tasks, "{} fully acked but not completing", oldest);
+            }
+            Ok(())
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Under any interleaving of time, acks, declines, commits, failed commits and the end of
+        /// input: completions come in id order, nothing is both completed and aborted, a failed
+        /// final checkpoint fails the job, and once time passes the timeout with no other event,
+        /// every checkpoint triggered so far has completed or been aborted.
+        #[test]
+        fn liveness(events in proptest::collection::vec((0u8..11, prop_oneof![9 => 0u64..30, 1 => 100u64..400],
+                                                         0usize..6, 0u32..3), 1..200),
+                    max_concurrent in 1usize..4, timeout_ms in prop::sample::select(vec![80u64, 300]),
+                    tolerable_failed in prop::sample::select(vec![0u32, 1, 3, 1000]), min_pause_ms in 0u64..20) {
+            const TASKS: u32 = 3;
+            let cfg = CoordinatorConfig { interval_ms: Some(50), timeout_ms, min_pause_ms, max_concurrent,
+                tolerable_failed, num_retained: 2 };
+            let mut c = coord(cfg, TASKS);
+            let mut seen = Observed::default();
+            let mut now = 0;
+            for (kind, dt, pick, task) in events {
+                now += dt;
+                let task = TaskId::new(0, task);
+                let pending = c.pending();
+                let triggered: Vec<CheckpointId> = seen.triggered.keys().copied().collect();
+                // Mostly the newest pending checkpoint, so that newer ones are often fully acked
+                // behind older ones; sometimes any, for late and stray messages.
+                let target = match pick {
+                    0 => pending.first().copied(),
+                    1..=3 => pending.last().copied(),
+                    _ => triggered.get(pick % triggered.len().max(1)).copied(),
+                };
+                let actions = match (kind, target) {
+                    (0..=2, _) => c.tick(now),
+                    (3..=6, Some(id)) => {
+                        if pending.contains(&id) {
+                            seen.acked.entry(id).or_default().insert(task);
+                        }
+                        c.ack(id, task, 0, now)
+                    }
+                    (7, _) => seen.completing.map_or_else(Vec::new, |id| c.committed(id, now)),
+                    (8, Some(id)) => c.decline(id, task, "x".into(), now),
+                    (9, _) => seen.completing.map_or_else(Vec::new, |id| c.commit_failed(id, "x".into(), now)),
+                    (10, _) => c.source_finished(TaskId::new(0, 0), now),
+                    _ => vec![],
+                };
+                seen.check(&actions, TASKS as usize)?;
+                seen.check_state(&c, TASKS as usize)?;
+            }
+            // No more events: the runtime answers commits, and time passes the timeout.
+            let before = seen.triggered.keys().next_back().copied().unwrap_or(0);
+            let mut actions = c.tick(now + timeout_ms);
+            loop {
+                seen.check(&actions, TASKS as usize)?;
+                seen.check_state(&c, TASKS as usize)?;
+                let Some(id) = seen.completing else { break };
+                actions = c.committed(id, now + timeout_ms);
+            }
+            for (id, _) in seen.triggered.range(..=before) {
+                prop_assert!(seen.notified.contains(id) || seen.aborted.contains(id), "{} still unresolved", id);
+            }
+            prop_assert!(c.pending().iter().all(|&id| id > before), "still pending: {:?}", c.pending());
+        }
     }
 
     proptest! {
