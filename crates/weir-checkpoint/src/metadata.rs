@@ -7,7 +7,8 @@ use crate::{CheckpointId, TaskId};
 /// The version of the `_metadata` format this build writes and reads.
 pub const METADATA_VERSION: u32 = 1;
 
-/// What Flink calls externalized checkpoint retention: what happens to checkpoints on cancel.
+/// What Flink calls externalized checkpoint retention: what happens to checkpoints when the job
+/// ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum RetentionPolicy {
     /// Keep retained checkpoints when the job is cancelled (Flink's `RETAIN_ON_CANCELLATION`).
@@ -15,6 +16,9 @@ pub enum RetentionPolicy {
     RetainOnCancellation,
     /// Delete them on cancel (Flink's `DELETE_ON_CANCELLATION`).
     DeleteOnCancellation,
+    /// Checkpoints are not externalized: deleted on any end of the job, finished, failed or
+    /// cancelled (Flink's `NO_EXTERNALIZED_CHECKPOINTS`).
+    NoExternalizedCheckpoints,
 }
 
 /// One key group's block inside a state file.

@@ -267,3 +267,49 @@ fn processes_that_disagree_on_the_restore_point_fail() {
     }
     assert_exactly_once(&expected, &committed_lines(&out));
 }
+
+/// Issue 7, item 12: SIGTERM to any process of a job cancels the whole job (both exit 130,
+/// the retention policy applies); `NO_EXTERNALIZED_CHECKPOINTS` deletes checkpoints when the
+/// job finishes, as Flink does.
+#[test]
+fn a_signal_to_any_process_cancels_the_job() {
+    let tmp = TempDir::new("cancel-any");
+    let (out, ck) = (tmp.join("out"), tmp.join("ck"));
+    let job_dir = ck.join(JOB);
+    let hosts = tmp.join("hosts.txt");
+    std::fs::write(&hosts, format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port())).unwrap();
+    let policy = "execution.checkpointing.externalized-checkpoint-retention=DELETE_ON_CANCELLATION";
+    let mut procs: Vec<_> = (0..2)
+        .map(|p| {
+            let mut c = keyed_sum(&out, &ck, &["-D", "restart-strategy.type=none", "--set", "source.rate=500000", "-D", policy]);
+            c.arg("--process").arg(p.to_string()).arg("--hostfile").arg(&hosts);
+            spawn(&mut c)
+        })
+        .collect();
+    assert!(wait_for_checkpoint_after(&mut procs[0], &job_dir, 0, Duration::from_secs(60)), "cluster checkpoints");
+    let ok = Command::new("kill").args(["-TERM", &procs[1].id().to_string()]).status().unwrap().success();
+    assert!(ok);
+    for (i, p) in procs.iter_mut().enumerate() {
+        let start = std::time::Instant::now();
+        let code = loop {
+            if let Some(st) = p.try_wait().unwrap() {
+                break st.code();
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                kill9(p);
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(code, Some(130), "process {i} ends as cancelled");
+    }
+    assert!(completed_checkpoints(&job_dir).is_empty(), "DELETE_ON_CANCELLATION applies to the whole job");
+
+    // NO_EXTERNALIZED_CHECKPOINTS: a finished job leaves no checkpoint behind.
+    let (out2, ck2) = (tmp.join("out2"), tmp.join("ck2"));
+    let policy = "execution.checkpointing.externalized-checkpoint-retention=NO_EXTERNALIZED_CHECKPOINTS";
+    run_ok(&mut keyed_sum(&out2, &ck2, &["--set", "source.count=300000", "-D", policy]));
+    assert!(!committed_lines(&out2).is_empty());
+    let left: Vec<_> = std::fs::read_dir(ck2.join(JOB)).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("chk-")).collect();
+    assert!(left.is_empty(), "no checkpoint left: {left:?}");
+}

@@ -20,6 +20,8 @@ pub(crate) enum Control {
     Notify { id: CheckpointId },
     /// The final checkpoint is committed: stop.
     Finish,
+    /// The job is cancelled (a signal to any of its processes): stop everywhere, no restart.
+    Cancel,
     /// The job failed: stop and restart per strategy.
     Fail { reason: String },
 }
@@ -32,6 +34,8 @@ pub(crate) enum AckMsg {
     SourceFinished { task: TaskId },
     /// The checkpoint this worker's process chose, checked against process 0's.
     RestoreCheck { worker: u32, restored: Option<CheckpointId> },
+    /// A process other than 0 was asked to cancel the job (SIGINT/SIGTERM).
+    CancelRequest,
 }
 
 /// A barrier for one source.
@@ -54,6 +58,7 @@ pub(crate) struct WorkerShared {
     pub outbox: Vec<AckMsg>,
     pub finish: bool,
     pub fail: Option<String>,
+    pub cancelled: bool,
     pub restore_point: Option<(Option<CheckpointId>, u64)>,
     pub restore_verdict: Option<Option<String>>,
     pub committers: Vec<Committer>,
@@ -82,6 +87,10 @@ impl WorkerShared {
             Control::RestorePoint { restored, first_epoch } => self.restore_point = Some((*restored, *first_epoch)),
             Control::RestoreVerdict { disagreement } => self.restore_verdict = Some(disagreement.clone()),
             Control::Finish => self.finish = true,
+            Control::Cancel => {
+                self.cancelled = true;
+                self.set_fail("job cancelled".into());
+            }
             Control::Fail { reason } => {
                 if self.fail.is_none() {
                     self.fail = Some(reason.clone());

@@ -21,7 +21,7 @@ use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Exchange, Inspect};
 use timely::dataflow::{InputHandle, ProbeHandle};
 use timely::worker::Worker;
-use weir_checkpoint::{Action, CheckpointCoordinator, CheckpointId, CheckpointMetadata, SubtaskSnapshot, TaskId, METADATA_VERSION};
+use weir_checkpoint::{Action, CheckpointCoordinator, CheckpointId, RetentionPolicy, CheckpointMetadata, SubtaskSnapshot, TaskId, METADATA_VERSION};
 use weir_storage::{checkpoint_dir_name, CheckpointStorage, LatestValid, Lineage, StorageError};
 
 use crate::config::{ConfigError, JobConfig, RestartStrategy};
@@ -270,6 +270,12 @@ pub(crate) fn run_job(
         let deterministic = env.deterministic.load(Ordering::SeqCst);
         drop(env);
         drop(exec_guard);
+        let ends = outcome.is_ok() || cancel.load(Ordering::SeqCst) || deterministic || !restart_allowed(&config, restarts);
+        if ends && config.checkpoint.retention == RetentionPolicy::NoExternalizedCheckpoints && cluster.process == 0 {
+            if let Some(s) = storage.as_ref().filter(|_| checkpointing) {
+                delete_all_checkpoints(job, s);
+            }
+        }
         match outcome {
             Ok(checkpoints) => {
                 return Ok(JobResult { restored_from: (restored_id > 0).then_some(restored_id), restarts, checkpoints })
@@ -299,6 +305,25 @@ enum AttemptError {
     Retry(String),
     /// No restart can (no valid checkpoint, a corrupt or abandoned checkpoint named explicitly).
     Final(JobError),
+}
+
+fn restart_allowed(config: &JobConfig, restarts: u32) -> bool {
+    match config.restart {
+        RestartStrategy::None => false,
+        RestartStrategy::FixedDelay { attempts, .. } => restarts < attempts,
+    }
+}
+
+/// `NO_EXTERNALIZED_CHECKPOINTS`: the job ended, its checkpoints go with it.
+fn delete_all_checkpoints(job: &str, s: &CheckpointStorage) {
+    let ids = s.checkpoint_ids().map(|(valid, _)| valid).unwrap_or_default();
+    let abandoned = s.abandoned_checkpoints().unwrap_or_default();
+    for id in ids.iter().chain(&abandoned) {
+        if let Err(e) = s.discard(*id) {
+            tracing::warn!("{job}: deleting checkpoint {id}: {e}");
+        }
+    }
+    tracing::info!("{job}: {} checkpoint(s) deleted (NO_EXTERNALIZED_CHECKPOINTS)", ids.len() + abandoned.len());
 }
 
 /// Count a restart and wait its delay, or give up per the restart strategy.
@@ -586,8 +611,14 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
             ack_time += 1;
             ack_in.advance_to(ack_time);
         }
+        if coord.is_none() && !cancel_sent && env.cancel.load(Ordering::Relaxed) {
+            // A signal to this process cancels the whole job: ask the coordinator.
+            cancel_sent = true;
+            shared.borrow_mut().outbox.push(AckMsg::CancelRequest);
+        }
         if let (Some(c), Some(ctl)) = (coord.as_mut(), ctl_in.as_mut()) {
-            if env.cancel.load(Ordering::Relaxed) && !cancel_sent {
+            let requested = inbox.borrow().iter().any(|m| matches!(m, AckMsg::CancelRequest));
+            if (requested || env.cancel.load(Ordering::Relaxed)) && !cancel_sent {
                 cancel_sent = true;
                 cancel_job(c, ctl, env);
                 ctl_time += 1;
@@ -613,6 +644,9 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
         }
         let sh = shared.borrow();
         if let Some(f) = &sh.fail {
+            if sh.cancelled {
+                env.cancel.store(true, Ordering::SeqCst);
+            }
             return Err(f.clone());
         }
         if sh.finish {
@@ -708,7 +742,7 @@ fn agree_on_restore_point(
 /// Cancel: drop pending checkpoints, keep or delete completed ones per the retention policy,
 /// and stop every worker.
 fn cancel_job(c: &mut CheckpointCoordinator<SubtaskSnapshot>, ctl: &mut InputHandle<Time, CapacityContainerBuilder<Vec<Control>>>, env: &AttemptEnv) {
-    let retain = env.config.checkpoint.retention == weir_checkpoint::RetentionPolicy::RetainOnCancellation;
+    let retain = env.config.checkpoint.retention == RetentionPolicy::RetainOnCancellation;
     for a in c.on_cancel(retain) {
         if let (Action::Discard { id } | Action::Abort { id, .. }, Some(s)) = (a, &env.storage) {
             if let Err(e) = s.discard(id) {
@@ -719,9 +753,9 @@ fn cancel_job(c: &mut CheckpointCoordinator<SubtaskSnapshot>, ctl: &mut InputHan
     tracing::warn!(
         "job {} cancelled; completed checkpoints {}",
         env.job,
-        if retain { "retained (RETAIN_ON_CANCELLATION)" } else { "deleted (DELETE_ON_CANCELLATION)" }
+        if retain { "retained (RETAIN_ON_CANCELLATION)" } else { "deleted" }
     );
-    ctl.send(Control::Fail { reason: "cancelled".into() });
+    ctl.send(Control::Cancel);
 }
 
 /// Feed the coordinator time and acks; carry out its actions. Returns whether a control
@@ -741,7 +775,7 @@ fn drive_coordinator(
             AckMsg::Ack { id, task, snapshot } => c.ack(id, task, snapshot, now()),
             AckMsg::Decline { id, task, reason } => c.decline(id, task, reason, now()),
             AckMsg::SourceFinished { task } => c.source_finished(task, now()),
-            AckMsg::RestoreCheck { .. } => Vec::new(),
+            AckMsg::RestoreCheck { .. } | AckMsg::CancelRequest => Vec::new(),
         });
     }
     let mut sent = false;
@@ -811,7 +845,10 @@ fn drive_coordinator(
                 }
             }
             Action::FailJob { reason } => {
-                let reason = format!("too many failed checkpoints: {reason}");
+                let reason = match reason {
+                    weir_checkpoint::FailureReason::FinalCheckpoint { .. } => reason.to_string(),
+                    r => format!("too many failed checkpoints: {r}"),
+                };
                 ctl.send(Control::Fail { reason });
                 sent = true;
             }
