@@ -241,6 +241,7 @@ impl JobConfig {
         };
         let retention = match get("execution.checkpointing.externalized-checkpoint-retention").as_str() {
             "DELETE_ON_CANCELLATION" => RetentionPolicy::DeleteOnCancellation,
+            "NO_EXTERNALIZED_CHECKPOINTS" => RetentionPolicy::NoExternalizedCheckpoints,
             _ => RetentionPolicy::RetainOnCancellation,
         };
         let restart = match get("restart-strategy.type").as_str() {
