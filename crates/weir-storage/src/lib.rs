@@ -52,6 +52,9 @@ pub enum StorageError {
     /// The configured location cannot be used.
     #[error("execution.checkpointing.dir: {0}")]
     Location(String),
+    /// The checkpoint was aborted: nothing more is written into it.
+    #[error("checkpoint {0} was aborted")]
+    Aborted(CheckpointId),
 }
 
 impl StorageError {
@@ -65,7 +68,7 @@ impl StorageError {
             StorageError::Io { source, .. } => {
                 matches!(source.downcast_ref::<object_store::Error>(), Some(object_store::Error::NotFound { .. }))
             }
-            StorageError::Location(_) => false,
+            StorageError::Location(_) | StorageError::Aborted(_) => false,
         }
     }
 }
@@ -107,6 +110,9 @@ pub const ABANDONED_METADATA: &str = "_metadata.abandoned";
 #[derive(Clone, Debug)]
 pub struct CheckpointStorage {
     store: Arc<dyn ObjectStore>,
+    /// Checkpoints aborted in this process (the newest few thousand), shared by every clone:
+    /// a writer still running for one removes what it wrote instead of leaving it behind.
+    aborted: Arc<std::sync::Mutex<std::collections::BTreeSet<CheckpointId>>>,
     /// The job directory on the local file system (for fsync and display).
     local: PathBuf,
 }
@@ -134,6 +140,11 @@ pub struct Lineage {
     pub abandoned: Vec<CheckpointId>,
     /// Wall-clock start of the run (ms since the Unix epoch), for humans.
     pub started_ms: u64,
+}
+
+/// The checkpoint a relative path belongs to (`chk-<n>/...`).
+fn checkpoint_of(rel: &str) -> Option<CheckpointId> {
+    rel.strip_prefix("chk-")?.split_once('/')?.0.parse().ok()
 }
 
 /// The directory name of checkpoint `id`.
@@ -164,7 +175,7 @@ impl CheckpointStorage {
         let fs = LocalFileSystem::new_with_prefix(&local)
             .map_err(|e| StorageError::Location(format!("'{}': {e}", local.display())))?
             .with_fsync(true);
-        Ok(Self { store: Arc::new(fs), local })
+        Ok(Self { store: Arc::new(fs), aborted: Arc::default(), local })
     }
 
     /// Open the job directory that holds checkpoint directory `chk_dir` (`.../<job>/chk-<n>`),
@@ -195,10 +206,39 @@ impl CheckpointStorage {
 
     /// Write a file durably: the local store writes a staging file, fsyncs it, renames it into
     /// place and fsyncs every directory it changed (a new `chk-<n>` and the job directory), so
-    /// state files are durable before `_metadata` names them.
+    /// state files are durable before `_metadata` names them. A file of an aborted checkpoint
+    /// is refused, or removed again if the abort came while it was being written.
     pub fn put(&self, rel: &str, bytes: Vec<u8>) -> Result<(), StorageError> {
+        let chk = checkpoint_of(rel);
+        if let Some(id) = chk.filter(|&id| self.is_aborted(id)) {
+            return Err(StorageError::Aborted(id));
+        }
         block_on(self.store.put(&Path::from(rel), PutPayload::from(bytes))).map_err(io("write", self.display(rel)))?;
+        // The abort's discard may have listed the directory before this file was published.
+        if let Some(id) = chk.filter(|&id| self.is_aborted(id)) {
+            self.discard(id)?;
+            return Err(StorageError::Aborted(id));
+        }
         Ok(())
+    }
+
+    fn is_aborted(&self, id: CheckpointId) -> bool {
+        self.aborted.lock().map(|a| a.contains(&id)).unwrap_or(false)
+    }
+
+    /// Abort checkpoint `id`: remember it (so writers still running clean up after themselves)
+    /// and delete what was written of it. Idempotent; cheap after the first call.
+    pub fn abort(&self, id: CheckpointId) -> Result<(), StorageError> {
+        {
+            let Ok(mut a) = self.aborted.lock() else { return Ok(()) };
+            if !a.insert(id) {
+                return Ok(());
+            }
+            while a.len() > 4096 {
+                a.pop_first();
+            }
+        }
+        self.discard(id)
     }
 
     /// Read a whole file.
@@ -392,5 +432,64 @@ impl CheckpointStorage {
         }
         std::fs::remove_dir_all(self.local.join(&dir)).ok();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn storage(tag: &str) -> (CheckpointStorage, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("weir-storage-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        (CheckpointStorage::open(dir.to_str().unwrap(), "job").unwrap(), dir)
+    }
+
+    #[test]
+    fn a_writer_of_an_aborted_checkpoint_leaves_nothing_behind() {
+        let (s, dir) = storage("abort");
+        // Written before the abort: removed by it.
+        s.put("chk-3/a.state", vec![1; 100]).unwrap();
+        s.abort(3).unwrap();
+        assert!(!dir.join("job/chk-3").exists(), "the aborted checkpoint's directory is removed");
+        // A writer still running after the abort: refused, nothing appears.
+        assert!(matches!(s.put("chk-3/b.state", vec![2; 100]), Err(StorageError::Aborted(3))));
+        assert!(!dir.join("job/chk-3").exists());
+        // Other checkpoints are unaffected, and a second abort is a no-op.
+        s.put("chk-4/a.state", vec![3; 10]).unwrap();
+        s.abort(3).unwrap();
+        assert_eq!(&s.read("chk-4/a.state").unwrap()[..], &[3; 10]);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn abandoned_checkpoints_leave_the_lineage_and_transient_errors_are_not_corruption() {
+        let (s, dir) = storage("abandon");
+        for id in [1, 2] {
+            let meta = CheckpointMetadata {
+                version: METADATA_VERSION,
+                job: "job".into(),
+                id,
+                triggered_ms: 0,
+                completed_ms: 1,
+                parallelism: 1,
+                max_parallelism: 128,
+                is_final: false,
+                subtasks: vec![],
+            };
+            s.commit_metadata(&meta).unwrap();
+        }
+        s.abandon(2).unwrap();
+        assert_eq!(s.completed_checkpoints().unwrap(), vec![1]);
+        assert_eq!(s.abandoned_checkpoints().unwrap(), vec![2]);
+        assert_eq!(s.load_abandoned_metadata(2).unwrap().id, 2);
+        assert!(matches!(s.latest_valid().unwrap(), LatestValid::Found(m, _) if m.id == 1));
+        // A missing file proves corruption; an unreadable one (a symlink loop: ELOOP) does not.
+        let missing = s.read("chk-1/nope").unwrap_err();
+        assert!(missing.is_corruption(), "{missing}");
+        std::os::unix::fs::symlink(dir.join("job/chk-1/loop"), dir.join("job/chk-1/loop")).unwrap();
+        let eloop = s.read("chk-1/loop").unwrap_err();
+        assert!(!eloop.is_corruption(), "{eloop}");
+        std::fs::remove_dir_all(dir).ok();
     }
 }

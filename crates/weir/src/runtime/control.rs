@@ -16,6 +16,8 @@ pub(crate) enum Control {
     RestoreVerdict { disagreement: Option<String> },
     /// Inject barrier `id` at the sources.
     Trigger { id: CheckpointId, at_us: u64, is_final: bool },
+    /// Checkpoint `id` was aborted: remove what this process wrote of it.
+    Abort { id: CheckpointId },
     /// Checkpoint `id` is committed: sinks commit epochs `<= id`.
     Notify { id: CheckpointId },
     /// The final checkpoint is committed: stop.
@@ -59,6 +61,7 @@ pub(crate) struct WorkerShared {
     pub finish: bool,
     pub fail: Option<String>,
     pub cancelled: bool,
+    pub aborted: Vec<CheckpointId>,
     pub restore_point: Option<(Option<CheckpointId>, u64)>,
     pub restore_verdict: Option<Option<String>>,
     pub committers: Vec<Committer>,
@@ -86,6 +89,7 @@ impl WorkerShared {
             }
             Control::RestorePoint { restored, first_epoch } => self.restore_point = Some((*restored, *first_epoch)),
             Control::RestoreVerdict { disagreement } => self.restore_verdict = Some(disagreement.clone()),
+            Control::Abort { id } => self.aborted.push(*id),
             Control::Finish => self.finish = true,
             Control::Cancel => {
                 self.cancelled = true;

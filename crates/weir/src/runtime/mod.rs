@@ -630,6 +630,18 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
                 ctl.advance_to(ctl_time);
             }
         }
+        let aborted = std::mem::take(&mut shared.borrow_mut().aborted);
+        if let Some(s) = env.storage.as_ref().filter(|_| !aborted.is_empty()) {
+            let s = s.clone();
+            // Once per process: `abort` is idempotent across the process's workers.
+            ctx.executor.submit(move || {
+                for id in aborted {
+                    if let Err(e) = s.abort(id) {
+                        tracing::warn!("removing aborted checkpoint {id}: {e}");
+                    }
+                }
+            });
+        }
         // Commit sinks in the worker loop, after the notification and before any stop.
         let notified = shared.borrow().notified;
         if notified > committed_upto {
@@ -824,12 +836,10 @@ fn drive_coordinator(
             }
             Action::Abort { id, reason } => {
                 tracing::warn!("checkpoint {id} aborted: {reason}");
-                // Remove what was written of it (it has no _metadata, so it never existed).
-                if let Some(s) = env.storage.clone() {
-                    env.executor.lock().expect("executor").submit(move || {
-                        let _ = s.discard(id);
-                    });
-                }
+                // Every process removes what it wrote of it (it has no _metadata, so it never
+                // existed), including files its writers are still producing.
+                ctl.send(Control::Abort { id });
+                sent = true;
             }
             Action::Notify { id } => {
                 ctl.send(Control::Notify { id });
