@@ -58,7 +58,8 @@ fn projected_kmeans_recovers_projected_centres_on_both_paths() {
         let mut model = std::collections::HashMap::new();
         for f in files {
             for line in std::fs::read_to_string(f).unwrap().lines() {
-                let v: Vec<f32> = line.split(',').map(|x| x.parse().unwrap()).collect();
+                // `key,centroid,"x1,x2,…"`: the vector is one quoted CSV field.
+                let v: Vec<f32> = line.split(',').map(|x| x.trim_matches('"').parse().unwrap()).collect();
                 model.insert((v[0] as u64, v[1] as u64), v[2..].to_vec());
             }
         }

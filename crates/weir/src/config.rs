@@ -82,6 +82,8 @@ pub struct JobConfig {
     pub source_batch: usize,
     /// Batches a source may have in flight (not yet through every sink): the flow-control window.
     pub max_inflight_batches: usize,
+    /// The longest line a file source reads; a longer one fails the job (malformed input).
+    pub max_line_bytes: u64,
     /// GPU selection and budget.
     pub gpu: weir_gpu::GpuConfig,
     /// Batches one GPU operator instance keeps in flight (submitted, result not yet back).
@@ -90,6 +92,8 @@ pub struct JobConfig {
     pub gpu_batch_records: usize,
     /// The longest a record waits in a GPU operator's batch.
     pub gpu_batch_latency: Duration,
+    /// A file holding the cluster's shared secret (`cluster.secret-file`); see `runtime::cluster`.
+    pub cluster_secret_file: Option<String>,
 }
 
 impl Default for JobConfig {
@@ -161,6 +165,7 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("restart-strategy.fixed-delay.delay", Kind::Duration, "1 s"),
     ("weir.source.batch-size", Kind::Int { min: 1, max: 1 << 20 }, "4096"),
     ("weir.source.max-inflight-batches", Kind::Int { min: 1, max: 1 << 16 }, "16"),
+    ("weir.source.max-line-bytes", Kind::Bytes, "16 mb"),
     ("weir.gpu.enabled", Kind::Enum(&["auto", "true", "false"]), "auto"),
     ("weir.gpu.device", Kind::Str, ""),
     ("weir.gpu.batch.max-records", Kind::Int { min: 1, max: 1 << 24 }, "8192"),
@@ -171,6 +176,7 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("taskmanager.gpu.fraction", Kind::Fraction, "0.5"),
     ("taskmanager.gpu.memory", Kind::Bytes, "1 gb"),
     ("external-resource.gpu.amount", Kind::Int { min: 0, max: 64 }, "1"),
+    ("cluster.secret-file", Kind::Str, ""),
 ];
 
 /// Flink 1.x names and the keys that replace them.
@@ -276,6 +282,7 @@ impl JobConfig {
             restart,
             source_batch: int("weir.source.batch-size") as usize,
             max_inflight_batches: int("weir.source.max-inflight-batches") as usize,
+            max_line_bytes: parse_bytes(&get("weir.source.max-line-bytes")).expect("checked"),
             gpu: weir_gpu::GpuConfig {
                 mode: match get("weir.gpu.enabled").as_str() {
                     "true" => weir_gpu::GpuMode::On,
@@ -298,6 +305,7 @@ impl JobConfig {
             gpu_max_inflight: int("weir.gpu.max-inflight-batches") as usize,
             gpu_batch_records: int("weir.gpu.batch.max-records") as usize,
             gpu_batch_latency: dur("weir.gpu.batch.max-latency"),
+            cluster_secret_file: Some(get("cluster.secret-file")).filter(|f| !f.is_empty()),
         })
     }
 }
@@ -366,6 +374,15 @@ mod tests {
         assert!(e.to_string().contains("one of auto, staged, direct"), "{e}");
         let e = JobConfig::from_pairs([("weir.gpu.transfer.ring-size", "0")]).unwrap_err();
         assert_eq!(e.key, "weir.gpu.transfer.ring-size");
+    }
+
+    #[test]
+    fn max_line_bytes() {
+        assert_eq!(JobConfig::default().max_line_bytes, 16 << 20);
+        let c = JobConfig::from_pairs([("weir.source.max-line-bytes", "64 kb")]).unwrap();
+        assert_eq!(c.max_line_bytes, 64 << 10);
+        let e = JobConfig::from_pairs([("weir.source.max-line-bytes", "0")]).unwrap_err();
+        assert_eq!(e.key, "weir.source.max-line-bytes");
     }
 
     #[test]

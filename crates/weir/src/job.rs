@@ -324,7 +324,8 @@ enum PlanStep {
     Map { idx: usize, op: MapOp, value: Value },
     Select(Vec<usize>),
     Tokenize { idx: usize, lowercase: bool },
-    KeyAgg { key: usize, aggs: Vec<(AggFn, usize)>, ints: bool },
+    /// `at`: the pipeline index of the `aggregate` step; `calls`: its functions as written.
+    KeyAgg { key: usize, aggs: Vec<(AggFn, usize)>, ints: bool, at: usize, calls: Vec<String> },
     KeyKmeans { key: usize, field: usize, k: usize },
     Resize { idx: usize, width: usize, height: Option<usize> },
     Cnn { idx: usize, model: Arc<weir_gpu::cnn::SmallCnn> },
@@ -343,6 +344,9 @@ pub struct JobPlan {
     steps: Vec<PlanStep>,
     sink: SinkSpec,
     sink_fields: Option<(usize, usize)>,
+    /// Source fields that must be numbers, and why: the file source checks them, naming the
+    /// file and line of a value that is not.
+    source_numbers: Vec<(usize, String)>,
     /// Field names of the rows that reach the sink.
     pub output_schema: Vec<String>,
 }
@@ -367,6 +371,44 @@ fn json_value(v: &serde_json::Value) -> Value {
 /// Parse YAML text into a tree (for `--set` edits before checking).
 pub fn parse_yaml(text: &str) -> Result<serde_json::Value, String> {
     serde_saphyr::from_str(text).map_err(|e| e.to_string())
+}
+
+/// The fields of each `type` of source and sink, for `--set source.type=…` and
+/// `--set sink.type=…`: switching the type drops the fields the new type does not have
+/// (`component_fields_match_the_specs` keeps this in step with [`SourceSpec`] and [`SinkSpec`]).
+const COMPONENT_FIELDS: &[(&str, &str, &[&str])] = &[
+    ("source", "generator", &["count", "keys", "seed", "rate"]),
+    ("source", "blobs", &["count", "centers", "dim", "sigma", "keys", "seed"]),
+    ("source", "images", &["path"]),
+    ("source", "file", &["path", "format", "fields"]),
+    ("sink", "file", &["path"]),
+    ("sink", "blackhole", &[]),
+    ("sink", "images", &["path", "name", "field"]),
+];
+
+/// Apply one `--set path=value` to a YAML tree. Switching a source's or sink's `type` drops the
+/// fields the new type does not have, with a warning naming them: `--set sink.type=blackhole`
+/// on a file sink drops its `path` instead of failing on it. The fields of the file itself are
+/// still checked (only a switch drops anything).
+pub fn apply_set(tree: &mut serde_json::Value, path: &str, value: &str) -> Result<(), String> {
+    let component = path.strip_suffix(".type").filter(|c| matches!(*c, "source" | "sink"));
+    let type_of = |tree: &serde_json::Value, c: &str| tree.get(c)?.get("type")?.as_str().map(str::to_string);
+    let before = component.and_then(|c| type_of(tree, c));
+    set_path(tree, path, value)?;
+    let Some(c) = component else { return Ok(()) };
+    let Some(after) = type_of(tree, c).filter(|t| before.as_ref() != Some(t)) else { return Ok(()) };
+    // An unknown type is left for the spec check to name.
+    let Some((_, _, fields)) = COMPONENT_FIELDS.iter().find(|(k, t, _)| *k == c && *t == after) else { return Ok(()) };
+    let Some(obj) = tree.get_mut(c).and_then(|v| v.as_object_mut()) else { return Ok(()) };
+    let dropped: Vec<String> = obj.keys().filter(|k| *k != "type" && !fields.contains(&k.as_str())).cloned().collect();
+    if !dropped.is_empty() {
+        obj.retain(|k, _| !dropped.contains(k));
+        tracing::warn!(
+            "--set {path}={value}: dropped {} of the {c} (a {after} {c} has no such field)",
+            dropped.iter().map(|k| format!("'{c}.{k}'")).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Set `path` (dots; list indices as numbers) in a YAML tree to `value` (parsed as YAML).
@@ -410,7 +452,7 @@ impl JobPlan {
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         let mut tree: serde_json::Value = serde_saphyr::from_str(&text).map_err(|e| err(e.to_string()))?;
         for (p, v) in sets {
-            set_path(&mut tree, p, v).map_err(err)?;
+            apply_set(&mut tree, p, v).map_err(err)?;
         }
         let spec: JobSpec = serde_path_to_error::deserialize(tree).map_err(|e| {
             let at = e.path().to_string();
@@ -437,6 +479,22 @@ impl JobPlan {
             SourceSpec::Images { .. } => vec![false, false],
             SourceSpec::File { fields, .. } => vec![false; fields.len()],
         };
+        // The type of each field known not to hold numbers (so `sum` of it is refused here), and
+        // the source field each field is an unchanged copy of, while every source row still
+        // reaches the step: a sum of such a field is checked by the source, which names the
+        // file and line of a value that is not a number.
+        let mut non_numeric: Vec<Option<&'static str>> = match &spec.source {
+            SourceSpec::Generator { .. } => vec![None, None],
+            SourceSpec::Blobs { .. } => vec![None, Some("vector")],
+            SourceSpec::File { format: FileFormatSpec::Lines, .. } => vec![Some("string")],
+            SourceSpec::Images { .. } => vec![Some("string"), Some("image")],
+            SourceSpec::File { fields, .. } => vec![None; fields.len()],
+        };
+        let mut origin: Vec<Option<usize>> = match &spec.source {
+            SourceSpec::File { format: FileFormatSpec::Json, fields, .. } => (0..fields.len()).map(Some).collect(),
+            _ => vec![None; ints.len()],
+        };
+        let mut source_numbers: Vec<(usize, String)> = Vec::new();
         let mut schema: Vec<String> = match &spec.source {
             SourceSpec::Generator { keys, count, .. } => {
                 if *keys == 0 {
@@ -476,7 +534,9 @@ impl JobPlan {
             };
             match step {
                 Step::Filter { field: f, op, value } => {
-                    steps.push(PlanStep::Filter { idx: field(f, &schema)?, op: *op, value: json_value(value) })
+                    steps.push(PlanStep::Filter { idx: field(f, &schema)?, op: *op, value: json_value(value) });
+                    // A row it drops never reaches a sum: the source may not judge it.
+                    origin.fill(None);
                 }
                 Step::Map { field: f, op, value } => {
                     let v = value.as_ref().map(json_value).unwrap_or_default();
@@ -487,11 +547,18 @@ impl JobPlan {
                     if matches!(op, MapOp::Add | MapOp::Mul) && !matches!(v, Value::Int(_)) {
                         ints[idx] = false;
                     }
+                    if matches!(op, MapOp::Add | MapOp::Mul) {
+                        // A number, or null where the field was not one.
+                        non_numeric[idx] = None;
+                        origin[idx] = None;
+                    }
                     steps.push(PlanStep::Map { idx, op: *op, value: v })
                 }
                 Step::Select(fields) => {
                     let idx = fields.iter().map(|f| field(f, &schema)).collect::<Result<Vec<_>, _>>()?;
                     ints = idx.iter().map(|&i| ints[i]).collect();
+                    non_numeric = idx.iter().map(|&i| non_numeric[i]).collect();
+                    origin = idx.iter().map(|&i| origin[i]).collect();
                     steps.push(PlanStep::Select(idx));
                     schema = fields.clone();
                 }
@@ -499,6 +566,8 @@ impl JobPlan {
                     steps.push(PlanStep::Tokenize { idx: field(f, &schema)?, lowercase: *lowercase });
                     schema = vec!["word".into()];
                     ints = vec![false];
+                    non_numeric = vec![Some("string")];
+                    origin = vec![None];
                 }
                 Step::KeyBy(k) => {
                     let key = field(k, &schema)?;
@@ -511,11 +580,14 @@ impl JobPlan {
                             steps.push(PlanStep::KeyKmeans { key, field: field(f, &schema)?, k: *kk });
                             schema = vec![schema[key].clone(), "centroid".into(), "vector".into()];
                             ints = vec![ints[key], true, false];
+                            non_numeric = vec![non_numeric[key], None, Some("vector")];
+                            origin = vec![None; 3];
                             continue;
                         }
                         _ => return Err(format!("pipeline[{i}]: key_by must be followed by aggregate or kmeans")),
                     };
                     let mut aggs = Vec::new();
+                    let mut calls = Vec::new();
                     let mut out = vec![schema[key].clone()];
                     for a in list {
                         let a = a.trim();
@@ -540,18 +612,31 @@ impl JobPlan {
                             (_, Some(arg)) => field(arg, &schema)?,
                             (_, None) => return Err(format!("pipeline[{}].aggregate: '{a}' needs a field", i + 1)),
                         };
+                        if let (AggFn::Sum, Some(arg)) = (agg, arg) {
+                            if let Some(t) = non_numeric[idx] {
+                                return Err(format!("pipeline[{}].aggregate: {a}: field '{arg}' holds a {t}, sum needs numbers", i + 1));
+                            }
+                            if let Some(src) = origin[idx] {
+                                source_numbers.push((src, format!("pipeline[{}].aggregate sums it ({a})", i + 1)));
+                            }
+                        }
                         out.push(match arg {
                             Some(arg) if agg != AggFn::Count => format!("{f}_{arg}"),
                             _ => f.to_string(),
                         });
                         aggs.push((agg, idx));
+                        calls.push(a.to_string());
                     }
                     if aggs.is_empty() {
                         return Err(format!("pipeline[{}].aggregate: list at least one function", i + 1));
                     }
                     let typed = aggs.len() <= 4 && ints[key] && aggs.iter().all(|(f, idx)| *f == AggFn::Count || ints[*idx]);
                     ints = std::iter::once(ints[key]).chain(aggs.iter().map(|(f, idx)| *f == AggFn::Count || ints[*idx])).collect();
-                    steps.push(PlanStep::KeyAgg { key, aggs, ints: typed });
+                    non_numeric = std::iter::once(non_numeric[key])
+                        .chain(aggs.iter().map(|(f, idx)| if matches!(f, AggFn::Min | AggFn::Max) { non_numeric[*idx] } else { None }))
+                        .collect();
+                    origin = vec![None; aggs.len() + 1];
+                    steps.push(PlanStep::KeyAgg { key, aggs, ints: typed, at: i + 1, calls });
                     schema = out;
                 }
                 Step::ImageResize { field: f, width, height } => {
@@ -571,7 +656,10 @@ impl JobPlan {
                         return Err(format!("pipeline[{i}].gemm: input and output must be at least 1"));
                     }
                     let b = random_projection(*input, *output, *seed);
-                    steps.push(PlanStep::Gemm { idx: field(f, &schema)?, k: *input, n: *output, b: Arc::new(b) });
+                    let idx = field(f, &schema)?;
+                    non_numeric[idx] = Some("vector");
+                    origin[idx] = None;
+                    steps.push(PlanStep::Gemm { idx, k: *input, n: *output, b: Arc::new(b) });
                 }
                 Step::CnnInfer { field: f, model, height, width } => {
                     let m = weir_gpu::cnn::SmallCnn::load(Path::new(model), *height, *width)
@@ -579,6 +667,8 @@ impl JobPlan {
                     steps.push(PlanStep::Cnn { idx: field(f, &schema)?, model: Arc::new(m) });
                     schema.push("class".into());
                     ints.push(true);
+                    non_numeric.push(None);
+                    origin.push(None);
                 }
                 Step::Aggregate(_) => return Err(format!("pipeline[{i}]: aggregate needs a key_by before it")),
                 Step::Kmeans { .. } => return Err(format!("pipeline[{i}]: kmeans needs a key_by before it")),
@@ -596,7 +686,16 @@ impl JobPlan {
             // start, not discovered by a worker.
             weir_gpu::kernels::shared_kernels(&config.gpu).map_err(|e| e.to_string())?;
         }
-        Ok(JobPlan { name: spec.name, config, source: spec.source, steps, sink: spec.sink, sink_fields, output_schema: schema })
+        Ok(JobPlan {
+            name: spec.name,
+            config,
+            source: spec.source,
+            steps,
+            sink: spec.sink,
+            sink_fields,
+            source_numbers,
+            output_schema: schema,
+        })
     }
 
     /// The process's kernels for a GPU step (already opened at plan time).
@@ -626,7 +725,8 @@ impl JobPlan {
                     FileFormatSpec::Lines => FileFormat::Lines,
                     FileFormatSpec::Json => FileFormat::JsonLines(fields.clone()),
                 };
-                job.source("file", FileSource::new(path, format))
+                let source = self.source_numbers.iter().fold(FileSource::new(path, format), |s, (field, why)| s.require_number(*field, why));
+                job.source("file", source)
             }
         };
         for (i, step) in self.steps.iter().cloned().enumerate() {
@@ -654,7 +754,7 @@ impl JobPlan {
                         .collect();
                     words
                 }),
-                PlanStep::KeyAgg { key, aggs, ints: true } => {
+                PlanStep::KeyAgg { key, aggs, ints: true, .. } => {
                     let keyed = stream.key_by(move |r: &Row| match r.get(key) {
                         Value::Int(k) => *k,
                         _ => unreachable!("the plan proved field {key} an integer"),
@@ -667,9 +767,10 @@ impl JobPlan {
                         _ => keyed.process(&name, IntAggregate::<4>::new(aggs)),
                     }
                 }
-                PlanStep::KeyAgg { key, aggs, ints: false } => stream
-                    .key_by(move |r: &Row| r.get(key).clone())
-                    .process(&format!("aggregate-{i}"), Aggregate { aggs, state: None }),
+                PlanStep::KeyAgg { key, aggs, ints: false, at, calls } => {
+                    let aggregate = Aggregate { aggs, at, calls, state: None, input_error: job.input_error_handle(), failed: false };
+                    stream.key_by(move |r: &Row| r.get(key).clone()).process(&format!("aggregate-{i}"), aggregate)
+                }
                 PlanStep::Resize { idx, width, height } => {
                     let Some(kernels) = self.kernels(job, i) else { return };
                     image_batches(stream, &format!("image_resize-{i}"), idx, move |img| {
@@ -805,7 +906,13 @@ fn apply(v: &Value, op: MapOp, c: &Value) -> Value {
 /// Running aggregates per key.
 struct Aggregate {
     aggs: Vec<(AggFn, usize)>,
+    /// The step's pipeline index and its functions as written, for messages.
+    at: usize,
+    calls: Vec<String>,
     state: Option<ValueState<SmallVec<[Value; 2]>>>,
+    /// A non-number given to `sum` fails the job: the same row fails every restart.
+    input_error: crate::stream::InputErrorHandle,
+    failed: bool,
 }
 
 fn add(a: &Value, b: &Value) -> Value {
@@ -835,13 +942,33 @@ impl KeyedProcessFunction<Value, Row, Row> for Aggregate {
     }
 
     fn process(&mut self, ctx: &mut KeyedContext<'_, Value>, row: Row, out: &mut Vec<Row>) {
+        if self.failed {
+            return; // the attempt is ending
+        }
         let n = self.aggs.len();
         let key = ctx.key().clone();
+        // Checked before the state changes: a failed row leaves no partial update.
+        let bad = self.aggs.iter().position(|(f, idx)| *f == AggFn::Sum && !matches!(row.get(*idx), Value::Int(_) | Value::Float(_) | Value::Null));
+        if let Some(j) = bad {
+            let v = row.get(self.aggs[j].1);
+            self.failed = true;
+            self.input_error.fail(format!(
+                "pipeline[{}].aggregate: {} of key {} got a {} ({}), not a number",
+                self.at,
+                self.calls[j],
+                crate::source::abbreviate(&key.to_string()),
+                v.type_name(),
+                crate::source::abbreviate(&v.to_string())
+            ));
+            return;
+        }
         let state = self.state.as_ref().expect("opened");
         let acc = state.get_or_insert_with(ctx, || SmallVec::from_elem(Value::Null, n));
         for ((f, idx), a) in self.aggs.iter().zip(acc.iter_mut()) {
             let v = row.get(*idx);
             *a = match f {
+                // SQL's SUM: a null (a missing JSON field) leaves the sum as it is.
+                AggFn::Sum if matches!(v, Value::Null) => a.clone(),
                 AggFn::Sum => add(a, v),
                 AggFn::Count => add(a, &Value::Int(1)),
                 AggFn::Min => extreme(a, v, std::cmp::Ordering::Less),
@@ -990,6 +1117,73 @@ mod tests {
         assert_eq!(t["sink"]["type"], "blackhole");
         assert_eq!(t["pipeline"][0]["key_by"], "b");
         assert!(set_path(&mut t, "pipeline.7.x", "1").is_err());
+    }
+
+    /// The names between backticks after `expected` in a serde error.
+    fn expected_names(e: &str) -> Vec<String> {
+        let Some((_, list)) = e.split_once("expected") else { return vec![] };
+        list.split('`').skip(1).step_by(2).map(String::from).collect()
+    }
+
+    #[test]
+    fn component_fields_match_the_specs() {
+        let probe = |c: &str, v: serde_json::Value| -> String {
+            match c {
+                "source" => serde_json::from_value::<SourceSpec>(v).unwrap_err().to_string(),
+                _ => serde_json::from_value::<SinkSpec>(v).unwrap_err().to_string(),
+            }
+        };
+        for c in ["source", "sink"] {
+            let mut types = expected_names(&probe(c, serde_json::json!({"type": "no-such-type"})));
+            let mut listed: Vec<String> = COMPONENT_FIELDS.iter().filter(|(k, ..)| *k == c).map(|(_, t, _)| t.to_string()).collect();
+            types.sort();
+            listed.sort();
+            assert_eq!(types, listed, "the {c} types of COMPONENT_FIELDS");
+            for (_, t, fields) in COMPONENT_FIELDS.iter().filter(|(k, ..)| *k == c) {
+                let e = probe(c, serde_json::json!({"type": t, "no_such_field": 0}));
+                assert!(e.contains("unknown field `no_such_field`"), "{e}");
+                let mut want = expected_names(&e);
+                let mut have: Vec<String> = fields.iter().map(|f| f.to_string()).collect();
+                want.sort();
+                have.sort();
+                assert_eq!(have, want, "the fields of a {t} {c} in COMPONENT_FIELDS");
+            }
+        }
+    }
+
+    #[test]
+    fn switching_a_type_drops_the_fields_it_lacks() {
+        let mut t = parse_yaml("sink: {type: file, path: out}\nsource: {type: file, path: in, format: json, fields: [a]}").unwrap();
+        apply_set(&mut t, "sink.type", "blackhole").unwrap();
+        assert_eq!(t["sink"], serde_json::json!({"type": "blackhole"}));
+        apply_set(&mut t, "sink.type", "images").unwrap();
+        apply_set(&mut t, "sink.path", "pngs").unwrap();
+        assert_eq!(t["sink"], serde_json::json!({"type": "images", "path": "pngs"}));
+        apply_set(&mut t, "source.type", "images").unwrap();
+        assert_eq!(t["source"], serde_json::json!({"type": "images", "path": "in"}));
+        // Setting the same type drops nothing: a wrong field in the file stays an error.
+        let mut t = parse_yaml("sink: {type: blackhole, path: out}").unwrap();
+        apply_set(&mut t, "sink.type", "blackhole").unwrap();
+        assert_eq!(t["sink"]["path"], "out");
+        // An unknown type is left for the spec check to name.
+        let mut t = parse_yaml("sink: {type: file, path: out}").unwrap();
+        apply_set(&mut t, "sink.type", "kafka").unwrap();
+        assert_eq!(t["sink"]["path"], "out");
+    }
+
+    #[test]
+    fn sum_needs_numbers() {
+        let e = plan("name: t\nsource: {type: file, path: x}\npipeline:\n  - key_by: line\n  - aggregate: [sum(line)]\nsink: {type: blackhole}\n").unwrap_err();
+        assert!(e.contains("pipeline[1].aggregate: sum(line): field 'line' holds a string, sum needs numbers"), "{e}");
+        let json = "name: t\nsource: {type: file, path: x, format: json, fields: [k, v, w]}\nsink: {type: blackhole}\npipeline:\n";
+        // Every row reaches the sum: the source checks `v` (field 1), naming file and line.
+        let p = plan(&format!("{json}  - select: [w, v, k]\n  - key_by: k\n  - aggregate: [count, sum(v), min(w)]\n")).unwrap();
+        assert_eq!(p.source_numbers, [(1, "pipeline[2].aggregate sums it (sum(v))".to_string())]);
+        // A filter may drop the rows that would fail: only the aggregate can judge them.
+        let p = plan(&format!("{json}  - filter: {{field: w, op: eq, value: 1}}\n  - key_by: k\n  - aggregate: [sum(v)]\n")).unwrap();
+        assert!(p.source_numbers.is_empty());
+        let p = plan(&format!("{json}  - map: {{field: v, op: add, value: 1}}\n  - key_by: k\n  - aggregate: [sum(v)]\n")).unwrap();
+        assert!(p.source_numbers.is_empty());
     }
 }
 

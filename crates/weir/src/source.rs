@@ -23,10 +23,43 @@ pub enum Poll {
     Finished,
 }
 
+/// Whether a restart can fix a source error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The input or the settings are wrong (malformed JSON, bad UTF-8, a line over
+    /// `weir.source.max-line-bytes`, a bad setting): a restart reads the same bytes again, so
+    /// the job fails at once.
+    Deterministic,
+    /// I/O that may succeed on a retry: the restart strategy applies.
+    Transient,
+}
+
 /// A source failed; the message names the file and line, or the setting, at fault.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct SourceError(pub String);
+#[error("{message}")]
+pub struct SourceError {
+    /// Whether a restart can fix it.
+    pub kind: ErrorKind,
+    /// What and where.
+    pub message: String,
+}
+
+impl SourceError {
+    /// Bad input or settings: the job fails without restarting.
+    pub fn deterministic(message: impl Into<String>) -> Self {
+        Self { kind: ErrorKind::Deterministic, message: message.into() }
+    }
+
+    /// An I/O failure: the job restarts per its restart strategy.
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self { kind: ErrorKind::Transient, message: message.into() }
+    }
+
+    /// Whether a restart cannot fix it.
+    pub fn is_deterministic(&self) -> bool {
+        self.kind == ErrorKind::Deterministic
+    }
+}
 
 /// Where a source instance runs.
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +68,8 @@ pub struct SourceContext {
     pub subtask: u32,
     /// Instances in all.
     pub parallelism: u32,
+    /// The longest line a line-based source accepts (`weir.source.max-line-bytes`).
+    pub max_line_bytes: u64,
 }
 
 /// A replayable source.
@@ -82,6 +117,10 @@ impl<T: Clone + 'static> Source<T> for VecSource<T> {
 impl<T: Clone> SourceReader<T> for VecReader<T> {
     fn poll(&mut self, out: &mut Vec<T>, max: usize) -> Result<Poll, SourceError> {
         let Some(pos) = self.pos.as_mut() else { return Ok(Poll::Finished) };
+        // Restored past the end (a shorter vector): nothing is left; the offset stays as it was.
+        if *pos >= self.data.len() {
+            return Ok(Poll::Finished);
+        }
         let end = (*pos + max).min(self.data.len());
         out.extend_from_slice(&self.data[*pos..end]);
         *pos = end;
@@ -154,7 +193,7 @@ impl Source<Row> for GeneratorSource {
     }
     fn open(&self, ctx: &SourceContext, splits: Vec<SplitOffset>) -> Result<Box<dyn SourceReader<Row>>, SourceError> {
         if self.keys == 0 {
-            return Err(SourceError("source.keys: must be at least 1".into()));
+            return Err(SourceError::deterministic("source.keys: must be at least 1"));
         }
         Ok(Box::new(GeneratorReader {
             splits: splits.iter().map(|s| (s.split, s.offset, self.split_len(s.split))).collect(),
@@ -180,7 +219,8 @@ impl SourceReader<Row> for GeneratorReader {
         let mut visited = 0;
         while max > 0 && visited < n {
             let (split, off, len) = &mut self.splits[self.cur];
-            let take = (*len - *off).min(max as u64);
+            // A restore with a smaller `count` puts the offset past the end: nothing is left.
+            let take = len.saturating_sub(*off).min(max as u64);
             for i in *off..*off + take {
                 let (k, v) = self.gen.record(*split, i);
                 out.push(Row::new([Value::Int(k), Value::Int(v)]));
@@ -191,7 +231,7 @@ impl SourceReader<Row> for GeneratorReader {
             self.cur = (self.cur + 1) % n;
             visited = if take == 0 { visited + 1 } else { 0 };
         }
-        let done = self.splits.iter().all(|(_, o, l)| o == l);
+        let done = self.splits.iter().all(|(_, o, l)| o >= l);
         Ok(if done { Poll::Finished } else { Poll::More })
     }
     fn offsets(&self) -> Vec<SplitOffset> {
@@ -210,26 +250,38 @@ pub enum FileFormat {
 
 /// A replayable file source: one split per file (a file, or the files of a directory in name
 /// order); the offset is the byte position after the last line emitted.
+///
+/// Malformed input (bad UTF-8, a line over `weir.source.max-line-bytes`, a line that is not a
+/// JSON object, a non-number where [`FileSource::require_number`] asks for one) is a
+/// deterministic error naming `file:line`; I/O errors are transient.
 #[derive(Clone, Debug)]
 pub struct FileSource {
     path: PathBuf,
     format: FileFormat,
+    numbers: Vec<(usize, String)>,
 }
 
 impl FileSource {
     /// A source over `path` (a file or a directory).
     pub fn new(path: impl Into<PathBuf>, format: FileFormat) -> Self {
-        Self { path: path.into(), format }
+        Self { path: path.into(), format, numbers: Vec::new() }
+    }
+
+    /// Field `field` of every row must be a number or null: anything else fails the job at
+    /// its `file:line`, the message ending with `why` (e.g. the step that sums the field).
+    pub fn require_number(mut self, field: usize, why: impl Into<String>) -> Self {
+        self.numbers.push((field, why.into()));
+        self
     }
 
     fn files(&self) -> Result<Vec<PathBuf>, SourceError> {
         let meta = std::fs::metadata(&self.path)
-            .map_err(|e| SourceError(format!("source.path {}: {e}", self.path.display())))?;
+            .map_err(|e| SourceError::transient(format!("source.path {}: {e}", self.path.display())))?;
         if meta.is_file() {
             return Ok(vec![self.path.clone()]);
         }
         let mut files: Vec<PathBuf> = std::fs::read_dir(&self.path)
-            .map_err(|e| SourceError(format!("source.path {}: {e}", self.path.display())))?
+            .map_err(|e| SourceError::transient(format!("source.path {}: {e}", self.path.display())))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.is_file() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
             .collect();
@@ -246,18 +298,26 @@ struct OpenSplit {
     done: bool,
 }
 
+impl OpenSplit {
+    /// `file:line` of the line that starts at the current offset (counted only for a message).
+    fn at(&self) -> String {
+        format!("{}:{}", self.path.display(), line_number(&self.path, self.offset))
+    }
+}
+
 struct FileReader {
-    format: FileFormat,
+    source: FileSource,
     splits: Vec<OpenSplit>,
     cur: usize,
-    line: String,
+    line: Vec<u8>,
+    max_line_bytes: u64,
 }
 
 impl Source<Row> for FileSource {
     fn splits(&self) -> Result<Vec<u64>, SourceError> {
         Ok((0..self.files()?.len() as u64).collect())
     }
-    fn open(&self, _: &SourceContext, splits: Vec<SplitOffset>) -> Result<Box<dyn SourceReader<Row>>, SourceError> {
+    fn open(&self, ctx: &SourceContext, splits: Vec<SplitOffset>) -> Result<Box<dyn SourceReader<Row>>, SourceError> {
         let files = self.files()?;
         let splits = splits
             .into_iter()
@@ -266,14 +326,18 @@ impl Source<Row> for FileSource {
                 Ok(OpenSplit { split: s.split, path, offset: s.offset, reader: None, done: false })
             })
             .collect::<Result<Vec<_>, SourceError>>()?;
-        Ok(Box::new(FileReader { format: self.format.clone(), splits, cur: 0, line: String::new() }))
+        Ok(Box::new(FileReader { source: self.clone(), splits, cur: 0, line: Vec::new(), max_line_bytes: ctx.max_line_bytes }))
     }
 }
 
 /// The file of a split of a file-per-split source: a split restored from a checkpoint whose
 /// file is gone is an error, not a silent skip.
 fn file_of_split(files: &[PathBuf], split: u64, dir: &std::path::Path) -> Result<PathBuf, SourceError> {
-    files.get(split as usize).cloned().ok_or_else(|| SourceError(format!("split {split} has no file in {}", dir.display())))
+    // A restart restores the same checkpoint: it cannot fix this.
+    files
+        .get(split as usize)
+        .cloned()
+        .ok_or_else(|| SourceError::deterministic(format!("split {split} has no file in {}", dir.display())))
 }
 
 /// The 1-based line number of the line that starts at `offset` in `path`.
@@ -312,38 +376,59 @@ impl SourceReader<Row> for FileReader {
             self.cur = idx;
             let s = &mut self.splits[idx];
             if s.reader.is_none() {
-                let mut f = File::open(&s.path).map_err(|e| SourceError(format!("{}: {e}", s.path.display())))?;
-                f.seek(SeekFrom::Start(s.offset)).map_err(|e| SourceError(format!("{}: {e}", s.path.display())))?;
+                let mut f = File::open(&s.path).map_err(|e| SourceError::transient(format!("{}: {e}", s.path.display())))?;
+                f.seek(SeekFrom::Start(s.offset)).map_err(|e| SourceError::transient(format!("{}: {e}", s.path.display())))?;
                 s.reader = Some(BufReader::with_capacity(1 << 16, f));
             }
             let reader = s.reader.as_mut().expect("opened");
             self.line.clear();
-            let n = reader
-                .read_line(&mut self.line)
-                .map_err(|e| SourceError(format!("{} line {}: {e}", s.path.display(), line_number(&s.path, s.offset))))?;
+            // One byte over the limit tells a line of exactly the limit from a longer one,
+            // without reading a runaway line into memory.
+            let n = Read::take(&mut *reader, self.max_line_bytes.saturating_add(1))
+                .read_until(b'\n', &mut self.line)
+                .map_err(|e| SourceError::transient(format!("{}: {e}", s.at())))?;
             if n == 0 {
                 s.done = true;
                 s.reader = None;
                 continue;
             }
-            let text = self.line.trim_end_matches(['\n', '\r']);
-            let row = match &self.format {
+            if self.line.last() != Some(&b'\n') && n as u64 > self.max_line_bytes {
+                return Err(SourceError::deterministic(format!(
+                    "{}: line longer than weir.source.max-line-bytes ({} bytes)",
+                    s.at(),
+                    self.max_line_bytes
+                )));
+            }
+            let text = std::str::from_utf8(&self.line)
+                .map_err(|e| SourceError::deterministic(format!("{}: not UTF-8 (at byte {} of the line)", s.at(), e.valid_up_to() + 1)))?
+                .trim_end_matches(['\n', '\r']);
+            let row = match &self.source.format {
                 FileFormat::Lines => Row::new([Value::text(text)]),
                 FileFormat::JsonLines(fields) => {
                     if text.trim().is_empty() {
                         s.offset += n as u64;
                         continue;
                     }
-                    let obj: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text).map_err(|e| {
-                        SourceError(format!(
-                            "{} line {}: not a JSON object: {e}",
-                            s.path.display(),
-                            line_number(&s.path, s.offset)
-                        ))
-                    })?;
+                    let obj: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
+                        .map_err(|e| SourceError::deterministic(format!("{}: not a JSON object: {e}", s.at())))?;
                     Row::new(fields.iter().map(|f| obj.get(f).map(json_to_value).unwrap_or(Value::Null)))
                 }
             };
+            for (field, why) in &self.source.numbers {
+                let v = row.get(*field);
+                if !matches!(v, Value::Int(_) | Value::Float(_) | Value::Null) {
+                    let name = match &self.source.format {
+                        FileFormat::JsonLines(fields) => fields.get(*field).map(String::as_str).unwrap_or("?"),
+                        FileFormat::Lines => "line",
+                    };
+                    return Err(SourceError::deterministic(format!(
+                        "{}: field '{name}' is a {} ({}), not a number: {why}",
+                        s.at(),
+                        v.type_name(),
+                        abbreviate(&v.to_string())
+                    )));
+                }
+            }
             out.push(row);
             s.offset += n as u64;
             produced += 1;
@@ -352,6 +437,14 @@ impl SourceReader<Row> for FileReader {
     }
     fn offsets(&self) -> Vec<SplitOffset> {
         self.splits.iter().map(|s| SplitOffset { split: s.split, offset: s.offset }).collect()
+    }
+}
+
+/// A value for an error message: quoted, at most 40 characters.
+pub(crate) fn abbreviate(text: &str) -> String {
+    match text.char_indices().nth(40) {
+        Some((end, _)) => format!("{:?}…", &text[..end]),
+        None => format!("{text:?}"),
     }
 }
 
@@ -424,7 +517,7 @@ impl Source<Row> for BlobSource {
     }
     fn open(&self, _: &SourceContext, splits: Vec<SplitOffset>) -> Result<Box<dyn SourceReader<Row>>, SourceError> {
         if self.dim == 0 || self.centers == 0 {
-            return Err(SourceError("source.dim and source.centers must be at least 1".into()));
+            return Err(SourceError::deterministic("source.dim and source.centers must be at least 1"));
         }
         Ok(Box::new(BlobReader {
             splits: splits.iter().map(|s| (s.split, s.offset, self.split_len(s.split))).collect(),
@@ -440,14 +533,14 @@ impl SourceReader<Row> for BlobReader {
         let mut idle = 0;
         while max > 0 && idle < n {
             let (split, off, len) = &mut self.splits[self.cur];
-            let take = (*len - *off).min(max as u64);
+            let take = len.saturating_sub(*off).min(max as u64);
             out.extend((*off..*off + take).map(|i| self.gen.record(*split, i)));
             *off += take;
             max -= take as usize;
             self.cur = (self.cur + 1) % n;
             idle = if take == 0 { idle + 1 } else { 0 };
         }
-        Ok(if self.splits.iter().all(|(_, o, l)| o == l) { Poll::Finished } else { Poll::More })
+        Ok(if self.splits.iter().all(|(_, o, l)| o >= l) { Poll::Finished } else { Poll::More })
     }
     fn offsets(&self) -> Vec<SplitOffset> {
         self.splits.iter().map(|&(split, offset, _)| SplitOffset { split, offset }).collect()
@@ -468,7 +561,7 @@ impl ImageSource {
     }
 
     fn files(&self) -> Result<Vec<PathBuf>, SourceError> {
-        let rd = std::fs::read_dir(&self.dir).map_err(|e| SourceError(format!("source.path {}: {e}", self.dir.display())))?;
+        let rd = std::fs::read_dir(&self.dir).map_err(|e| SourceError::transient(format!("source.path {}: {e}", self.dir.display())))?;
         let mut files: Vec<PathBuf> = rd
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
@@ -506,12 +599,15 @@ impl SourceReader<Row> for ImageReader {
         if let Some((_, path, done)) = self.files.iter_mut().find(|f| !f.2).filter(|_| max > 0) {
             let img = image::ImageReader::open(&*path)
                 .and_then(|r| r.with_guessed_format())
-                .map_err(|e| SourceError(format!("{}: {e}", path.display())))?
+                .map_err(|e| SourceError::transient(format!("{}: {e}", path.display())))?
                 .decode()
-                .map_err(|e| SourceError(format!("{}: not a readable image: {e}", path.display())))?
+                .map_err(|e| match e {
+                    image::ImageError::IoError(e) => SourceError::transient(format!("{}: {e}", path.display())),
+                    e => SourceError::deterministic(format!("{}: not a readable image: {e}", path.display())),
+                })?
                 .to_rgb8();
             let (w, h) = (img.width() as usize, img.height() as usize);
-            let img = weir_gpu::kernels::Image::from_rgb8(w, h, img.as_raw()).map_err(|e| SourceError(e.to_string()))?;
+            let img = weir_gpu::kernels::Image::from_rgb8(w, h, img.as_raw()).map_err(|e| SourceError::deterministic(format!("{}: {e}", path.display())))?;
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             out.push(Row::new([Value::text(name), Value::Image(Arc::new(img))]));
             *done = true;
@@ -520,5 +616,92 @@ impl SourceReader<Row> for ImageReader {
     }
     fn offsets(&self) -> Vec<SplitOffset> {
         self.files.iter().map(|(split, _, done)| SplitOffset { split: *split, offset: u64::from(*done) }).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CTX: SourceContext = SourceContext { subtask: 0, parallelism: 1, max_line_bytes: 64 };
+
+    fn drain(r: &mut dyn SourceReader<Row>) -> Result<Vec<Row>, SourceError> {
+        let mut out = Vec::new();
+        for _ in 0..1000 {
+            if r.poll(&mut out, 7)? == Poll::Finished {
+                return Ok(out);
+            }
+        }
+        panic!("no end after 1000 polls ({} rows)", out.len());
+    }
+
+    fn all_splits<S: Source<Row>>(s: &S, offset: u64) -> Vec<SplitOffset> {
+        s.splits().unwrap().into_iter().map(|split| SplitOffset { split, offset }).collect()
+    }
+
+    /// Restored with a smaller `count` than it ran with: the offsets lie past the new bound,
+    /// nothing is left, and the offsets stay where they were (a later restore with the larger
+    /// count resumes there instead of replaying).
+    #[test]
+    fn bounded_sources_restored_past_their_bound_finish_at_once() {
+        let gen = GeneratorSource { count: 100, keys: 10, seed: 1, rate: None };
+        let mut r = gen.open(&CTX, all_splits(&gen, 50)).unwrap();
+        assert!(drain(&mut *r).unwrap().is_empty());
+        assert!(r.offsets().iter().all(|o| o.offset == 50));
+        let blobs = BlobSource { count: 100, centers: 2, dim: 2, sigma: 1.0, keys: 2, seed: 1 };
+        let mut r = blobs.open(&CTX, all_splits(&blobs, 50)).unwrap();
+        assert!(drain(&mut *r).unwrap().is_empty());
+        let v = VecSource::new(vec![Row::default(); 3]);
+        let mut r = v.open(&CTX, all_splits(&v, 10)).unwrap();
+        assert!(drain(&mut *r).unwrap().is_empty());
+        // Partly consumed splits still yield the rest.
+        let mut r = gen.open(&CTX, all_splits(&gen, 5)).unwrap();
+        assert_eq!(drain(&mut *r).unwrap().len(), 50);
+        // A file restored at or past its end (a shorter file) has nothing left.
+        let path = std::env::temp_dir().join(format!("weir-source-bound-{}", std::process::id()));
+        std::fs::write(&path, "a\nb\n").unwrap();
+        let file = FileSource::new(&path, FileFormat::Lines);
+        for offset in [4, 1000] {
+            let mut r = file.open(&CTX, all_splits(&file, offset)).unwrap();
+            assert!(drain(&mut *r).unwrap().is_empty());
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    fn read_file(bytes: &[u8], format: FileFormat) -> Result<Vec<Row>, SourceError> {
+        let dir = std::env::temp_dir().join(format!("weir-source-test-{}-{:?}", std::process::id(), std::thread::current().id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("in.txt");
+        std::fs::write(&path, bytes).unwrap();
+        let src = FileSource::new(&path, format).require_number(1, "the sum needs it");
+        let result = src.open(&CTX, all_splits(&src, 0)).and_then(|mut r| drain(&mut *r));
+        std::fs::remove_dir_all(&dir).unwrap();
+        result
+    }
+
+    #[test]
+    fn malformed_input_is_deterministic_and_names_file_and_line() {
+        let json = || FileFormat::JsonLines(vec!["k".into(), "v".into()]);
+        let cases: [(&[u8], &str); 4] = [
+            (b"{\"k\": 1, \"v\": 2}\n{\"k\": 1, \"v\": \n", "in.txt:2: not a JSON object"),
+            (b"{\"k\": 1, \"v\": 2}\n\n{\"k\": \"\xff\", \"v\": 2}\n", "in.txt:3: not UTF-8"),
+            (b"{\"k\": 1, \"v\": \"7\"}\n", "in.txt:1: field 'v' is a string (\"7\"), not a number: the sum needs it"),
+            (&[b'x'; 65], "in.txt:1: line longer than weir.source.max-line-bytes (64 bytes)"),
+        ];
+        for (bytes, want) in cases {
+            let e = read_file(bytes, json()).unwrap_err();
+            assert!(e.is_deterministic() && e.to_string().contains(want), "{e}");
+        }
+        // At the limit, with or without a newline, and null or missing numbers, are fine.
+        let line = [b'x'; 64];
+        assert_eq!(read_file(&[&line[..], b"\n", &line[..]].concat(), FileFormat::Lines).unwrap().len(), 2);
+        let rows = read_file(b"{\"k\": 1, \"v\": null}\n{\"k\": 2}\n{\"k\": 3, \"v\": 1.5}", json()).unwrap();
+        assert_eq!(rows.len(), 3);
+    }
+
+    #[test]
+    fn io_errors_are_transient() {
+        let src = FileSource::new("/nonexistent/weir-input", FileFormat::Lines);
+        assert!(!src.splits().unwrap_err().is_deterministic());
     }
 }

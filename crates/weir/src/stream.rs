@@ -75,6 +75,16 @@ pub struct Job<'s> {
     ctx: Rc<JobCtx>,
 }
 
+/// Fails the job deterministically from inside an operator: see [`Job::input_error_handle`].
+pub(crate) struct InputErrorHandle(Rc<JobCtx>);
+
+impl InputErrorHandle {
+    /// End the job with `message`, without restarting.
+    pub(crate) fn fail(&self, message: String) {
+        self.0.fail_deterministic(message);
+    }
+}
+
 /// A stream of `T`.
 pub struct DataStream<'s, T> {
     stream: StreamVec<'s, Time, T>,
@@ -108,6 +118,12 @@ impl<'s> Job<'s> {
         self.ctx.fail_build(message);
     }
 
+    /// A handle for an operator to fail the job, while it runs, on input that no restart can
+    /// fix (the job ends without restarting).
+    pub(crate) fn input_error_handle(&self) -> InputErrorHandle {
+        InputErrorHandle(self.ctx.clone())
+    }
+
     /// Add a replayable source.
     pub fn source<T: Data, S: Source<T>>(&mut self, name: &str, source: S) -> DataStream<'s, T> {
         let ctx = self.ctx.clone();
@@ -123,10 +139,14 @@ impl<'s> Job<'s> {
                 .filter(|(i, _)| *i as u32 % peers == index)
                 .map(|(_, &split)| SplitOffset { split, offset: restored.get(&split).copied().unwrap_or(0) })
                 .collect();
-            source.open(&SourceContext { subtask: index, parallelism: peers }, mine)
+            source.open(&SourceContext { subtask: index, parallelism: peers, max_line_bytes: ctx.config.max_line_bytes }, mine)
         });
         let mut reader = match reader {
             Ok(r) => Some(r),
+            Err(e) if e.is_deterministic() => {
+                ctx.fail_deterministic(format!("source '{name}': {e}"));
+                None
+            }
             Err(e) => {
                 ctx.fail_build(format!("source '{name}': {e}"));
                 None
@@ -191,7 +211,13 @@ impl<'s> Job<'s> {
                     let status = match r.poll(&mut buf, batch) {
                         Ok(s) => s,
                         Err(e) => {
-                            ctx.shared.borrow_mut().set_fail(format!("source '{name_owned}': {e}"));
+                            let message = format!("source '{name_owned}': {e}");
+                            // Malformed input fails the same way after any restart: end the job now.
+                            if e.is_deterministic() {
+                                ctx.fail_deterministic(message);
+                            } else {
+                                ctx.shared.borrow_mut().set_fail(message);
+                            }
                             return;
                         }
                     };
