@@ -67,7 +67,11 @@ pub fn main(cmd: CheckpointCmd) -> Result<()> {
                     Err(e) => println!("{id:>6} {:>92}  CORRUPT: {e}", ""),
                 }
             }
-            if let Some(l) = s.lineage()? {
+            let lineage = s.lineage().unwrap_or_else(|e| {
+                println!("lineage: unreadable ({e})");
+                None
+            });
+            if let Some(l) = lineage {
                 match (l.restored_from, &l.restored_path) {
                     (Some(id), Some(p)) => println!("lineage: the latest run restored checkpoint {id} ({p}); its ids start at {}", l.first_id),
                     _ => println!("lineage: the latest run started fresh; its ids start at {}", l.first_id),

@@ -191,12 +191,20 @@ fn fallback_withdraws_and_fresh_start_into_used_sink_is_refused() {
     let tmp = TempDir::new("withdraw");
     let expected = reference(&tmp);
     let (out, ck) = (tmp.join("out"), tmp.join("ck"));
-    let ids = run_until_checkpoints(&out, &ck, 3, &[]);
-    let latest = *ids.last().unwrap();
-    let state = first_state_file(&ck.join(JOB).join(format!("chk-{latest}")));
-    let len = std::fs::metadata(&state).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&state).unwrap().set_len(len - 10).unwrap();
-
+    let ids = run_until_checkpoints(&out, &ck, 4, &["-D", "execution.checkpointing.num-retained=10"]);
+    // Corrupt the two newest, so the fallback passes epochs whose output surely committed.
+    let target = ids[ids.len() - 3];
+    for &id in &ids[ids.len() - 2..] {
+        let state = first_state_file(&ck.join(JOB).join(format!("chk-{id}")));
+        let len = std::fs::metadata(&state).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&state).unwrap().set_len(len - 10).unwrap();
+    }
+    let newer_parts: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("part-") && n.rsplit('-').next().unwrap().parse::<u64>().unwrap() > target)
+        .collect();
+    assert!(!newer_parts.is_empty(), "output of epochs after chk-{target} was committed");
     // Forgetting --restore after the crash: refused at once, nothing touched.
     let before = committed_lines(&out);
     let fresh = keyed_sum(&out, &ck, &[]).output().unwrap();
@@ -210,8 +218,12 @@ fn fallback_withdraws_and_fresh_start_into_used_sink_is_refused() {
     let done = run_ok(&mut keyed_sum(&out, &ck, &["--restore", "latest"]));
     let log = String::from_utf8_lossy(&done.stderr);
     assert!(log.contains("withdrew"), "{log}");
-    let dir = out.join(".withdrawn").join(format!("chk-{latest}"));
-    assert!(std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()), "epoch {latest}'s files kept in {}", dir.display());
+    assert!(log.contains(&format!("restoring {JOB} from checkpoint {target} ")), "{log}");
+    for name in &newer_parts {
+        let epoch: u64 = name.rsplit('-').next().unwrap().parse().unwrap();
+        let kept = out.join(".withdrawn").join(format!("chk-{epoch}")).join(name);
+        assert!(kept.exists(), "{name} withdrawn to {}, not deleted", kept.display());
+    }
     assert_exactly_once(&expected, &committed_lines(&out));
 }
 
@@ -240,26 +252,42 @@ fn processes_that_disagree_on_the_restore_point_fail() {
         std::fs::write(&hosts, format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port())).unwrap();
         (0..2)
             .map(|p| {
-                let mut c = keyed_sum(&out, &ck, &["-D", "restart-strategy.type=none", "--restore", restores[p]]);
+                let mut c = keyed_sum(&out, &ck, &["--restore", restores[p]]);
                 c.arg("--process").arg(p.to_string()).arg("--hostfile").arg(&hosts);
                 spawn(&mut c)
             })
             .collect::<Vec<_>>()
     };
     let before = committed_lines(&out);
-    let mut procs = cluster(["latest", older.to_str().unwrap()]);
-    for p in procs.iter_mut() {
-        assert!(!wait_success(p, Duration::from_secs(60)), "a process that disagrees fails the job");
+    // Process 0 would restore (and abandon everything newer than) the oldest checkpoint.
+    let mut procs = cluster([older.to_str().unwrap(), "latest"]);
+    for (i, p) in procs.iter_mut().enumerate() {
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(st) = p.try_wait().unwrap() {
+                break st;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "process {i} hangs");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(!status.success(), "process {i}: a disagreement fails the job");
     }
-    let log1 = {
-        use std::io::Read;
-        let mut s = String::new();
-        procs[1].stderr.take().unwrap().read_to_string(&mut s).unwrap();
-        s
-    };
-    assert!(log1.contains("restore point disagreement"), "{log1}");
-    assert!(withdrawn_files(&out).is_empty(), "process 1 rolled nothing back");
-    assert!(committed_lines(&out).values().sum::<usize>() >= before.values().sum::<usize>());
+    let logs: Vec<String> = procs
+        .iter_mut()
+        .map(|p| {
+            use std::io::Read;
+            let mut s = String::new();
+            p.stderr.take().unwrap().read_to_string(&mut s).unwrap();
+            s
+        })
+        .collect();
+    for log in &logs {
+        assert!(log.contains("restore point disagreement"), "{log}");
+        assert!(!log.contains("restart 1"), "a disagreement is final:\n{log}");
+    }
+    assert_eq!(completed_checkpoints(&ck.join(JOB)), ids, "nothing abandoned before the processes agreed");
+    assert!(withdrawn_files(&out).is_empty(), "nothing rolled back");
+    assert_eq!(committed_lines(&out), before);
 
     let mut procs = cluster(["latest", "latest"]);
     for p in procs.iter_mut() {

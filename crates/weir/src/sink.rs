@@ -22,6 +22,10 @@ pub struct SinkContext {
     pub subtask: u32,
     /// Instances in all.
     pub parallelism: u32,
+    /// The newest completed checkpoint in the job's checkpoint directory at start (of any
+    /// lineage): on a fresh start, pending transactions of epochs up to it may belong to a
+    /// completed checkpoint, so they count as committed output.
+    pub newest_checkpoint: Option<u64>,
     /// The checkpoint the job restored from: pending transactions of epochs up to it commit,
     /// later ones are discarded.
     pub restored: Option<u64>,
@@ -227,7 +231,10 @@ pub const WITHDRAWN: &str = ".withdrawn";
 
 impl<T: 'static> Sink<T> for FileSink<T> {
     fn preflight(&self, ctx: &SinkContext) -> Result<(), SinkError> {
-        refuse_fresh_start_into_used(&self.dir, ctx, |n| parse_committed(n).is_some())
+        refuse_fresh_start_into_used(&self.dir, ctx, |n| {
+            parse_committed(n).is_some()
+                || parse_hidden(n).is_some_and(|(_, e, suffix)| suffix == "pending" && ctx.newest_checkpoint.is_some_and(|c| e <= c))
+        })
     }
 
     fn open(&self, ctx: &SinkContext) -> Result<Box<dyn SinkWriter<T>>, SinkError> {
@@ -245,7 +252,13 @@ impl<T: 'static> Sink<T> for FileSink<T> {
                 if sub % ctx.parallelism == ctx.subtask && ctx.restored.is_some_and(|n| epoch > n) {
                     let to_dir = self.dir.join(WITHDRAWN).join(format!("chk-{epoch}"));
                     std::fs::create_dir_all(&to_dir).map_err(|e| io_err("create", &to_dir, e))?;
-                    let to = to_dir.join(&name);
+                    // Never replace an earlier withdrawal of the same file.
+                    let mut to = to_dir.join(&name);
+                    let mut n = 1;
+                    while to.exists() {
+                        to = to_dir.join(format!("{name}.{n}"));
+                        n += 1;
+                    }
                     std::fs::rename(entry.path(), &to).map_err(|e| io_err("withdraw", &entry.path(), e))?;
                     fsync_dir(&to_dir)?;
                     fsync_dir(&self.dir.join(WITHDRAWN))?;
@@ -393,7 +406,11 @@ fn publish(stage: &Path, dir: &Path) -> Result<(), SinkError> {
 
 impl Sink<Row> for ImageSink {
     fn preflight(&self, ctx: &SinkContext) -> Result<(), SinkError> {
-        refuse_fresh_start_into_used(&self.dir, ctx, |n| !n.starts_with('.'))
+        refuse_fresh_start_into_used(&self.dir, ctx, |n| {
+            parse_image_stage(n).map_or(!n.starts_with('.'), |(_, e, suffix)| {
+                suffix == "pending" && ctx.newest_checkpoint.is_some_and(|c| e <= c)
+            })
+        })
     }
 
     fn open(&self, ctx: &SinkContext) -> Result<Box<dyn SinkWriter<Row>>, SinkError> {

@@ -419,6 +419,7 @@ impl<'s, T: Data> DataStream<'s, T> {
             subtask: ctx.index as u32,
             parallelism: ctx.peers as u32,
             restored: ctx.restored.as_ref().map(|m| m.id),
+            newest_checkpoint: ctx.newest_completed,
         };
         if let Err(e) = sink.preflight(&sctx) {
             ctx.fail_deterministic(format!("sink '{name}': {e}"));

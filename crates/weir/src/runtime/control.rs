@@ -11,9 +11,10 @@ use weir_checkpoint::{CheckpointId, SubtaskSnapshot, TaskId};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) enum Control {
     /// The restore point process 0 chose: the checkpoint (none: a fresh start) and first epoch.
-    RestorePoint { restored: Option<CheckpointId>, first_epoch: u64 },
-    /// Whether every process agreed on it (`Some`: why not; the attempt fails everywhere).
-    RestoreVerdict { disagreement: Option<String> },
+    RestorePoint { restored: Option<RestoreIdentity>, first_epoch: u64 },
+    /// Whether the attempt goes on (`Some`: why not, and whether that is final; it then fails
+    /// everywhere).
+    RestoreVerdict { failure: Option<(String, bool)> },
     /// Inject barrier `id` at the sources.
     Trigger { id: CheckpointId, at_us: u64, is_final: bool },
     /// Checkpoint `id` was aborted: remove what this process wrote of it.
@@ -28,6 +29,14 @@ pub(crate) enum Control {
     Fail { reason: String },
 }
 
+/// Which checkpoint a process restores, comparable across processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RestoreIdentity {
+    pub id: CheckpointId,
+    pub triggered_ms: u64,
+    pub completed_ms: u64,
+}
+
 /// Every worker → coordinator (exchanged to worker 0).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) enum AckMsg {
@@ -35,7 +44,7 @@ pub(crate) enum AckMsg {
     Decline { id: CheckpointId, task: TaskId, reason: String },
     SourceFinished { task: TaskId },
     /// The checkpoint this worker's process chose, checked against process 0's.
-    RestoreCheck { worker: u32, restored: Option<CheckpointId> },
+    RestoreCheck { worker: u32, restored: Option<RestoreIdentity> },
     /// A process other than 0 was asked to cancel the job (SIGINT/SIGTERM).
     CancelRequest,
 }
@@ -62,8 +71,8 @@ pub(crate) struct WorkerShared {
     pub fail: Option<String>,
     pub cancelled: bool,
     pub aborted: Vec<CheckpointId>,
-    pub restore_point: Option<(Option<CheckpointId>, u64)>,
-    pub restore_verdict: Option<Option<String>>,
+    pub restore_point: Option<(Option<RestoreIdentity>, u64)>,
+    pub restore_verdict: Option<Option<(String, bool)>>,
     pub committers: Vec<Committer>,
 }
 
@@ -88,7 +97,7 @@ impl WorkerShared {
                 self.trigger_us = self.trigger_us.split_off(&(*id + 1));
             }
             Control::RestorePoint { restored, first_epoch } => self.restore_point = Some((*restored, *first_epoch)),
-            Control::RestoreVerdict { disagreement } => self.restore_verdict = Some(disagreement.clone()),
+            Control::RestoreVerdict { failure } => self.restore_verdict = Some(failure.clone()),
             Control::Abort { id } => self.aborted.push(*id),
             Control::Finish => self.finish = true,
             Control::Cancel => {

@@ -27,7 +27,7 @@ use weir_storage::{checkpoint_dir_name, CheckpointStorage, LatestValid, Lineage,
 use crate::config::{ConfigError, JobConfig, RestartStrategy};
 use crate::epoch::Time;
 use crate::stream::Job;
-use control::{AckMsg, Control, WorkerShared};
+use control::{AckMsg, Control, RestoreIdentity, WorkerShared};
 use executor::SnapshotExecutor;
 
 /// Where the processes of a job run (timely's cluster mode).
@@ -107,6 +107,8 @@ pub(crate) struct JobCtx {
     pub restore_storage: Option<CheckpointStorage>,
     pub restored: Option<Arc<CheckpointMetadata>>,
     pub first_epoch: u64,
+    /// The newest completed checkpoint of the job directory at the start (any lineage).
+    pub newest_completed: Option<u64>,
     pub executor: SnapshotExecutor,
     pub ack_tx: Sender<AckMsg>,
     next_op: Cell<u32>,
@@ -182,8 +184,11 @@ struct AttemptEnv {
     restore_storage: Option<CheckpointStorage>,
     restored: Option<Arc<CheckpointMetadata>>,
     first_epoch: u64,
+    newest_completed: Option<CheckpointId>,
     retained: Vec<u64>,
-    after_build: Option<Lineage>,
+    /// Process 0 only: what fixing the lineage does.
+    lineage: Option<LineageFix>,
+    lineage_fixed: AtomicBool,
     failed: AtomicBool,
     deterministic: Arc<AtomicBool>,
     cancel: Arc<AtomicBool>,
@@ -217,13 +222,16 @@ pub(crate) fn run_job(
         None
     };
     let mut restarts = 0;
-    // What a restart restores: the run's own restore point until the run completes a
-    // checkpoint of its own (see `restart_restore`).
+    // What a restart restores: the run's own restore point until its lineage is fixed (then
+    // `latest` of the job directory can only find the restore point or the run's own
+    // checkpoints) or, for a restore point elsewhere or a fresh start, until the run completes
+    // a checkpoint of its own.
     let mut restore = restore.clone();
     let mut run_first_id: Option<CheckpointId> = None;
+    let mut in_storage = false;
     loop {
-        let prepared = prepare_attempt(job, &restore, storage.as_ref(), cluster.process == 0, run_first_id);
-        let Prepared { restore_storage, restored, first_epoch, retained, after_build } = match prepared {
+        let prepared = prepare_attempt(&restore, storage.as_ref(), cluster.process == 0, run_first_id);
+        let Prepared { restore_storage, restored, first_epoch, newest_completed, retained, lineage } = match prepared {
             Ok(p) => p,
             Err(AttemptError::Final(e)) => return Err(e),
             Err(AttemptError::Retry(message)) => {
@@ -234,9 +242,7 @@ pub(crate) fn run_job(
         let restored_id = restored.as_ref().map(|m| m.id).unwrap_or(0);
         if run_first_id.is_none() {
             run_first_id = Some(first_epoch);
-            // A restore point outside the job's own checkpoint directory (or a fresh start)
-            // stays the run's restore point until it completes a checkpoint of its own.
-            let in_storage = match (&restore_storage, &storage) {
+            in_storage = match (&restore_storage, &storage) {
                 (Some(r), Some(s)) => r.location() == s.location(),
                 _ => false,
             };
@@ -258,8 +264,10 @@ pub(crate) fn run_job(
             restore_storage,
             restored: restored.map(Arc::new),
             first_epoch,
+            newest_completed,
             retained,
-            after_build,
+            lineage,
+            lineage_fixed: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             deterministic: Arc::default(),
             cancel: cancel.clone(),
@@ -268,6 +276,7 @@ pub(crate) fn run_job(
         });
         let outcome = run_attempt(env.clone(), workers, cluster);
         let deterministic = env.deterministic.load(Ordering::SeqCst);
+        let lineage_fixed = env.lineage_fixed.load(Ordering::SeqCst);
         drop(env);
         drop(exec_guard);
         let ends = outcome.is_ok() || cancel.load(Ordering::SeqCst) || deterministic || !restart_allowed(&config, restarts);
@@ -287,9 +296,11 @@ pub(crate) fn run_job(
             }
             Err(message) => {
                 restarts = next_restart(&config, job, restarts, message)?;
-                // Once the run has a checkpoint of its own in the job directory, `latest` is in
-                // its lineage: everything newer than its restore point was abandoned.
-                if let (Some(s), Some(first)) = (&storage, run_first_id) {
+                if in_storage && lineage_fixed {
+                    restore = Restore::Latest;
+                } else if let (Some(s), Some(first)) = (&storage, run_first_id) {
+                    // A listing error keeps the restore point; the next attempt's own listing
+                    // then fails and is retried.
                     if s.completed_checkpoints().is_ok_and(|ids| ids.iter().any(|&id| id >= first)) {
                         restore = Restore::Latest;
                     }
@@ -326,6 +337,16 @@ fn delete_all_checkpoints(job: &str, s: &CheckpointStorage) {
     tracing::info!("{job}: {} checkpoint(s) deleted (NO_EXTERNALIZED_CHECKPOINTS)", ids.len() + abandoned.len());
 }
 
+impl AttemptEnv {
+    fn fix_lineage(&self) -> Result<(), StorageError> {
+        if let Some(fix) = &self.lineage {
+            fix_lineage(&self.job, self.restored.as_ref().map(|m| m.id), fix)?;
+            self.lineage_fixed.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+}
+
 /// Count a restart and wait its delay, or give up per the restart strategy.
 fn next_restart(config: &JobConfig, job: &str, restarts: u32, message: String) -> Result<u32, JobError> {
     let allowed = match config.restart {
@@ -343,17 +364,31 @@ struct Prepared {
     restore_storage: Option<CheckpointStorage>,
     restored: Option<CheckpointMetadata>,
     first_epoch: CheckpointId,
+    /// The newest completed checkpoint of the job directory (any lineage) at the start.
+    newest_completed: Option<CheckpointId>,
     retained: Vec<CheckpointId>,
-    /// A fresh start's lineage, fixed by the leader once the job is built.
-    after_build: Option<Lineage>,
+    /// The lineage the leader fixes: at the restore-point agreement when restoring (before any
+    /// sink rolls back), after the build on a fresh start (once the sinks accepted it).
+    lineage: Option<LineageFix>,
 }
 
-/// Choose the restore point of an attempt and fix the lineage before anything is rolled back:
-/// every completed checkpoint of the job directory newer than the restore point (all of them
-/// on a fresh start) is abandoned, and the run is recorded in `_lineage`. New ids stay above
-/// every existing `chk-<n>`. Only process 0 changes the directory.
+/// Checkpoints to abandon, and the run's record.
+struct LineageFix {
+    /// Completed checkpoints newer than the restore point, per directory holding them.
+    abandon: Vec<(CheckpointStorage, Vec<CheckpointId>)>,
+    /// Where `_lineage` is written (the job's checkpoint directory), and what.
+    record: Option<(CheckpointStorage, Lineage)>,
+}
+
+/// Epochs live in the high half of a timestamp (`epoch << 32`).
+const MAX_CHECKPOINT_ID: CheckpointId = u32::MAX as u64 - 1;
+
+/// Choose the restore point of an attempt and what its lineage abandons: every completed
+/// checkpoint newer than the restore point, in the job directory (all of them on a fresh start
+/// or a restore from elsewhere) and in the directory holding the restore point. New ids stay
+/// above every existing `chk-<n>`. Nothing is changed here; only process 0 changes anything,
+/// later (see [`LineageFix`]).
 fn prepare_attempt(
-    job: &str,
     restore: &Restore,
     storage: Option<&CheckpointStorage>,
     leader: bool,
@@ -363,55 +398,82 @@ fn prepare_attempt(
     let (restore_storage, restored) = choose_checkpoint(restore, storage)?;
     let restored_id = restored.as_ref().map(|m| m.id).unwrap_or(0);
     let mut first_epoch = restored_id + 1;
+    if let Some(first) = run_first_id {
+        first_epoch = first_epoch.max(first);
+    }
     let mut retained = Vec::new();
-    let mut after_build = None;
-    if let Some(s) = storage {
-        let same = restore_storage.as_ref().is_some_and(|r| r.location() == s.location());
-        let keep_upto = if same { restored_id } else { 0 };
+    let mut newest_completed = None;
+    let mut fix = LineageFix { abandon: Vec::new(), record: None };
+    let mut dirs: Vec<&CheckpointStorage> = storage.into_iter().collect();
+    if let Some(r) = restore_storage.as_ref().filter(|r| storage.is_none_or(|s| s.location() != r.location())) {
+        dirs.push(r);
+    }
+    for (i, s) in dirs.into_iter().enumerate() {
+        let holds_restore_point = restore_storage.as_ref().is_some_and(|r| r.location() == s.location());
+        let keep_upto = if holds_restore_point { restored_id } else { 0 };
         let (valid, newest) = s.checkpoint_ids().map_err(transient)?;
-        first_epoch = first_epoch.max(newest + 1);
-        if let Some(first) = run_first_id {
-            first_epoch = first_epoch.max(first);
+        if newest >= MAX_CHECKPOINT_ID {
+            return Err(AttemptError::Final(JobError::Restore(format!(
+                "{}: chk-{newest}: checkpoint ids must stay below {MAX_CHECKPOINT_ID}; move that directory away",
+                s.location().display()
+            ))));
         }
-        let (kept, newer): (Vec<_>, Vec<_>) = valid.into_iter().partition(|&id| id <= keep_upto);
-        retained = kept;
-        if leader {
-            let lineage = Lineage {
-                restored_from: restored.as_ref().map(|m| m.id),
-                restored_path: restored
-                    .as_ref()
-                    .zip(restore_storage.as_ref())
-                    .map(|(m, r)| r.location().join(checkpoint_dir_name(m.id)).display().to_string()),
-                first_id: first_epoch,
-                abandoned: newer,
-                started_ms: now_us() / 1000,
-            };
-            if restored.is_some() {
-                // Before any sink rolls back the output of the abandoned epochs.
-                fix_lineage(job, s, &lineage).map_err(transient)?;
-            } else {
-                // A fresh start changes nothing until its sinks have accepted it (a fresh start
-                // into a used sink is refused, and must leave the lineage as it was).
-                after_build = Some(lineage);
-            }
+        first_epoch = first_epoch.max(newest + 1);
+        let (kept, newer): (Vec<_>, Vec<_>) = valid.iter().copied().partition(|&id| id <= keep_upto);
+        if i == 0 && storage.is_some() {
+            newest_completed = valid.last().copied();
+            retained = kept;
+        }
+        if !newer.is_empty() {
+            fix.abandon.push((s.clone(), newer));
         }
     }
-    Ok(Prepared { restore_storage, restored, first_epoch, retained, after_build })
+    if let Some(s) = storage {
+        let mut lineage = Lineage {
+            restored_from: restored.as_ref().map(|m| m.id),
+            restored_path: restored
+                .as_ref()
+                .zip(restore_storage.as_ref())
+                .map(|(m, r)| r.location().join(checkpoint_dir_name(m.id)).display().to_string()),
+            first_id: first_epoch,
+            abandoned: fix.abandon.iter().flat_map(|(_, ids)| ids.iter().copied()).collect(),
+            started_ms: now_us() / 1000,
+        };
+        // A restart of the same run keeps what the run abandoned before.
+        if let Ok(Some(earlier)) = s.lineage() {
+            if run_first_id == Some(earlier.first_id) {
+                lineage.abandoned.splice(0..0, earlier.abandoned);
+                lineage.first_id = earlier.first_id;
+                lineage.started_ms = earlier.started_ms;
+            }
+        }
+        fix.record = Some((s.clone(), lineage));
+    }
+    Ok(Prepared { restore_storage, restored, first_epoch, newest_completed, retained, lineage: leader.then_some(fix) })
 }
 
 /// Abandon the checkpoints a run leaves behind and record its lineage, durably.
-fn fix_lineage(job: &str, s: &CheckpointStorage, lineage: &Lineage) -> Result<(), StorageError> {
-    for &id in &lineage.abandoned {
-        s.abandon(id)?;
-    }
-    if !lineage.abandoned.is_empty() {
-        let ids = lineage.abandoned.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
-        match lineage.restored_from {
-            Some(r) => tracing::warn!("{job}: checkpoint(s) {ids} are newer than the restored checkpoint {r}: abandoned, never to be restored"),
-            None => tracing::warn!("{job}: fresh start: checkpoint(s) {ids} of an earlier run abandoned, never to be restored"),
+fn fix_lineage(job: &str, restored: Option<CheckpointId>, fix: &LineageFix) -> Result<(), StorageError> {
+    for (s, ids) in &fix.abandon {
+        for &id in ids {
+            s.abandon(id)?;
+        }
+        let list = ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+        match restored {
+            Some(r) => tracing::warn!(
+                "{job}: checkpoint(s) {list} in {} are newer than the restored checkpoint {r}: abandoned, never to be restored",
+                s.location().display()
+            ),
+            None => tracing::warn!(
+                "{job}: fresh start: checkpoint(s) {list} of an earlier run in {} abandoned, never to be restored",
+                s.location().display()
+            ),
         }
     }
-    s.record_lineage(lineage)
+    match &fix.record {
+        Some((s, lineage)) => s.record_lineage(lineage),
+        None => Ok(()),
+    }
 }
 
 fn choose_checkpoint(
@@ -550,6 +612,7 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
         restore_storage: env.restore_storage.clone(),
         restored: env.restored.clone(),
         first_epoch,
+        newest_completed: env.newest_completed,
         executor: env.executor.lock().expect("executor").clone(),
         ack_tx,
         next_op: Cell::new(0),
@@ -564,9 +627,10 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
     if let Some(e) = ctx.build_error.borrow_mut().take() {
         return Err(e);
     }
-    if let (0, Some(lineage), Some(s)) = (index, &env.after_build, &env.storage) {
-        // Before the first trigger, so no output of this run commits outside its lineage.
-        fix_lineage(&env.job, s, lineage).map_err(|e| e.to_string())?;
+    if index == 0 && env.restored.is_none() {
+        // A fresh start's sinks accepted it: fix the lineage before the first trigger, so no
+        // output of this run commits outside it.
+        env.fix_lineage().map_err(|e| e.to_string())?;
     }
 
     let mut coord = (index == 0).then(|| {
@@ -679,11 +743,12 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
     Ok(completed)
 }
 
-/// One restore point for all processes: worker 0 (process 0, which fixed the lineage) sends
-/// the checkpoint it restores and the first epoch; every worker reports whether its process
-/// chose (and verified) the same checkpoint; worker 0 sends the verdict. Runs before the job
-/// is built, so nothing is rolled back on a disagreement, and every worker of every process
-/// then fails the attempt together (a lone failing process would leave its peers waiting).
+/// One restore point for all processes: worker 0 (process 0) sends the checkpoint it restores
+/// and the first epoch; every worker reports whether its process chose (and verified) the same
+/// checkpoint; worker 0 then fixes the lineage (abandons newer checkpoints) and sends the
+/// verdict. All of it runs before the job is built, so no sink has rolled anything back when
+/// the processes disagree, and every worker of every process then fails together (a lone
+/// failing process would leave its peers waiting). A disagreement is final: no restart.
 fn agree_on_restore_point(
     worker: &mut Worker,
     shared: &Rc<RefCell<WorkerShared>>,
@@ -692,7 +757,8 @@ fn agree_on_restore_point(
     ack_in: &mut InputHandle<Time, CapacityContainerBuilder<Vec<AckMsg>>>,
     env: &AttemptEnv,
 ) -> Result<u64, String> {
-    let mine = env.restored.as_ref().map(|m| m.id);
+    // The same checkpoint, even where processes mount its directory at different paths.
+    let mine = env.restored.as_ref().map(|m| RestoreIdentity { id: m.id, triggered_ms: m.triggered_ms, completed_ms: m.completed_ms });
     let (index, peers) = (worker.index(), worker.peers());
     if index == 0 {
         ctl_in.send(Control::RestorePoint { restored: mine, first_epoch: env.first_epoch });
@@ -728,15 +794,23 @@ fn agree_on_restore_point(
                 step(worker)?;
             }
         }
-        let name = |c: Option<u64>| c.map(|id| format!("checkpoint {id}")).unwrap_or_else(|| "a fresh start".into());
-        let disagreement = checks.iter().find(|(_, r)| *r != leader).map(|(w, r)| {
-            format!(
-                "restore point disagreement: process 0 chose {}, worker {w}'s process chose {}; not running with a mixed state",
-                name(leader),
-                name(*r)
-            )
-        });
-        ctl_in.send(Control::RestoreVerdict { disagreement });
+        let name = |c: Option<RestoreIdentity>| {
+            c.map(|r| format!("checkpoint {} (completed at {} ms)", r.id, r.completed_ms)).unwrap_or_else(|| "a fresh start".into())
+        };
+        let verdict = match checks.iter().find(|(_, r)| *r != leader) {
+            Some((w, r)) => Some((
+                format!(
+                    "restore point disagreement: process 0 chose {}, worker {w}'s process chose {}; not running with a mixed state",
+                    name(leader),
+                    name(*r)
+                ),
+                true,
+            )),
+            // Agreed: abandon what the restore point leaves behind before any sink rolls back.
+            None if env.restored.is_some() => env.fix_lineage().err().map(|e| (format!("fixing the lineage: {e}"), false)),
+            None => None,
+        };
+        ctl_in.send(Control::RestoreVerdict { failure: verdict });
     }
     ctl_in.advance_to(2);
     let verdict = loop {
@@ -746,7 +820,12 @@ fn agree_on_restore_point(
         step(worker)?;
     };
     match verdict {
-        Some(message) => Err(message),
+        Some((message, is_final)) => {
+            if is_final {
+                env.deterministic.store(true, Ordering::SeqCst);
+            }
+            Err(message)
+        }
         None => Ok(first_epoch),
     }
 }
