@@ -85,6 +85,8 @@ fn run(args: RunArgs) -> Result<()> {
             bail!("--process {} but {} lists {} processes", args.process, h.display(), cluster.processes());
         }
     }
+    // A missing, empty or unreadable cluster secret is refused before anything starts.
+    weir::runtime::cluster::resolve_secret(&plan.config, &cluster)?;
     let restore = match args.restore.as_deref() {
         None => Restore::None,
         Some("latest") => Restore::Latest,

@@ -5,6 +5,7 @@
 //! monotonic time and the acks it receives, and carries out its actions: broadcast triggers and
 //! notifications, commit `_metadata`, discard old checkpoints.
 
+pub mod cluster;
 pub(crate) mod control;
 pub(crate) mod executor;
 
@@ -520,21 +521,16 @@ fn choose_checkpoint(
 }
 
 fn run_attempt(env: Arc<AttemptEnv>, workers: usize, cluster: &ClusterConfig) -> Result<Vec<CheckpointMetadata>, String> {
-    use timely::communication::Config as Comm;
-    let communication = if cluster.processes() > 1 {
-        Comm::Cluster {
-            threads: workers,
-            process: cluster.process,
-            addresses: cluster.hosts.clone(),
-            report: false,
-            zerocopy: false,
+    // Weir connects and authenticates the cluster's sockets itself (see `cluster`).
+    let (builders, comms) = self::cluster::communication(workers, cluster, &env.config, &env.cancel).map_err(|e| {
+        if e.is_config() {
+            // A missing or unreadable secret: no restart can fix it.
+            env.deterministic.store(true, Ordering::SeqCst);
         }
-    } else {
-        Comm::Process(workers)
-    };
-    let config = timely::Config { communication, worker: timely::WorkerConfig::default() };
+        e.to_string()
+    })?;
     let env2 = env.clone();
-    let guards = timely::execute(config, move |worker| {
+    let guards = timely::execute::execute_from(builders, comms, timely::WorkerConfig::default(), move |worker| {
         let env = &env2;
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| worker_main(worker, env)));
         if !matches!(result, Ok(Ok(_))) {
