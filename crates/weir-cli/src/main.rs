@@ -122,6 +122,8 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    // Crash points of the commit protocol exist only in test builds (feature `failpoints`).
+    let _crash_points = weir::crash::setup();
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Run(a) => run(a),

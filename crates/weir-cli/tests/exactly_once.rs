@@ -31,20 +31,20 @@ fn reference(tmp: &TempDir) -> std::collections::BTreeMap<String, usize> {
 }
 
 #[test]
-fn sigkill_at_three_random_moments_then_restore_latest() {
+fn sigkill_at_twenty_random_moments_then_restore_latest() {
     let tmp = TempDir::new("kill");
     let expected = reference(&tmp);
     let mut rng = Rng::from_env("sigkill");
     let (out, ck) = (tmp.join("out"), tmp.join("ck"));
-    // Slow the source a little so that kills land mid-run, across several checkpoints.
-    let rate = ["--set", "source.rate=1500000"];
-    for round in 0..3 {
+    // Slow the source so that 20 kills land mid-run, across many checkpoints.
+    let rate = ["--set", "source.rate=300000"];
+    for round in 0..20 {
         let mut cmd = keyed_sum(&out, &ck, &rate);
         if round > 0 {
             cmd.args(["--restore", "latest"]);
         }
         let mut child = spawn(&mut cmd);
-        std::thread::sleep(Duration::from_millis(rng.range(100, 1000)));
+        std::thread::sleep(Duration::from_millis(rng.range(50, 700)));
         kill9(&mut child);
     }
     let mut cmd = keyed_sum(&out, &ck, &["--restore", "latest"]);

@@ -27,6 +27,16 @@
 //! ```
 #![forbid(unsafe_code)]
 
+/// A crash point of the commit protocol: with the `failpoints` feature (tests only) and
+/// `FAILPOINTS=<name>=return` (or `<n>*off->return` to pass `n` times first), the process
+/// aborts here, as a power cut or SIGKILL would stop it; without the feature it is nothing.
+macro_rules! crash_point {
+    ($name:literal) => {
+        fail::fail_point!($name, |_| $crate::crash::abort_at($name))
+    };
+}
+pub(crate) use crash_point;
+
 pub mod config;
 pub mod epoch;
 pub mod job;
@@ -37,6 +47,21 @@ pub mod sink;
 pub mod source;
 pub mod state;
 pub mod stream;
+
+/// Crash points for tests of the commit protocol (see the `failpoints` feature).
+pub mod crash {
+    /// Configure the crash points from the `FAILPOINTS` environment variable; keep the guard
+    /// for the life of the process. Without the `failpoints` feature no crash point exists.
+    pub fn setup() -> fail::FailScenario<'static> {
+        fail::FailScenario::setup()
+    }
+
+    /// Abort the process at crash point `name` (no unwinding, no cleanup).
+    pub fn abort_at<T>(name: &str) -> T {
+        tracing::error!("crash point {name}: aborting the process");
+        std::process::abort()
+    }
+}
 
 pub use config::{ConfigError, JobConfig, RestartStrategy};
 pub use row::{Row, Value};

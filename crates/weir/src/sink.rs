@@ -263,6 +263,7 @@ impl<T: 'static> Sink<T> for FileSink<T> {
                     fsync_dir(&to_dir)?;
                     fsync_dir(&self.dir.join(WITHDRAWN))?;
                     withdrawn.push(epoch);
+                    crate::crash_point!("file-sink-rollback");
                 }
                 continue;
             }
@@ -344,6 +345,8 @@ impl<T> SinkWriter<T> for FileSinkWriter<T> {
     fn commit(&mut self, upto: u64) -> Result<(), SinkError> {
         let mut any = false;
         for &e in self.pending.iter().filter(|&&e| e <= upto) {
+            // Pre-committed (renamed .pending) but not yet published.
+            crate::crash_point!("file-sink-before-publish");
             let from = self.hidden(e, "pending");
             std::fs::rename(&from, self.dir.join(part_name(self.subtask, e))).map_err(|err| io_err("commit", &from, err))?;
             any = true;

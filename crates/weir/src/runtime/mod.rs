@@ -151,7 +151,12 @@ impl JobCtx {
 }
 
 pub(crate) fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0);
+    // Tests step the wall clock back (FAILPOINTS=wall-clock-jump-back-ms=N*off->return(MS)).
+    fail::fail_point!("wall-clock-jump-back-ms", |ms: Option<String>| {
+        now.saturating_sub(ms.and_then(|m| m.parse::<u64>().ok()).unwrap_or(0) * 1000)
+    });
+    now
 }
 
 /// The coordinator's time: monotonic milliseconds since the attempt started, so that a
@@ -709,6 +714,7 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
             let mut res = Ok(());
             for c in committers.iter_mut() {
                 res = res.and_then(|()| c(notified));
+                crate::crash_point!("between-sink-commits");
             }
             shared.borrow_mut().committers = committers;
             res?;
@@ -886,6 +892,7 @@ fn drive_coordinator(
                     is_final,
                     subtasks: acks,
                 };
+                crate::crash_point!("checkpoint-before-metadata");
                 let result = match &env.storage {
                     Some(s) => s.commit_metadata(&meta).map(|_| ()),
                     None => Ok(()),
@@ -901,6 +908,7 @@ fn drive_coordinator(
                             );
                             completed.push(meta);
                         }
+                        crate::crash_point!("checkpoint-before-notify");
                         queue.extend(c.committed(id, now()));
                     }
                     Err(e) => {
