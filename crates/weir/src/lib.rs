@@ -38,6 +38,7 @@ macro_rules! crash_point {
 pub(crate) use crash_point;
 
 pub mod config;
+pub mod connectors;
 pub mod epoch;
 pub mod job;
 pub mod kmeans;

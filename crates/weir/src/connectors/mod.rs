@@ -1,0 +1,7 @@
+//! Connectors: one module per external system, each holding its source and its sink. The
+//! interfaces they implement are [`crate::source::Source`] and [`crate::sink::Sink`].
+
+pub mod blackhole;
+pub mod collect;
+pub mod file;
+pub mod images;
