@@ -36,7 +36,8 @@ pub type CheckpointId = u64;
 /// One parallel instance of one stateful operator: the unit that acknowledges checkpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct TaskId {
-    /// The operator's stable index in the job graph.
+    /// The operator's position in the job graph of the run that took the checkpoint. A restore
+    /// matches state by [`SubtaskSnapshot::uid`]; by position only where that is empty.
     pub operator: u32,
     /// The parallel instance (worker index) of the operator.
     pub subtask: u32,

@@ -76,8 +76,13 @@ pub struct SubtaskStats {
 /// What one subtask contributed to a checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SubtaskSnapshot {
-    /// The operator's name (for humans; the id is what restores).
+    /// The operator's name (for humans; the uid is what restores).
     pub operator_name: String,
+    /// The operator's stable id (Flink's `uid`): a restore gives this state to the operator of
+    /// the new job with the same uid. Empty in checkpoints written before uids existed; those
+    /// match operators by position (`TaskId::operator`).
+    #[serde(default)]
+    pub uid: String,
     /// Keyed state files.
     pub state_files: Vec<StateFileHandle>,
     /// Source positions.

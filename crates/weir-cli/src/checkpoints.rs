@@ -103,15 +103,17 @@ pub fn main(cmd: CheckpointCmd) -> Result<()> {
                 println!("CORRUPT: {e}");
             }
             println!(
-                "{:<10} {:<22} {:>12} {:>10} {:>10} {:>12} {:>10} {:>6} {:>7}",
-                "task", "operator", "barrier_us", "sync_us", "async_us", "bytes", "entries", "files", "splits"
+                "{:<10} {:<22} {:<24} {:>12} {:>10} {:>10} {:>12} {:>10} {:>6} {:>7}",
+                "task", "operator", "uid", "barrier_us", "sync_us", "async_us", "bytes", "entries", "files", "splits"
             );
             for (t, sub) in &m.subtasks {
                 let st = &sub.stats;
                 println!(
-                    "{:<10} {:<22} {:>12} {:>10} {:>10} {:>12} {:>10} {:>6} {:>7}",
+                    "{:<10} {:<22} {:<24} {:>12} {:>10} {:>10} {:>12} {:>10} {:>6} {:>7}",
                     t.to_string(),
                     sub.operator_name,
+                    // A checkpoint written before uids matches by position (the task's op<n>).
+                    if sub.uid.is_empty() { "-" } else { &sub.uid },
                     st.barrier_us,
                     st.sync_us,
                     st.async_us,

@@ -58,6 +58,11 @@ struct RunArgs {
     /// Start from a checkpoint: `latest` (of the job's checkpoint directory) or a chk-<n> path.
     #[arg(long)]
     restore: Option<String>,
+    /// Restore even where the checkpoint holds state of a uid that no operator of the job has
+    /// (a step removed, or its uid changed): that state is dropped, with a warning. Without it
+    /// such a restore fails (Flink's --allowNonRestoredState).
+    #[arg(long)]
+    allow_non_restored_state: bool,
     /// This process's index in a multi-process job.
     #[arg(long, default_value_t = 0)]
     process: usize,
@@ -92,7 +97,8 @@ fn run(args: RunArgs) -> Result<()> {
         Some("latest") => Restore::Latest,
         Some(p) => Restore::Path(p.to_string()),
     };
-    let env = StreamEnv::new(&plan.name, plan.config.clone()).cluster(cluster).restore(restore);
+    let allow = args.allow_non_restored_state || plan.config.allow_non_restored_state;
+    let env = StreamEnv::new(&plan.name, plan.config.clone()).cluster(cluster).restore(restore).allow_non_restored_state(allow);
     // Ctrl-C / SIGTERM cancel the job (Flink's cancel): checkpoints are kept or deleted per
     // execution.checkpointing.externalized-checkpoint-retention.
     let cancel = env.cancel_flag();

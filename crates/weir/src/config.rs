@@ -94,6 +94,10 @@ pub struct JobConfig {
     pub gpu_batch_latency: Duration,
     /// A file holding the cluster's shared secret (`cluster.secret-file`); see `runtime::cluster`.
     pub cluster_secret_file: Option<String>,
+    /// Restore even where the checkpoint holds state that no operator of the job claims by its
+    /// uid, dropping that state (`execution.state-recovery.ignore-unclaimed-state`, the CLI's
+    /// `--allow-non-restored-state`); otherwise such a restore fails at start.
+    pub allow_non_restored_state: bool,
 }
 
 impl Default for JobConfig {
@@ -177,6 +181,7 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("taskmanager.gpu.memory", Kind::Bytes, "1 gb"),
     ("external-resource.gpu.amount", Kind::Int { min: 0, max: 64 }, "1"),
     ("cluster.secret-file", Kind::Str, ""),
+    ("execution.state-recovery.ignore-unclaimed-state", Kind::Enum(&["true", "false"]), "false"),
 ];
 
 /// Flink 1.x names and the keys that replace them.
@@ -186,6 +191,7 @@ const DEPRECATED: &[(&str, &str)] = &[
     ("state.backend", "state.backend.type"),
     ("restart-strategy", "restart-strategy.type"),
     ("execution.checkpointing.externalized-checkpoint-retention.mode", "execution.checkpointing.externalized-checkpoint-retention"),
+    ("execution.savepoint.ignore-unclaimed-state", "execution.state-recovery.ignore-unclaimed-state"),
 ];
 
 /// The keys this build knows, with their defaults (for documentation and `weir config`).
@@ -306,6 +312,7 @@ impl JobConfig {
             gpu_batch_records: int("weir.gpu.batch.max-records") as usize,
             gpu_batch_latency: dur("weir.gpu.batch.max-latency"),
             cluster_secret_file: Some(get("cluster.secret-file")).filter(|f| !f.is_empty()),
+            allow_non_restored_state: get("execution.state-recovery.ignore-unclaimed-state") == "true",
         })
     }
 }
@@ -383,6 +390,16 @@ mod tests {
         assert_eq!(c.max_line_bytes, 64 << 10);
         let e = JobConfig::from_pairs([("weir.source.max-line-bytes", "0")]).unwrap_err();
         assert_eq!(e.key, "weir.source.max-line-bytes");
+    }
+
+    #[test]
+    fn ignore_unclaimed_state() {
+        assert!(!JobConfig::default().allow_non_restored_state);
+        let c = JobConfig::from_pairs([("execution.state-recovery.ignore-unclaimed-state", "true")]).unwrap();
+        assert!(c.allow_non_restored_state);
+        // Flink 1.x's name.
+        let c = JobConfig::from_pairs([("execution.savepoint.ignore-unclaimed-state", "true")]).unwrap();
+        assert!(c.allow_non_restored_state);
     }
 
     #[test]

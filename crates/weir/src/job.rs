@@ -15,11 +15,19 @@
 //!
 //! A job is checked completely before it starts: unknown fields, unknown config keys, fields
 //! that the schema at a step does not have, and ill-typed values are errors naming the place.
+//!
+//! The source, each step and the sink may carry a `uid:` beside their fields (Flink's `uid()`):
+//! a restore gives each operator the state the checkpoint holds under its uid, so a job may
+//! gain or lose steps between runs. Without one the uid is derived from the place
+//! (`source:generator`, `pipeline[1]:aggregate`, `sink:file`), which inserting a step before a
+//! stateful one changes: give stateful steps explicit uids before editing the job.
 
 use std::collections::BTreeMap;
+use std::marker::PhantomData;
 use std::path::Path;
 use std::sync::Arc;
 
+use serde::de::{DeserializeSeed, Error as _, IntoDeserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use smallvec::SmallVec;
 
@@ -50,12 +58,80 @@ pub struct JobSpec {
     #[serde(default)]
     pub config: BTreeMap<String, serde_json::Value>,
     /// The source.
-    pub source: SourceSpec,
+    pub source: WithUid<SourceSpec>,
     /// Transformations, in order.
     #[serde(default)]
-    pub pipeline: Vec<Step>,
+    pub pipeline: Vec<WithUid<Step>>,
     /// The sink.
-    pub sink: SinkSpec,
+    pub sink: WithUid<SinkSpec>,
+}
+
+/// A source, pipeline step or sink as written, with the `uid:` that may stand beside its fields
+/// (`- {aggregate: [count], uid: counts}`): the stable id its state is restored by.
+#[derive(Debug, Clone)]
+pub struct WithUid<T> {
+    /// The uid, if the job gives one (otherwise it is derived from the place).
+    pub uid: Option<String>,
+    /// The source, step or sink.
+    pub spec: T,
+}
+
+impl<T> WithUid<T> {
+    /// `spec` without a uid.
+    pub fn new(spec: T) -> Self {
+        Self { uid: None, spec }
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for WithUid<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = WithUid<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a mapping")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                // `T` reads the mapping through `SkipUid`, which takes `uid` aside: the fields
+                // of `T` stay checked (and the error paths precise) as without a uid.
+                let mut rest = SkipUid { map, uid: None };
+                let spec = T::deserialize(serde::de::value::MapAccessDeserializer::new(&mut rest))?;
+                // A step reads one entry: a second one is a second operation.
+                if let Some(key) = rest.next_key::<String>()? {
+                    return Err(A::Error::custom(format!("unexpected `{key}`: a step is one operation and an optional uid")));
+                }
+                Ok(WithUid { uid: rest.uid, spec })
+            }
+        }
+        d.deserialize_map(V(PhantomData))
+    }
+}
+
+/// The entries of a mapping but `uid`, whose value it keeps.
+struct SkipUid<A> {
+    map: A,
+    uid: Option<String>,
+}
+
+impl<'de, A: MapAccess<'de>> MapAccess<'de> for SkipUid<A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, A::Error> {
+        while let Some(key) = self.map.next_key::<String>()? {
+            if key != "uid" {
+                return seed.deserialize(key.into_deserializer()).map(Some);
+            }
+            if self.uid.is_some() {
+                return Err(A::Error::custom("duplicate field `uid`"));
+            }
+            self.uid = Some(self.map.next_value()?);
+        }
+        Ok(None)
+    }
+
+    fn next_value_seed<S: DeserializeSeed<'de>>(&mut self, seed: S) -> Result<S::Value, A::Error> {
+        self.map.next_value_seed(seed)
+    }
 }
 
 fn default_keys() -> u64 {
@@ -280,6 +356,69 @@ pub enum Step {
     Aggregate(Vec<String>),
 }
 
+impl SourceSpec {
+    /// The `type:` as written.
+    fn kind(&self) -> &'static str {
+        match self {
+            SourceSpec::Generator { .. } => "generator",
+            SourceSpec::Blobs { .. } => "blobs",
+            SourceSpec::Images { .. } => "images",
+            SourceSpec::File { .. } => "file",
+        }
+    }
+}
+
+impl SinkSpec {
+    /// The `type:` as written.
+    fn kind(&self) -> &'static str {
+        match self {
+            SinkSpec::File { .. } => "file",
+            SinkSpec::Blackhole {} => "blackhole",
+            SinkSpec::Images { .. } => "images",
+        }
+    }
+}
+
+impl Step {
+    /// The step's name as written.
+    fn kind(&self) -> &'static str {
+        match self {
+            Step::Filter { .. } => "filter",
+            Step::Map { .. } => "map",
+            Step::Select(_) => "select",
+            Step::Tokenize { .. } => "tokenize",
+            Step::KeyBy(_) => "key_by",
+            Step::ImageResize { .. } => "image_resize",
+            Step::ImageFilter { .. } => "image_filter",
+            Step::Gemm { .. } => "gemm",
+            Step::CnnInfer { .. } => "cnn_infer",
+            Step::Kmeans { .. } => "kmeans",
+            Step::Aggregate(_) => "aggregate",
+        }
+    }
+}
+
+/// The uids of a job's operators, as the job is checked: each given or derived from its place
+/// (`source:generator`, `pipeline[2]:aggregate`, `sink:file`), none twice.
+#[derive(Default)]
+struct Uids(Vec<(String, String)>);
+
+impl Uids {
+    /// The uid of the `kind` at `place` (`source`, `pipeline[2]`, `sink`): `given`, or derived.
+    fn claim(&mut self, place: String, given: Option<&str>, kind: &str) -> Result<String, String> {
+        let uid = match given {
+            Some(u) if u.trim().is_empty() => return Err(format!("{place}.uid: must not be empty")),
+            Some(u) => u.to_string(),
+            None => format!("{place}:{kind}"),
+        };
+        if let Some((_, other)) = self.0.iter().find(|(u, _)| *u == uid) {
+            return Err(format!("{place}.uid: '{uid}' is also the uid of {other}; uids must be unique in a job"));
+        }
+        self.0.push((uid.clone(), place));
+        Ok(uid)
+    }
+}
+
 fn name_field() -> String {
     "name".into()
 }
@@ -325,8 +464,8 @@ enum PlanStep {
     Select(Vec<usize>),
     Tokenize { idx: usize, lowercase: bool },
     /// `at`: the pipeline index of the `aggregate` step; `calls`: its functions as written.
-    KeyAgg { key: usize, aggs: Vec<(AggFn, usize)>, ints: bool, at: usize, calls: Vec<String> },
-    KeyKmeans { key: usize, field: usize, k: usize },
+    KeyAgg { key: usize, aggs: Vec<(AggFn, usize)>, ints: bool, at: usize, calls: Vec<String>, uid: String },
+    KeyKmeans { key: usize, field: usize, k: usize, uid: String },
     Resize { idx: usize, width: usize, height: Option<usize> },
     Cnn { idx: usize, model: Arc<weir_gpu::cnn::SmallCnn> },
     Gemm { idx: usize, k: usize, n: usize, b: Arc<Vec<f32>> },
@@ -343,6 +482,9 @@ pub struct JobPlan {
     source: SourceSpec,
     steps: Vec<PlanStep>,
     sink: SinkSpec,
+    /// The uids of the source and the sink (those of stateful steps are in their `PlanStep`).
+    source_uid: String,
+    sink_uid: String,
     sink_fields: Option<(usize, usize)>,
     /// Source fields that must be numbers, and why: the file source checks them, naming the
     /// file and line of a value that is not.
@@ -400,7 +542,8 @@ pub fn apply_set(tree: &mut serde_json::Value, path: &str, value: &str) -> Resul
     // An unknown type is left for the spec check to name.
     let Some((_, _, fields)) = COMPONENT_FIELDS.iter().find(|(k, t, _)| *k == c && *t == after) else { return Ok(()) };
     let Some(obj) = tree.get_mut(c).and_then(|v| v.as_object_mut()) else { return Ok(()) };
-    let dropped: Vec<String> = obj.keys().filter(|k| *k != "type" && !fields.contains(&k.as_str())).cloned().collect();
+    // A uid belongs to the place, not the type: it stays.
+    let dropped: Vec<String> = obj.keys().filter(|k| !["type", "uid"].contains(&k.as_str()) && !fields.contains(&k.as_str())).cloned().collect();
     if !dropped.is_empty() {
         obj.retain(|k, _| !dropped.contains(k));
         tracing::warn!(
@@ -469,10 +612,12 @@ impl JobPlan {
             .map(|(k, v)| (k.clone(), scalar_to_string(v)))
             .chain(defines.iter().cloned());
         let config = JobConfig::from_pairs(pairs).map_err(|e| e.to_string())?;
+        let mut uids = Uids::default();
+        let source_uid = uids.claim("source".into(), spec.source.uid.as_deref(), spec.source.spec.kind())?;
         // Which fields are always integers: where the key and every aggregated field are, the
         // aggregate runs on typed state (i64 keys and accumulators: 32-byte entries instead of
         // 56, the difference between fitting the cache or not).
-        let mut ints: Vec<bool> = match &spec.source {
+        let mut ints: Vec<bool> = match &spec.source.spec {
             SourceSpec::Generator { .. } => vec![true, true],
             SourceSpec::Blobs { .. } => vec![true, false],
             SourceSpec::File { format: FileFormatSpec::Lines, .. } => vec![false],
@@ -483,19 +628,19 @@ impl JobPlan {
         // the source field each field is an unchanged copy of, while every source row still
         // reaches the step: a sum of such a field is checked by the source, which names the
         // file and line of a value that is not a number.
-        let mut non_numeric: Vec<Option<&'static str>> = match &spec.source {
+        let mut non_numeric: Vec<Option<&'static str>> = match &spec.source.spec {
             SourceSpec::Generator { .. } => vec![None, None],
             SourceSpec::Blobs { .. } => vec![None, Some("vector")],
             SourceSpec::File { format: FileFormatSpec::Lines, .. } => vec![Some("string")],
             SourceSpec::Images { .. } => vec![Some("string"), Some("image")],
             SourceSpec::File { fields, .. } => vec![None; fields.len()],
         };
-        let mut origin: Vec<Option<usize>> = match &spec.source {
+        let mut origin: Vec<Option<usize>> = match &spec.source.spec {
             SourceSpec::File { format: FileFormatSpec::Json, fields, .. } => (0..fields.len()).map(Some).collect(),
             _ => vec![None; ints.len()],
         };
         let mut source_numbers: Vec<(usize, String)> = Vec::new();
-        let mut schema: Vec<String> = match &spec.source {
+        let mut schema: Vec<String> = match &spec.source.spec {
             SourceSpec::Generator { keys, count, .. } => {
                 if *keys == 0 {
                     return Err("source.keys: must be at least 1".into());
@@ -526,7 +671,19 @@ impl JobPlan {
         };
         let mut steps = Vec::new();
         let mut it = spec.pipeline.iter().enumerate().peekable();
-        while let Some((i, step)) = it.next() {
+        while let Some((i, written)) = it.next() {
+            let step = &written.spec;
+            match step {
+                Step::KeyBy(_) if written.uid.is_some() => {
+                    return Err(format!("pipeline[{i}].uid: key_by is no operator of its own: give the uid to the step after it"))
+                }
+                // The step after it is claimed with it, below.
+                Step::KeyBy(_) => {}
+                // A stateless step's uid is only checked: it has no state to restore.
+                _ => {
+                    uids.claim(format!("pipeline[{i}]"), written.uid.as_deref(), step.kind())?;
+                }
+            }
             let field = |name: &str, schema: &[String]| {
                 schema.iter().position(|f| f == name).ok_or_else(|| {
                     format!("pipeline[{i}]: no field '{name}' here (fields: {})", schema.join(", "))
@@ -571,13 +728,16 @@ impl JobPlan {
                 }
                 Step::KeyBy(k) => {
                     let key = field(k, &schema)?;
-                    let list = match it.next() {
-                        Some((_, Step::Aggregate(list))) => list,
-                        Some((j, Step::Kmeans { field: f, k: kk })) => {
+                    let (list, uid) = match it.next() {
+                        Some((j, WithUid { uid, spec: Step::Aggregate(list) })) => {
+                            (list, uids.claim(format!("pipeline[{j}]"), uid.as_deref(), "aggregate")?)
+                        }
+                        Some((j, WithUid { uid, spec: Step::Kmeans { field: f, k: kk } })) => {
+                            let uid = uids.claim(format!("pipeline[{j}]"), uid.as_deref(), "kmeans")?;
                             if *kk == 0 {
                                 return Err(format!("pipeline[{j}].kmeans.k: must be at least 1"));
                             }
-                            steps.push(PlanStep::KeyKmeans { key, field: field(f, &schema)?, k: *kk });
+                            steps.push(PlanStep::KeyKmeans { key, field: field(f, &schema)?, k: *kk, uid });
                             schema = vec![schema[key].clone(), "centroid".into(), "vector".into()];
                             ints = vec![ints[key], true, false];
                             non_numeric = vec![non_numeric[key], None, Some("vector")];
@@ -636,7 +796,7 @@ impl JobPlan {
                         .chain(aggs.iter().map(|(f, idx)| if matches!(f, AggFn::Min | AggFn::Max) { non_numeric[*idx] } else { None }))
                         .collect();
                     origin = vec![None; aggs.len() + 1];
-                    steps.push(PlanStep::KeyAgg { key, aggs, ints: typed, at: i + 1, calls });
+                    steps.push(PlanStep::KeyAgg { key, aggs, ints: typed, at: i + 1, calls, uid });
                     schema = out;
                 }
                 Step::ImageResize { field: f, width, height } => {
@@ -674,7 +834,8 @@ impl JobPlan {
                 Step::Kmeans { .. } => return Err(format!("pipeline[{i}]: kmeans needs a key_by before it")),
             }
         }
-        let sink_fields = match &spec.sink {
+        let sink_uid = uids.claim("sink".into(), spec.sink.uid.as_deref(), spec.sink.spec.kind())?;
+        let sink_fields = match &spec.sink.spec {
             SinkSpec::Images { name, field: f, .. } => {
                 let pos = |n: &str| schema.iter().position(|x| x == n).ok_or_else(|| format!("sink: no field '{n}' (fields: {})", schema.join(", ")));
                 Some((pos(name)?, pos(f)?))
@@ -689,9 +850,11 @@ impl JobPlan {
         Ok(JobPlan {
             name: spec.name,
             config,
-            source: spec.source,
+            source: spec.source.spec,
             steps,
-            sink: spec.sink,
+            sink: spec.sink.spec,
+            source_uid,
+            sink_uid,
             sink_fields,
             source_numbers,
             output_schema: schema,
@@ -711,6 +874,7 @@ impl JobPlan {
 
     /// Build this job on one worker.
     pub fn build(&self, job: &mut Job<'_>) {
+        job.uid(&self.source_uid);
         let mut stream: DataStream<'_, Row> = match &self.source {
             SourceSpec::Generator { count, keys, seed, rate } => {
                 job.source("generator", GeneratorSource { count: *count, keys: *keys, seed: *seed, rate: *rate })
@@ -754,8 +918,8 @@ impl JobPlan {
                         .collect();
                     words
                 }),
-                PlanStep::KeyAgg { key, aggs, ints: true, .. } => {
-                    let keyed = stream.key_by(move |r: &Row| match r.get(key) {
+                PlanStep::KeyAgg { key, aggs, ints: true, uid, .. } => {
+                    let keyed = stream.uid(&uid).key_by(move |r: &Row| match r.get(key) {
                         Value::Int(k) => *k,
                         _ => unreachable!("the plan proved field {key} an integer"),
                     });
@@ -767,9 +931,9 @@ impl JobPlan {
                         _ => keyed.process(&name, IntAggregate::<4>::new(aggs)),
                     }
                 }
-                PlanStep::KeyAgg { key, aggs, ints: false, at, calls } => {
+                PlanStep::KeyAgg { key, aggs, ints: false, at, calls, uid } => {
                     let aggregate = Aggregate { aggs, at, calls, state: None, input_error: job.input_error_handle(), failed: false };
-                    stream.key_by(move |r: &Row| r.get(key).clone()).process(&format!("aggregate-{i}"), aggregate)
+                    stream.uid(&uid).key_by(move |r: &Row| r.get(key).clone()).process(&format!("aggregate-{i}"), aggregate)
                 }
                 PlanStep::Resize { idx, width, height } => {
                     let Some(kernels) = self.kernels(job, i) else { return };
@@ -832,7 +996,7 @@ impl JobPlan {
                         FilterKind::Gaussian => kernels.gaussian_blur_async(img, sigma),
                     })
                 }
-                PlanStep::KeyKmeans { key, field, k } => {
+                PlanStep::KeyKmeans { key, field, k, uid } => {
                     let kernels = match weir_gpu::kernels::shared_kernels(&self.config.gpu) {
                         Ok(k) => k,
                         Err(e) => {
@@ -841,11 +1005,13 @@ impl JobPlan {
                         }
                     };
                     stream
+                        .uid(&uid)
                         .key_by(move |r: &Row| r.get(key).clone())
                         .process_batches(&format!("kmeans-{i}"), crate::kmeans::StreamingKMeans::new(k, field, kernels).max_in_flight(self.config.gpu_max_inflight))
                 }
             };
         }
+        let stream = stream.uid(&self.sink_uid);
         match &self.sink {
             SinkSpec::File { path } => stream.sink("file-sink", FileSink::csv(path)),
             SinkSpec::Blackhole {} => stream.sink("blackhole", BlackholeSink),
@@ -1169,6 +1335,62 @@ mod tests {
         let mut t = parse_yaml("sink: {type: file, path: out}").unwrap();
         apply_set(&mut t, "sink.type", "kafka").unwrap();
         assert_eq!(t["sink"]["path"], "out");
+    }
+
+    /// The uids of a plan: source, stateful steps (by pipeline index), sink.
+    fn uids(p: &JobPlan) -> Vec<String> {
+        let steps = p.steps.iter().filter_map(|s| match s {
+            PlanStep::KeyAgg { uid, .. } | PlanStep::KeyKmeans { uid, .. } => Some(uid.clone()),
+            _ => None,
+        });
+        std::iter::once(p.source_uid.clone()).chain(steps).chain([p.sink_uid.clone()]).collect()
+    }
+
+    #[test]
+    fn default_uids_come_from_type_and_place() {
+        let p = plan("name: t\nsource: {type: generator, count: 10}\npipeline:\n  - filter: {field: value, op: gt, value: 1}\n  - key_by: key\n  - aggregate: [count]\nsink: {type: file, path: o}\n").unwrap();
+        assert_eq!(uids(&p), ["source:generator", "pipeline[2]:aggregate", "sink:file"]);
+        let p = plan("name: t\nsource: {type: generator, count: 10}\npipeline:\n  - key_by: key\n  - aggregate: [count]\nsink: {type: blackhole}\n").unwrap();
+        assert_eq!(uids(&p), ["source:generator", "pipeline[1]:aggregate", "sink:blackhole"]);
+    }
+
+    #[test]
+    fn explicit_uids_beside_the_fields() {
+        let yaml = "name: t\nsource: {type: generator, count: 10, uid: events}\npipeline:\n  - filter: {field: value, op: gt, value: 1}\n    uid: big\n  - key_by: key\n  - uid: totals\n    aggregate: [sum(value)]\nsink: {type: file, path: o, uid: out}\n";
+        let p = plan(yaml).unwrap();
+        assert_eq!(uids(&p), ["events", "totals", "out"]);
+        // The fields beside a uid are checked as without it, with the same paths.
+        let e = plan("name: t\nsource: {type: generator, count: 10, uid: e, kees: 5}\nsink: {type: blackhole}\n").unwrap_err();
+        assert!(e.contains("kees"), "{e}");
+        let e = plan("name: t\nsource: {type: generator, count: 10}\npipeline:\n  - filter: {field: value, op: gtx, value: 1}\n    uid: f\nsink: {type: blackhole}\n").unwrap_err();
+        assert!(e.starts_with("pipeline[0].filter.op: unknown variant `gtx`"), "{e}");
+        let e = plan("name: t\nsource: {type: generator, count: 10}\npipeline:\n  - filter: {field: value, op: gt, value: 1}\n    uid: [a]\nsink: {type: blackhole}\n").unwrap_err();
+        assert!(e.starts_with("pipeline[0].uid: invalid type"), "{e}");
+        let e = plan("name: t\nsource: {type: generator, count: 10}\npipeline:\n  - filter: {field: value, op: gt, value: 1}\n    select: [key]\nsink: {type: blackhole}\n").unwrap_err();
+        assert!(e.contains("unexpected `select`: a step is one operation and an optional uid"), "{e}");
+        let e = plan("name: t\nsource: {type: generator, count: 10}\npipeline:\n  - key_by: key\n    uid: k\n  - aggregate: [count]\nsink: {type: blackhole}\n").unwrap_err();
+        assert!(e.contains("pipeline[0].uid: key_by is no operator of its own"), "{e}");
+        let e = plan("name: t\nsource: {type: generator, count: 10, uid: ''}\nsink: {type: blackhole}\n").unwrap_err();
+        assert!(e.contains("source.uid: must not be empty"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_uids_are_refused_naming_both_places() {
+        let gen = "name: t\nsource: {type: generator, count: 10, uid: a}\nsink: {type: blackhole}\npipeline:\n";
+        let e = plan(&format!("{gen}  - key_by: key\n  - aggregate: [count]\n    uid: a\n")).unwrap_err();
+        assert!(e.contains("pipeline[1].uid: 'a' is also the uid of source; uids must be unique"), "{e}");
+        // An explicit uid may not take another step's derived one.
+        let e = plan(&format!("{gen}  - map: {{field: value, op: add, value: 1}}\n    uid: 'pipeline[2]:aggregate'\n  - key_by: key\n  - aggregate: [count]\n")).unwrap_err();
+        assert!(e.contains("pipeline[2].uid: 'pipeline[2]:aggregate' is also the uid of pipeline[0]"), "{e}");
+        let e = plan("name: t\nsource: {type: generator, count: 10}\nsink: {type: blackhole, uid: 'source:generator'}\n").unwrap_err();
+        assert!(e.contains("sink.uid: 'source:generator' is also the uid of source"), "{e}");
+    }
+
+    #[test]
+    fn switching_a_type_keeps_the_uid() {
+        let mut t = parse_yaml("sink: {type: file, path: out, uid: results}").unwrap();
+        apply_set(&mut t, "sink.type", "blackhole").unwrap();
+        assert_eq!(t["sink"], serde_json::json!({"type": "blackhole", "uid": "results"}));
     }
 
     #[test]

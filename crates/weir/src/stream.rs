@@ -54,6 +54,14 @@ impl StreamEnv {
         self
     }
 
+    /// Restore even where the checkpoint holds state that no operator of the job has the uid
+    /// of, dropping that state with a warning (Flink's `--allowNonRestoredState`); without it
+    /// such a restore fails at start. Also set by `execution.state-recovery.ignore-unclaimed-state`.
+    pub fn allow_non_restored_state(mut self, allow: bool) -> Self {
+        self.config.allow_non_restored_state = allow;
+        self
+    }
+
     /// The configuration.
     pub fn config(&self) -> &JobConfig {
         &self.config
@@ -73,6 +81,8 @@ impl StreamEnv {
 pub struct Job<'s> {
     scope: Scope<'s, Time>,
     ctx: Rc<JobCtx>,
+    /// The uid of the next source (see [`Job::uid`]).
+    next_uid: Option<String>,
 }
 
 /// Fails the job deterministically from inside an operator: see [`Job::input_error_handle`].
@@ -89,6 +99,8 @@ impl InputErrorHandle {
 pub struct DataStream<'s, T> {
     stream: StreamVec<'s, Time, T>,
     ctx: Rc<JobCtx>,
+    /// The uid of the next operator that registers (see [`DataStream::uid`]).
+    uid: Option<String>,
 }
 
 /// A stream partitioned by key.
@@ -96,11 +108,22 @@ pub struct KeyedStream<'s, K, T> {
     stream: StreamVec<'s, Time, T>,
     ctx: Rc<JobCtx>,
     key: Rc<dyn Fn(&T) -> K>,
+    /// The uid of the next keyed operator (see [`KeyedStream::uid`]).
+    uid: Option<String>,
 }
 
 impl<'s> Job<'s> {
     pub(crate) fn new(scope: Scope<'s, Time>, ctx: Rc<JobCtx>) -> Self {
-        Self { scope, ctx }
+        Self { scope, ctx, next_uid: None }
+    }
+
+    /// Set the uid (Flink's `uid()`) of the next source: a restore gives it the positions the
+    /// checkpoint holds under the same uid. Without one a source's uid is derived from its
+    /// name and position, which an edit of the job may change. It comes before the operator,
+    /// unlike Flink's, because an operator's state is restored as it is created.
+    pub fn uid(&mut self, uid: &str) -> &mut Self {
+        self.next_uid = Some(uid.to_string());
+        self
     }
 
     /// This worker's index.
@@ -127,7 +150,7 @@ impl<'s> Job<'s> {
     /// Add a replayable source.
     pub fn source<T: Data, S: Source<T>>(&mut self, name: &str, source: S) -> DataStream<'s, T> {
         let ctx = self.ctx.clone();
-        let op = ctx.register(true);
+        let op = ctx.register(self.next_uid.take(), name, true);
         let (index, peers) = (ctx.index as u32, ctx.peers as u32);
         let task = TaskId::new(op, index);
         let restored: HashMap<u64, u64> =
@@ -187,6 +210,7 @@ impl<'s> Job<'s> {
                     let splits = r.offsets();
                     let snapshot = SubtaskSnapshot {
                         operator_name: name_owned.clone(),
+                        uid: ctx.uid_of(op),
                         state_files: Vec::new(),
                         splits,
                         stats: SubtaskStats { sync_us: t0.elapsed().as_micros() as u64, ..Default::default() },
@@ -247,29 +271,40 @@ impl<'s> Job<'s> {
                 }
             }
         });
-        DataStream { stream, ctx: self.ctx.clone() }
+        DataStream { stream, ctx: self.ctx.clone(), uid: None }
     }
 }
 
 impl<'s, T: Data> DataStream<'s, T> {
+    /// Set the uid (Flink's `uid()`) of the next operator applied to this stream that takes
+    /// part in checkpoints (a keyed operator or a sink; stateless steps before it, such as
+    /// `map`, `filter` or `key_by`, pass it on): a restore gives that operator the state the
+    /// checkpoint holds under the same uid, wherever the operator now stands in the job.
+    /// Without one the uid is derived from the operator's name and position. It comes before
+    /// the operator, unlike Flink's, because an operator's state is restored as it is created.
+    pub fn uid(mut self, uid: &str) -> Self {
+        self.uid = Some(uid.to_string());
+        self
+    }
+
     /// Apply `f` to every record.
     pub fn map<U: Data>(self, f: impl FnMut(T) -> U + 'static) -> DataStream<'s, U> {
-        DataStream { stream: self.stream.map(f), ctx: self.ctx }
+        DataStream { stream: self.stream.map(f), ctx: self.ctx, uid: self.uid }
     }
 
     /// Keep the records for which `f` holds.
     pub fn filter(self, f: impl FnMut(&T) -> bool + 'static) -> DataStream<'s, T> {
-        DataStream { stream: self.stream.filter(f), ctx: self.ctx }
+        DataStream { stream: self.stream.filter(f), ctx: self.ctx, uid: self.uid }
     }
 
     /// Replace each record by zero or more.
     pub fn flat_map<U: Data, I: IntoIterator<Item = U>>(self, f: impl FnMut(T) -> I + 'static) -> DataStream<'s, U> {
-        DataStream { stream: self.stream.flat_map(f), ctx: self.ctx }
+        DataStream { stream: self.stream.flat_map(f), ctx: self.ctx, uid: self.uid }
     }
 
     /// Partition by key: records of one key go to the worker owning the key's key group.
     pub fn key_by<K: Key>(self, key: impl Fn(&T) -> K + 'static) -> KeyedStream<'s, K, T> {
-        KeyedStream { stream: self.stream, ctx: self.ctx, key: Rc::new(key) }
+        KeyedStream { stream: self.stream, ctx: self.ctx, key: Rc::new(key), uid: self.uid }
     }
 
     /// Apply `f` to batches of records (for GPU operators without state): records of the open
@@ -407,13 +442,13 @@ impl<'s, T: Data> DataStream<'s, T> {
                 }
             }
         });
-        DataStream { stream, ctx: self.ctx }
+        DataStream { stream, ctx: self.ctx, uid: self.uid }
     }
 
     /// Write into a transactional sink; the sink's output is exactly once.
     pub fn sink<S: Sink<T>>(self, name: &str, sink: S) {
         let ctx = self.ctx.clone();
-        let op = ctx.register(false);
+        let op = ctx.register(self.uid.clone(), name, false);
         let task = TaskId::new(op, ctx.index as u32);
         let sctx = SinkContext {
             subtask: ctx.index as u32,
@@ -475,6 +510,7 @@ impl<'s, T: Data> DataStream<'s, T> {
                                 };
                                 let snapshot = SubtaskSnapshot {
                                     operator_name: name_owned.clone(),
+                                    uid: ctx.uid_of(op),
                                     state_files: vec![],
                                     splits: vec![],
                                     stats,
@@ -526,11 +562,18 @@ struct KeyedSetup<K> {
 }
 
 impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
+    /// Set the uid (Flink's `uid()`) of the next keyed operator on this stream (`process`,
+    /// `reduce`, `sum`, `process_batches`): see [`DataStream::uid`].
+    pub fn uid(mut self, uid: &str) -> Self {
+        self.uid = Some(uid.to_string());
+        self
+    }
+
     /// Register a keyed stateful operator: its task id, its states (registered by `open`, then
     /// restored from the checkpoint being restored, key groups of this worker only).
     fn setup(&self, name: &str, open: impl FnOnce(&mut StateTables<K>)) -> KeyedSetup<K> {
         let ctx = &self.ctx;
-        let op = ctx.register(false);
+        let op = ctx.register(self.uid.clone(), name, false);
         let mp = ctx.config.max_parallelism;
         let range = KeyGroupRange::for_operator(mp, ctx.peers as u32, ctx.index as u32);
         let mut tables = StateTables::new(range, mp);
@@ -595,7 +638,7 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
                 }
             }
         });
-        DataStream { stream, ctx: self.ctx }
+        DataStream { stream, ctx: self.ctx, uid: None }
     }
 
     /// Run a keyed batch function (for GPU operators): records are collected per key and handed
@@ -610,7 +653,7 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
         let key = self.key;
         let mut groups: HashMap<K, Vec<T>> = HashMap::new();
         let name_owned = name.to_string();
-        DataStream { stream: self.stream, ctx: self.ctx }.batched(exchange, name, move |ev: BatchEvent<'_, T, O>| match ev {
+        DataStream { stream: self.stream, ctx: self.ctx, uid: None }.batched(exchange, name, move |ev: BatchEvent<'_, T, O>| match ev {
             BatchEvent::Batch(items, out) => {
                 for x in items.drain(..) {
                     groups.entry(key(&x)).or_default().push(x);
@@ -689,10 +732,12 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
 fn snapshot_tables<K: Key>(ctx: &Rc<JobCtx>, tables: &StateTables<K>, epoch: u64, task: TaskId, name: &str, prefix: &str) {
     let barrier_us = barrier_us(ctx, epoch);
     let t0 = Instant::now();
+    let uid = ctx.uid_of(task.operator);
     let Some(storage) = ctx.storage.clone() else {
         // Checkpointing off: only the final barrier passes, and nothing is persisted.
         let snapshot = SubtaskSnapshot {
             operator_name: name.to_string(),
+            uid,
             state_files: vec![],
             splits: vec![],
             stats: SubtaskStats { barrier_us, ..Default::default() },
@@ -729,7 +774,7 @@ fn snapshot_tables<K: Key>(ctx: &Rc<JobCtx>, tables: &StateTables<K>, epoch: u64
             }
         }
         let stats = SubtaskStats { barrier_us, sync_us, async_us: t1.elapsed().as_micros() as u64, bytes, state_entries: entries };
-        let snapshot = SubtaskSnapshot { operator_name: name, state_files: files, splits: vec![], stats };
+        let snapshot = SubtaskSnapshot { operator_name: name, uid, state_files: files, splits: vec![], stats };
         let _ = tx.send(AckMsg::Ack { id: epoch, task, snapshot });
     });
 }

@@ -8,6 +8,7 @@
 pub mod cluster;
 pub(crate) mod control;
 pub(crate) mod executor;
+mod operator_uid;
 
 use std::cell::{Cell, RefCell};
 use std::panic::AssertUnwindSafe;
@@ -114,17 +115,21 @@ pub(crate) struct JobCtx {
     pub ack_tx: Sender<AckMsg>,
     next_op: Cell<u32>,
     pub tasks: RefCell<Vec<(u32, bool)>>,
+    /// Each registered operator's uid and name, by id: what restored state is matched by.
+    uids: RefCell<Vec<(String, String)>>,
     build_error: RefCell<Option<String>>,
     /// Set by a failure that no restart can fix; the job then ends without restarting.
     deterministic: Arc<AtomicBool>,
 }
 
 impl JobCtx {
-    /// Register a stateful operator; its id is its position, stable for the same job graph.
-    pub(crate) fn register(&self, is_source: bool) -> u32 {
+    /// Register a stateful operator; its id is its position (for this run's acks), its `uid`
+    /// (`None`: derived from `name` and the position) what a restore matches its state by.
+    pub(crate) fn register(&self, uid: Option<String>, name: &str, is_source: bool) -> u32 {
         let id = self.next_op.get();
         self.next_op.set(id + 1);
         self.tasks.borrow_mut().push((id, is_source));
+        self.claim_uid(id, uid, name);
         id
     }
 
@@ -142,11 +147,15 @@ impl JobCtx {
         self.shared.borrow_mut().set_fail(message);
     }
 
-    /// The snapshots of operator `op` in the restored checkpoint.
+    /// The snapshots of operator `op` in the restored checkpoint: those with its uid (by
+    /// position in a checkpoint written before uids).
     pub(crate) fn restored_subtasks(&self, op: u32) -> impl Iterator<Item = &SubtaskSnapshot> {
+        let uid = self.uid_of(op);
         self.restored
             .iter()
-            .flat_map(move |m| m.subtasks.iter().filter(move |(t, _)| t.operator == op).map(|(_, s)| s))
+            .flat_map(|m| m.subtasks.iter())
+            .filter(move |(t, s)| operator_uid::claims(op, &uid, t, s))
+            .map(|(_, s)| s)
     }
 }
 
@@ -618,6 +627,7 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
         ack_tx,
         next_op: Cell::new(0),
         tasks: RefCell::new(Vec::new()),
+        uids: RefCell::new(Vec::new()),
         build_error: RefCell::new(None),
         deterministic: env.deterministic.clone(),
     });
@@ -625,6 +635,7 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
         let mut job = Job::new(scope, ctx.clone());
         (env.build)(&mut job);
     });
+    ctx.check_restored_state();
     if let Some(e) = ctx.build_error.borrow_mut().take() {
         return Err(e);
     }
