@@ -1,34 +1,9 @@
-//! Declarative YAML jobs of built-in operators, run by `weir run JOB.yaml`.
-//!
-//! ```yaml
-//! name: keyed-sum
-//! config:
-//!   parallelism.default: 2
-//!   execution.checkpointing.interval: 1s
-//! source: {type: generator, count: 1000000, keys: 1000}
-//! pipeline:
-//!   - filter: {field: value, op: gt, value: 10}
-//!   - key_by: key
-//!   - aggregate: [sum(value), count]
-//! sink: {type: file, path: out/keyed-sum}
-//! ```
-//!
-//! A job is checked completely before it starts: unknown fields, unknown config keys, fields
-//! that the schema at a step does not have, and ill-typed values are errors naming the place.
-//!
-//! The source, each step and the sink may carry a `uid:` beside their fields (Flink's `uid()`):
-//! a restore gives each operator the state the checkpoint holds under its uid, so a job may
-//! gain or lose steps between runs. Without one the uid is derived from the place
-//! (`source:generator`, `pipeline[1]:aggregate`, `sink:file`), which inserting a step before a
-//! stateful one changes: give stateful steps explicit uids before editing the job.
+//! The checked plan of a job: `JobPlan::load` checks a spec against its schema and config and
+//! turns it into plan steps; `JobPlan::build` adds them to a dataflow on each worker.
 
-use std::collections::BTreeMap;
-use std::marker::PhantomData;
 use std::path::Path;
 use std::sync::Arc;
 
-use serde::de::{DeserializeSeed, Error as _, IntoDeserializer, MapAccess, Visitor};
-use serde::Deserialize;
 use smallvec::SmallVec;
 
 use crate::config::JobConfig;
@@ -38,419 +13,10 @@ use crate::source::{FileFormat, FileSource, GeneratorSource};
 use crate::state::{KeyedContext, KeyedProcessFunction, StateTables, ValueState};
 use crate::stream::{DataStream, Job};
 
-/// A job file that cannot be run; the message names the file and the place in it.
-#[derive(Debug, thiserror::Error)]
-#[error("{file}: {message}")]
-pub struct SpecError {
-    /// The job file.
-    pub file: String,
-    /// What and where.
-    pub message: String,
-}
-
-/// The job file, as written.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JobSpec {
-    /// The job's name (its checkpoint directory is `<dir>/<name>`).
-    pub name: String,
-    /// Configuration (Flink key names).
-    #[serde(default)]
-    pub config: BTreeMap<String, serde_json::Value>,
-    /// The source.
-    pub source: WithUid<SourceSpec>,
-    /// Transformations, in order.
-    #[serde(default)]
-    pub pipeline: Vec<WithUid<Step>>,
-    /// The sink.
-    pub sink: WithUid<SinkSpec>,
-}
-
-/// A source, pipeline step or sink as written, with the `uid:` that may stand beside its fields
-/// (`- {aggregate: [count], uid: counts}`): the stable id its state is restored by.
-#[derive(Debug, Clone)]
-pub struct WithUid<T> {
-    /// The uid, if the job gives one (otherwise it is derived from the place).
-    pub uid: Option<String>,
-    /// The source, step or sink.
-    pub spec: T,
-}
-
-impl<T> WithUid<T> {
-    /// `spec` without a uid.
-    pub fn new(spec: T) -> Self {
-        Self { uid: None, spec }
-    }
-}
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for WithUid<T> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<T>(PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
-            type Value = WithUid<T>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a mapping")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-                // `T` reads the mapping through `SkipUid`, which takes `uid` aside: the fields
-                // of `T` stay checked (and the error paths precise) as without a uid.
-                let mut rest = SkipUid { map, uid: None };
-                let spec = T::deserialize(serde::de::value::MapAccessDeserializer::new(&mut rest))?;
-                // A step reads one entry: a second one is a second operation.
-                if let Some(key) = rest.next_key::<String>()? {
-                    return Err(A::Error::custom(format!("unexpected `{key}`: a step is one operation and an optional uid")));
-                }
-                Ok(WithUid { uid: rest.uid, spec })
-            }
-        }
-        d.deserialize_map(V(PhantomData))
-    }
-}
-
-/// The entries of a mapping but `uid`, whose value it keeps.
-struct SkipUid<A> {
-    map: A,
-    uid: Option<String>,
-}
-
-impl<'de, A: MapAccess<'de>> MapAccess<'de> for SkipUid<A> {
-    type Error = A::Error;
-
-    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, A::Error> {
-        while let Some(key) = self.map.next_key::<String>()? {
-            if key != "uid" {
-                return seed.deserialize(key.into_deserializer()).map(Some);
-            }
-            if self.uid.is_some() {
-                return Err(A::Error::custom("duplicate field `uid`"));
-            }
-            self.uid = Some(self.map.next_value()?);
-        }
-        Ok(None)
-    }
-
-    fn next_value_seed<S: DeserializeSeed<'de>>(&mut self, seed: S) -> Result<S::Value, A::Error> {
-        self.map.next_value_seed(seed)
-    }
-}
-
-fn default_keys() -> u64 {
-    1_000_000
-}
-
-/// A source of a YAML job.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum SourceSpec {
-    /// Seeded `(key, value)` rows.
-    Generator {
-        /// Records in all.
-        count: u64,
-        /// Distinct keys.
-        #[serde(default = "default_keys")]
-        keys: u64,
-        /// Seed.
-        #[serde(default)]
-        seed: u64,
-        /// Records per second (unlimited if absent).
-        #[serde(default)]
-        rate: Option<f64>,
-    },
-    /// Seeded Gaussian blobs: rows `(key, point)`.
-    Blobs {
-        /// Points in all.
-        count: u64,
-        /// Gaussians per key.
-        centers: usize,
-        /// Dimensions.
-        dim: usize,
-        /// Standard deviation.
-        #[serde(default = "one")]
-        sigma: f32,
-        /// Independent streams (keys).
-        #[serde(default = "one_u64")]
-        keys: u64,
-        /// Seed.
-        #[serde(default)]
-        seed: u64,
-    },
-    /// The PNG and JPEG images of a directory: rows `(name, image)`.
-    Images {
-        /// The directory.
-        path: String,
-    },
-    /// Lines or JSON lines of a file or a directory of files.
-    File {
-        /// File or directory.
-        path: String,
-        /// `lines` (one field `line`) or `json` (the listed `fields`).
-        #[serde(default)]
-        format: FileFormatSpec,
-        /// Fields of JSON objects.
-        #[serde(default)]
-        fields: Vec<String>,
-    },
-}
-
-/// File formats.
-#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum FileFormatSpec {
-    /// Plain lines.
-    #[default]
-    Lines,
-    /// JSON objects, one per line.
-    Json,
-}
-
-/// A sink of a YAML job.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum SinkSpec {
-    /// Exactly-once CSV files in a directory.
-    File {
-        /// The directory.
-        path: String,
-    },
-    /// Discard (for benchmarks).
-    Blackhole {},
-    /// One PNG per row, named after the `name` field, exactly once.
-    Images {
-        /// The directory.
-        path: String,
-        /// The field naming each file.
-        #[serde(default = "name_field")]
-        name: String,
-        /// The image field.
-        #[serde(default = "image_field")]
-        field: String,
-    },
-}
-
-/// Comparison of a filter.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum CmpOp {
-    /// `==`
-    Eq,
-    /// `!=`
-    Ne,
-    /// `<`
-    Lt,
-    /// `<=`
-    Le,
-    /// `>`
-    Gt,
-    /// `>=`
-    Ge,
-}
-
-/// Operation of a map.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum MapOp {
-    /// Add a number.
-    Add,
-    /// Multiply by a number.
-    Mul,
-    /// Lower-case a string.
-    Lower,
-    /// Upper-case a string.
-    Upper,
-}
-
-/// One transformation.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum Step {
-    /// Keep rows where `field op value`.
-    Filter {
-        /// Field.
-        field: String,
-        /// Comparison.
-        op: CmpOp,
-        /// Constant.
-        value: serde_json::Value,
-    },
-    /// Change a field in place.
-    Map {
-        /// Field.
-        field: String,
-        /// Operation.
-        op: MapOp,
-        /// Operand of add/mul.
-        #[serde(default)]
-        value: Option<serde_json::Value>,
-    },
-    /// Keep these fields, in this order.
-    Select(Vec<String>),
-    /// Split a text field into words: one row `(word)` per word.
-    Tokenize {
-        /// The text field.
-        field: String,
-        /// Lower-case the words.
-        #[serde(default = "yes")]
-        lowercase: bool,
-    },
-    /// Partition by a field; must be followed by `aggregate`.
-    KeyBy(String),
-    /// Bilinear resize of an image field (GPU or CPU path); `height` absent keeps the aspect.
-    ImageResize {
-        /// The image field.
-        #[serde(default = "image_field")]
-        field: String,
-        /// New width.
-        width: usize,
-        /// New height.
-        #[serde(default)]
-        height: Option<usize>,
-    },
-    /// Filter an image field: `sobel`, or `gaussian` with `sigma`.
-    ImageFilter {
-        /// The image field.
-        #[serde(default = "image_field")]
-        field: String,
-        /// Which filter.
-        kind: FilterKind,
-        /// Gaussian standard deviation.
-        #[serde(default = "one")]
-        sigma: f32,
-    },
-    /// Multiply a vector field (length `input`) by a seeded Gaussian `input × output` matrix
-    /// scaled by 1/√output (a Johnson–Lindenstrauss random projection), in batches: one GEMM
-    /// per batch, on the GPU or the CPU path.
-    Gemm {
-        /// The vector field.
-        field: String,
-        /// Its length.
-        input: usize,
-        /// The projected length.
-        output: usize,
-        /// Seed of the matrix.
-        #[serde(default)]
-        seed: u64,
-    },
-    /// Classify a vector field of `height × width` pixels with a small CNN (safetensors:
-    /// conv 3×3 + ReLU → max-pool 2×2 → dense), in batches, on the GPU or the CPU path;
-    /// appends the field `class`.
-    CnnInfer {
-        /// The pixel field.
-        field: String,
-        /// The safetensors file.
-        model: String,
-        /// Image height.
-        height: usize,
-        /// Image width.
-        width: usize,
-    },
-    /// Streaming mini-batch K-means per key over a vector field (GPU, or the CPU path);
-    /// must follow `key_by`. Emits `(key, centroid, vector)` per centroid after each batch.
-    Kmeans {
-        /// The vector field.
-        field: String,
-        /// Centroids.
-        k: usize,
-    },
-    /// Per-key running aggregates: `sum(f)`, `count`, `min(f)`, `max(f)`; emits
-    /// `(key, aggregates…)` on every update.
-    Aggregate(Vec<String>),
-}
-
-impl SourceSpec {
-    /// The `type:` as written.
-    fn kind(&self) -> &'static str {
-        match self {
-            SourceSpec::Generator { .. } => "generator",
-            SourceSpec::Blobs { .. } => "blobs",
-            SourceSpec::Images { .. } => "images",
-            SourceSpec::File { .. } => "file",
-        }
-    }
-}
-
-impl SinkSpec {
-    /// The `type:` as written.
-    fn kind(&self) -> &'static str {
-        match self {
-            SinkSpec::File { .. } => "file",
-            SinkSpec::Blackhole {} => "blackhole",
-            SinkSpec::Images { .. } => "images",
-        }
-    }
-}
-
-impl Step {
-    /// The step's name as written.
-    fn kind(&self) -> &'static str {
-        match self {
-            Step::Filter { .. } => "filter",
-            Step::Map { .. } => "map",
-            Step::Select(_) => "select",
-            Step::Tokenize { .. } => "tokenize",
-            Step::KeyBy(_) => "key_by",
-            Step::ImageResize { .. } => "image_resize",
-            Step::ImageFilter { .. } => "image_filter",
-            Step::Gemm { .. } => "gemm",
-            Step::CnnInfer { .. } => "cnn_infer",
-            Step::Kmeans { .. } => "kmeans",
-            Step::Aggregate(_) => "aggregate",
-        }
-    }
-}
-
-/// The uids of a job's operators, as the job is checked: each given or derived from its place
-/// (`source:generator`, `pipeline[2]:aggregate`, `sink:file`), none twice.
-#[derive(Default)]
-struct Uids(Vec<(String, String)>);
-
-impl Uids {
-    /// The uid of the `kind` at `place` (`source`, `pipeline[2]`, `sink`): `given`, or derived.
-    fn claim(&mut self, place: String, given: Option<&str>, kind: &str) -> Result<String, String> {
-        let uid = match given {
-            Some(u) if u.trim().is_empty() => return Err(format!("{place}.uid: must not be empty")),
-            Some(u) => u.to_string(),
-            None => format!("{place}:{kind}"),
-        };
-        if let Some((_, other)) = self.0.iter().find(|(u, _)| *u == uid) {
-            return Err(format!("{place}.uid: '{uid}' is also the uid of {other}; uids must be unique in a job"));
-        }
-        self.0.push((uid.clone(), place));
-        Ok(uid)
-    }
-}
-
-fn name_field() -> String {
-    "name".into()
-}
-
-fn image_field() -> String {
-    "image".into()
-}
-
-/// Image filters.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum FilterKind {
-    /// Sobel gradient magnitude.
-    Sobel,
-    /// Gaussian blur (`sigma`).
-    Gaussian,
-}
-
-fn one() -> f32 {
-    1.0
-}
-
-fn one_u64() -> u64 {
-    1
-}
-
-fn yes() -> bool {
-    true
-}
+use super::spec::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AggFn {
+pub(super) enum AggFn {
     Sum,
     Count,
     Min,
@@ -458,7 +24,7 @@ enum AggFn {
 }
 
 #[derive(Debug, Clone)]
-enum PlanStep {
+pub(super) enum PlanStep {
     Filter { idx: usize, op: CmpOp, value: Value },
     Map { idx: usize, op: MapOp, value: Value },
     Select(Vec<usize>),
@@ -479,111 +45,18 @@ pub struct JobPlan {
     pub name: String,
     /// The validated configuration.
     pub config: JobConfig,
-    source: SourceSpec,
-    steps: Vec<PlanStep>,
-    sink: SinkSpec,
+    pub(super) source: SourceSpec,
+    pub(super) steps: Vec<PlanStep>,
+    pub(super) sink: SinkSpec,
     /// The uids of the source and the sink (those of stateful steps are in their `PlanStep`).
-    source_uid: String,
-    sink_uid: String,
-    sink_fields: Option<(usize, usize)>,
+    pub(super) source_uid: String,
+    pub(super) sink_uid: String,
+    pub(super) sink_fields: Option<(usize, usize)>,
     /// Source fields that must be numbers, and why: the file source checks them, naming the
     /// file and line of a value that is not.
-    source_numbers: Vec<(usize, String)>,
+    pub(super) source_numbers: Vec<(usize, String)>,
     /// Field names of the rows that reach the sink.
     pub output_schema: Vec<String>,
-}
-
-fn scalar_to_string(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Null => "off".into(),
-        other => other.to_string(),
-    }
-}
-
-fn json_value(v: &serde_json::Value) -> Value {
-    match v {
-        serde_json::Value::Number(n) => n.as_i64().map(Value::Int).unwrap_or_else(|| Value::Float(n.as_f64().unwrap_or(0.0))),
-        serde_json::Value::String(s) => Value::text(s.as_str()),
-        serde_json::Value::Bool(b) => Value::Int(*b as i64),
-        _ => Value::Null,
-    }
-}
-
-/// Parse YAML text into a tree (for `--set` edits before checking).
-pub fn parse_yaml(text: &str) -> Result<serde_json::Value, String> {
-    serde_saphyr::from_str(text).map_err(|e| e.to_string())
-}
-
-/// The fields of each `type` of source and sink, for `--set source.type=…` and
-/// `--set sink.type=…`: switching the type drops the fields the new type does not have
-/// (`component_fields_match_the_specs` keeps this in step with [`SourceSpec`] and [`SinkSpec`]).
-const COMPONENT_FIELDS: &[(&str, &str, &[&str])] = &[
-    ("source", "generator", &["count", "keys", "seed", "rate"]),
-    ("source", "blobs", &["count", "centers", "dim", "sigma", "keys", "seed"]),
-    ("source", "images", &["path"]),
-    ("source", "file", &["path", "format", "fields"]),
-    ("sink", "file", &["path"]),
-    ("sink", "blackhole", &[]),
-    ("sink", "images", &["path", "name", "field"]),
-];
-
-/// Apply one `--set path=value` to a YAML tree. Switching a source's or sink's `type` drops the
-/// fields the new type does not have, with a warning naming them: `--set sink.type=blackhole`
-/// on a file sink drops its `path` instead of failing on it. The fields of the file itself are
-/// still checked (only a switch drops anything).
-pub fn apply_set(tree: &mut serde_json::Value, path: &str, value: &str) -> Result<(), String> {
-    let component = path.strip_suffix(".type").filter(|c| matches!(*c, "source" | "sink"));
-    let type_of = |tree: &serde_json::Value, c: &str| tree.get(c)?.get("type")?.as_str().map(str::to_string);
-    let before = component.and_then(|c| type_of(tree, c));
-    set_path(tree, path, value)?;
-    let Some(c) = component else { return Ok(()) };
-    let Some(after) = type_of(tree, c).filter(|t| before.as_ref() != Some(t)) else { return Ok(()) };
-    // An unknown type is left for the spec check to name.
-    let Some((_, _, fields)) = COMPONENT_FIELDS.iter().find(|(k, t, _)| *k == c && *t == after) else { return Ok(()) };
-    let Some(obj) = tree.get_mut(c).and_then(|v| v.as_object_mut()) else { return Ok(()) };
-    // A uid belongs to the place, not the type: it stays.
-    let dropped: Vec<String> = obj.keys().filter(|k| !["type", "uid"].contains(&k.as_str()) && !fields.contains(&k.as_str())).cloned().collect();
-    if !dropped.is_empty() {
-        obj.retain(|k, _| !dropped.contains(k));
-        tracing::warn!(
-            "--set {path}={value}: dropped {} of the {c} (a {after} {c} has no such field)",
-            dropped.iter().map(|k| format!("'{c}.{k}'")).collect::<Vec<_>>().join(", ")
-        );
-    }
-    Ok(())
-}
-
-/// Set `path` (dots; list indices as numbers) in a YAML tree to `value` (parsed as YAML).
-pub fn set_path(tree: &mut serde_json::Value, path: &str, value: &str) -> Result<(), String> {
-    let parsed: serde_json::Value =
-        serde_saphyr::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
-    let mut cur = tree;
-    let parts: Vec<&str> = path.split('.').collect();
-    for (i, part) in parts.iter().enumerate() {
-        let last = i + 1 == parts.len();
-        cur = match cur {
-            serde_json::Value::Object(map) => {
-                if last {
-                    map.insert(part.to_string(), parsed);
-                    return Ok(());
-                }
-                map.entry(part.to_string()).or_insert_with(|| serde_json::Value::Object(Default::default()))
-            }
-            serde_json::Value::Array(list) => {
-                let idx: usize = part.parse().map_err(|_| format!("--set {path}: '{part}' is not a list index"))?;
-                let len = list.len();
-                let slot = list.get_mut(idx).ok_or_else(|| format!("--set {path}: index {idx} beyond {len} steps"))?;
-                if last {
-                    *slot = parsed;
-                    return Ok(());
-                }
-                slot
-            }
-            _ => return Err(format!("--set {path}: '{}' is not a mapping", parts[..i].join("."))),
-        };
-    }
-    Ok(())
 }
 
 impl JobPlan {
@@ -1037,7 +510,7 @@ pub fn random_projection(k: usize, n: usize, seed: u64) -> Vec<f32> {
     (0..k * n).map(|_| ((-2.0 * next().ln()).sqrt() * (std::f64::consts::TAU * next()).cos() * scale) as f32).collect()
 }
 
-fn compare(v: &Value, op: CmpOp, c: &Value) -> bool {
+pub(super) fn compare(v: &Value, op: CmpOp, c: &Value) -> bool {
     use std::cmp::Ordering::*;
     let ord = match (v, c) {
         (Value::Str(a), Value::Str(b)) => Some(a.cmp(b)),
@@ -1057,7 +530,7 @@ fn compare(v: &Value, op: CmpOp, c: &Value) -> bool {
     }
 }
 
-fn apply(v: &Value, op: MapOp, c: &Value) -> Value {
+pub(super) fn apply(v: &Value, op: MapOp, c: &Value) -> Value {
     match (op, v, c) {
         (MapOp::Add, Value::Int(a), Value::Int(b)) => Value::Int(a.wrapping_add(*b)),
         (MapOp::Mul, Value::Int(a), Value::Int(b)) => Value::Int(a.wrapping_mul(*b)),
@@ -1070,18 +543,18 @@ fn apply(v: &Value, op: MapOp, c: &Value) -> Value {
 }
 
 /// Running aggregates per key.
-struct Aggregate {
-    aggs: Vec<(AggFn, usize)>,
+pub(super) struct Aggregate {
+    pub(super) aggs: Vec<(AggFn, usize)>,
     /// The step's pipeline index and its functions as written, for messages.
-    at: usize,
-    calls: Vec<String>,
-    state: Option<ValueState<SmallVec<[Value; 2]>>>,
+    pub(super) at: usize,
+    pub(super) calls: Vec<String>,
+    pub(super) state: Option<ValueState<SmallVec<[Value; 2]>>>,
     /// A non-number given to `sum` fails the job: the same row fails every restart.
-    input_error: crate::stream::InputErrorHandle,
-    failed: bool,
+    pub(super) input_error: crate::stream::InputErrorHandle,
+    pub(super) failed: bool,
 }
 
-fn add(a: &Value, b: &Value) -> Value {
+pub(super) fn add(a: &Value, b: &Value) -> Value {
     match (a, b) {
         (Value::Null, b) => b.clone(),
         (Value::Int(x), Value::Int(y)) => Value::Int(x.wrapping_add(*y)),
@@ -1089,7 +562,7 @@ fn add(a: &Value, b: &Value) -> Value {
     }
 }
 
-fn extreme(a: &Value, b: &Value, want: std::cmp::Ordering) -> Value {
+pub(super) fn extreme(a: &Value, b: &Value, want: std::cmp::Ordering) -> Value {
     match (a, b) {
         (Value::Null, b) => b.clone(),
         (a, Value::Null) => a.clone(),
@@ -1150,9 +623,9 @@ impl KeyedProcessFunction<Value, Row, Row> for Aggregate {
 
 /// Running aggregates per key when the key and every aggregated field are integers; `N`
 /// accumulators inline (an entry of `sum, count` state is 24 bytes).
-struct IntAggregate<const N: usize> {
-    aggs: Vec<(AggFn, usize)>,
-    state: Option<ValueState<[i64; N]>>,
+pub(super) struct IntAggregate<const N: usize> {
+    pub(super) aggs: Vec<(AggFn, usize)>,
+    pub(super) state: Option<ValueState<[i64; N]>>,
 }
 
 impl<const N: usize> IntAggregate<N> {
@@ -1201,7 +674,7 @@ where
 
 /// An image kernel over batches: one submission per image of field `idx` (rows without an
 /// image there pass unchanged), all of a batch in flight together.
-fn image_batches<'s>(
+pub(super) fn image_batches<'s>(
     stream: DataStream<'s, Row>,
     name: &str,
     idx: usize,
