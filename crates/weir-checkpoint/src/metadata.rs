@@ -50,12 +50,26 @@ pub struct StateFileHandle {
 }
 
 /// A replayable source split's position.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SplitOffset {
     /// The split's id (stable across parallelism changes).
     pub split: u64,
     /// Records (or bytes, per source) consumed.
     pub offset: u64,
+    /// A file split's file, relative to the source's directory: a restore matches file splits
+    /// on it, since `split` (the file's place in the listing) shifts when files are added.
+    /// `None` for other sources and in checkpoints written before paths were recorded.
+    /// (Always serialized: snapshots also travel between processes in bincode, which is
+    /// positional.)
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+impl SplitOffset {
+    /// Split `split` at `offset`, not a file.
+    pub fn new(split: u64, offset: u64) -> Self {
+        Self { split, offset, path: None }
+    }
 }
 
 /// The cost split of one subtask's part of a checkpoint (Flink's cost model).

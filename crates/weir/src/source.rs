@@ -1,10 +1,12 @@
 //! Replayable sources. A source is a set of splits, each with an offset that checkpoints record;
 //! splits are spread over the workers (split `i` to worker `i mod parallelism`), so a source
-//! restores at any parallelism.
+//! restores at any parallelism. A file-per-split source's splits are matched to the restored
+//! offsets by file path, so files added before a restore shift nothing.
 
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -74,10 +76,54 @@ pub struct SourceContext {
 
 /// A replayable source.
 pub trait Source<T>: 'static {
-    /// All split ids (the same on every worker).
-    fn splits(&self) -> Result<Vec<u64>, SourceError>;
+    /// All splits at their start, in one order on every worker. A file-per-split source sets
+    /// each split's `path` (relative to [`Source::root`]): restores match on it.
+    fn splits(&self) -> Result<Vec<SplitOffset>, SourceError>;
     /// A reader over `splits`, each starting at its offset.
     fn open(&self, ctx: &SourceContext, splits: Vec<SplitOffset>) -> Result<Box<dyn SourceReader<T>>, SourceError>;
+    /// The directory that split paths are relative to (for messages).
+    fn root(&self) -> Option<&Path> {
+        None
+    }
+}
+
+/// Subtask `ctx.subtask`'s share of `source`'s splits (split `i` to subtask `i mod parallelism`),
+/// each at its offset in `restored`: the restored checkpoint's offsets of this source, of every
+/// subtask, so that a restore works at any parallelism.
+///
+/// Splits with a path match a restored offset with the same path; a file added since the
+/// checkpoint has none and starts at 0. Checkpoints written before paths were recorded match by
+/// id, as they always did. A restored path that the source no longer lists is a deterministic
+/// error naming the file(s): skipping it would silently drop its unread rest, reading it again
+/// would duplicate its read part. Every subtask checks, so none starts over a broken restore.
+pub fn assign_splits<T, S: Source<T> + ?Sized>(source: &S, ctx: &SourceContext, restored: &[SplitOffset]) -> Result<Vec<SplitOffset>, SourceError> {
+    let splits = source.splits()?;
+    let mut by_path: HashMap<&str, u64> = HashMap::new();
+    let mut by_id: HashMap<u64, u64> = HashMap::new();
+    for r in restored {
+        match &r.path {
+            Some(p) => by_path.insert(p, r.offset),
+            None => by_id.insert(r.split, r.offset),
+        };
+    }
+    if !by_path.is_empty() {
+        let listed: HashSet<&str> = splits.iter().filter_map(|s| s.path.as_deref()).collect();
+        let mut gone: Vec<&str> = by_path.keys().copied().filter(|p| !listed.contains(p)).collect();
+        if !gone.is_empty() {
+            gone.sort_unstable();
+            return Err(files_gone(source.root(), &gone));
+        }
+    }
+    let (subtask, parallelism) = (ctx.subtask as usize, ctx.parallelism.max(1) as usize);
+    Ok(splits
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| i % parallelism == subtask)
+        .map(|(_, mut s)| {
+            s.offset = s.path.as_deref().and_then(|p| by_path.get(p)).or_else(|| by_id.get(&s.split)).copied().unwrap_or(0);
+            s
+        })
+        .collect())
 }
 
 /// One source instance's reader.
@@ -86,6 +132,61 @@ pub trait SourceReader<T> {
     fn poll(&mut self, out: &mut Vec<T>, max: usize) -> Result<Poll, SourceError>;
     /// The current offsets of this reader's splits.
     fn offsets(&self) -> Vec<SplitOffset>;
+}
+
+/// Restored files that are no longer there: no restart brings them back.
+fn files_gone(root: Option<&Path>, gone: &[&str]) -> SourceError {
+    let root = root.unwrap_or(Path::new(""));
+    let names: Vec<String> = gone.iter().map(|p| root.join(p).display().to_string()).collect();
+    SourceError::deterministic(match names.as_slice() {
+        [one] => format!("file {one} is gone, but the restored checkpoint holds its read position: put it back, or restore another checkpoint"),
+        many => format!(
+            "files {} are gone, but the restored checkpoint holds their read positions: put them back, or restore another checkpoint",
+            many.join(", ")
+        ),
+    })
+}
+
+/// The splits of a file-per-split source over `files` (in name order): split `i` is file `i`,
+/// keyed by its name. Two names alike once made UTF-8 would share one restored offset: refused.
+fn file_splits(files: &[PathBuf]) -> Result<Vec<SplitOffset>, SourceError> {
+    let mut seen = HashSet::with_capacity(files.len());
+    files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let key = file_key(f);
+            if !seen.insert(key.clone()) {
+                return Err(SourceError::deterministic(format!("{}: another file has the same name once made UTF-8: rename one", f.display())));
+            }
+            Ok(SplitOffset { split: i as u64, offset: 0, path: Some(key) })
+        })
+        .collect()
+}
+
+/// A file's key in checkpoints: its name (the sources list one directory, not a tree).
+fn file_key(file: &Path) -> String {
+    file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// The files of `splits` among `files`: by path where the split has one, else by position (a
+/// split built without [`Source::splits`]).
+fn files_of_splits(files: &[PathBuf], splits: Vec<SplitOffset>, root: Option<&Path>) -> Result<Vec<(SplitOffset, PathBuf)>, SourceError> {
+    let by_key: HashMap<String, &PathBuf> = files.iter().map(|f| (file_key(f), f)).collect();
+    splits
+        .into_iter()
+        .map(|s| {
+            let file = match &s.path {
+                // Gone since `splits` listed it: a restart lists again (and a restore then names
+                // it as gone for good).
+                Some(p) => by_key.get(p).map(|f| (*f).clone()).ok_or_else(|| {
+                    SourceError::transient(format!("{}: gone since the directory was listed", root.unwrap_or(Path::new("")).join(p).display()))
+                })?,
+                None => file_of_split(files, s.split, root.unwrap_or(Path::new("")))?,
+            };
+            Ok((s, file))
+        })
+        .collect()
 }
 
 /// A source over a vector (one split): for tests and examples.
@@ -106,8 +207,8 @@ struct VecReader<T> {
 }
 
 impl<T: Clone + 'static> Source<T> for VecSource<T> {
-    fn splits(&self) -> Result<Vec<u64>, SourceError> {
-        Ok(vec![0])
+    fn splits(&self) -> Result<Vec<SplitOffset>, SourceError> {
+        Ok(vec![SplitOffset::new(0, 0)])
     }
     fn open(&self, _: &SourceContext, splits: Vec<SplitOffset>) -> Result<Box<dyn SourceReader<T>>, SourceError> {
         Ok(Box::new(VecReader { data: self.data.clone(), pos: splits.first().map(|s| s.offset as usize) }))
@@ -127,7 +228,7 @@ impl<T: Clone> SourceReader<T> for VecReader<T> {
         Ok(if end == self.data.len() { Poll::Finished } else { Poll::More })
     }
     fn offsets(&self) -> Vec<SplitOffset> {
-        self.pos.map(|p| SplitOffset { split: 0, offset: p as u64 }).into_iter().collect()
+        self.pos.map(|p| SplitOffset::new(0, p as u64)).into_iter().collect()
     }
 }
 
@@ -188,8 +289,8 @@ struct GeneratorReader {
 }
 
 impl Source<Row> for GeneratorSource {
-    fn splits(&self) -> Result<Vec<u64>, SourceError> {
-        Ok((0..self.num_splits()).collect())
+    fn splits(&self) -> Result<Vec<SplitOffset>, SourceError> {
+        Ok((0..self.num_splits()).map(|j| SplitOffset::new(j, 0)).collect())
     }
     fn open(&self, ctx: &SourceContext, splits: Vec<SplitOffset>) -> Result<Box<dyn SourceReader<Row>>, SourceError> {
         if self.keys == 0 {
@@ -235,7 +336,7 @@ impl SourceReader<Row> for GeneratorReader {
         Ok(if done { Poll::Finished } else { Poll::More })
     }
     fn offsets(&self) -> Vec<SplitOffset> {
-        self.splits.iter().map(|&(split, offset, _)| SplitOffset { split, offset }).collect()
+        self.splits.iter().map(|&(split, offset, _)| SplitOffset::new(split, offset)).collect()
     }
 }
 
@@ -249,7 +350,9 @@ pub enum FileFormat {
 }
 
 /// A replayable file source: one split per file (a file, or the files of a directory in name
-/// order); the offset is the byte position after the last line emitted.
+/// order), identified in checkpoints by the file's name; the offset is the byte position after
+/// the last line emitted. A restore resumes each file at its own offset and reads files added
+/// since from their start; a restored file that is gone fails the job, naming it.
 ///
 /// Malformed input (bad UTF-8, a line over `weir.source.max-line-bytes`, a line that is not a
 /// JSON object, a non-number where [`FileSource::require_number`] asks for one) is a
@@ -292,6 +395,8 @@ impl FileSource {
 
 struct OpenSplit {
     split: u64,
+    /// The split's key in checkpoints (the file's name).
+    key: Option<String>,
     path: PathBuf,
     offset: u64,
     reader: Option<BufReader<File>>,
@@ -314,25 +419,25 @@ struct FileReader {
 }
 
 impl Source<Row> for FileSource {
-    fn splits(&self) -> Result<Vec<u64>, SourceError> {
-        Ok((0..self.files()?.len() as u64).collect())
+    fn splits(&self) -> Result<Vec<SplitOffset>, SourceError> {
+        file_splits(&self.files()?)
     }
     fn open(&self, ctx: &SourceContext, splits: Vec<SplitOffset>) -> Result<Box<dyn SourceReader<Row>>, SourceError> {
-        let files = self.files()?;
-        let splits = splits
+        let splits = files_of_splits(&self.files()?, splits, self.root())?
             .into_iter()
-            .map(|s| {
-                let path = file_of_split(&files, s.split, &self.path)?;
-                Ok(OpenSplit { split: s.split, path, offset: s.offset, reader: None, done: false })
-            })
-            .collect::<Result<Vec<_>, SourceError>>()?;
+            .map(|(s, path)| OpenSplit { split: s.split, key: s.path, path, offset: s.offset, reader: None, done: false })
+            .collect();
         Ok(Box::new(FileReader { source: self.clone(), splits, cur: 0, line: Vec::new(), max_line_bytes: ctx.max_line_bytes }))
+    }
+    fn root(&self) -> Option<&Path> {
+        // A single file's key is its name: relative to its directory.
+        if self.path.is_dir() { Some(&self.path) } else { self.path.parent() }
     }
 }
 
 /// The file of a split of a file-per-split source: a split restored from a checkpoint whose
 /// file is gone is an error, not a silent skip.
-fn file_of_split(files: &[PathBuf], split: u64, dir: &std::path::Path) -> Result<PathBuf, SourceError> {
+fn file_of_split(files: &[PathBuf], split: u64, dir: &Path) -> Result<PathBuf, SourceError> {
     // A restart restores the same checkpoint: it cannot fix this.
     files
         .get(split as usize)
@@ -436,7 +541,7 @@ impl SourceReader<Row> for FileReader {
         Ok(Poll::More)
     }
     fn offsets(&self) -> Vec<SplitOffset> {
-        self.splits.iter().map(|s| SplitOffset { split: s.split, offset: s.offset }).collect()
+        self.splits.iter().map(|s| SplitOffset { split: s.split, offset: s.offset, path: s.key.clone() }).collect()
     }
 }
 
@@ -512,8 +617,8 @@ struct BlobReader {
 }
 
 impl Source<Row> for BlobSource {
-    fn splits(&self) -> Result<Vec<u64>, SourceError> {
-        Ok((0..BLOB_SPLITS).collect())
+    fn splits(&self) -> Result<Vec<SplitOffset>, SourceError> {
+        Ok((0..BLOB_SPLITS).map(|j| SplitOffset::new(j, 0)).collect())
     }
     fn open(&self, _: &SourceContext, splits: Vec<SplitOffset>) -> Result<Box<dyn SourceReader<Row>>, SourceError> {
         if self.dim == 0 || self.centers == 0 {
@@ -543,12 +648,12 @@ impl SourceReader<Row> for BlobReader {
         Ok(if self.splits.iter().all(|(_, o, l)| o >= l) { Poll::Finished } else { Poll::More })
     }
     fn offsets(&self) -> Vec<SplitOffset> {
-        self.splits.iter().map(|&(split, offset, _)| SplitOffset { split, offset }).collect()
+        self.splits.iter().map(|&(split, offset, _)| SplitOffset::new(split, offset)).collect()
     }
 }
 
 /// Images (PNG, JPEG) of a directory, one row `(name, image)` each, in name order; one split per
-/// file, so a restore skips the images already read.
+/// file, identified by its name as in [`FileSource`], so a restore skips the images already read.
 #[derive(Clone, Debug)]
 pub struct ImageSource {
     dir: PathBuf,
@@ -574,22 +679,23 @@ impl ImageSource {
 }
 
 struct ImageReader {
-    files: Vec<(u64, PathBuf, bool)>,
+    /// (split with its key, file, read); the split's offset is 1 once read.
+    files: Vec<(SplitOffset, PathBuf, bool)>,
 }
 
 impl Source<Row> for ImageSource {
-    fn splits(&self) -> Result<Vec<u64>, SourceError> {
-        Ok((0..self.files()?.len() as u64).collect())
+    fn splits(&self) -> Result<Vec<SplitOffset>, SourceError> {
+        file_splits(&self.files()?)
     }
     fn open(&self, _: &SourceContext, splits: Vec<SplitOffset>) -> Result<Box<dyn SourceReader<Row>>, SourceError> {
-        let all = self.files()?;
-        let files = splits
-            .iter()
-            .map(|s| {
-                Ok((s.split, file_of_split(&all, s.split, &self.dir)?, s.offset > 0))
-            })
-            .collect::<Result<_, SourceError>>()?;
-        Ok(Box::new(ImageReader { files }))
+        let files = files_of_splits(&self.files()?, splits, self.root())?.into_iter().map(|(s, f)| {
+            let done = s.offset > 0;
+            (s, f, done)
+        });
+        Ok(Box::new(ImageReader { files: files.collect() }))
+    }
+    fn root(&self) -> Option<&Path> {
+        Some(&self.dir)
     }
 }
 
@@ -615,7 +721,7 @@ impl SourceReader<Row> for ImageReader {
         Ok(if self.files.iter().all(|f| f.2) { Poll::Finished } else { Poll::More })
     }
     fn offsets(&self) -> Vec<SplitOffset> {
-        self.files.iter().map(|(split, _, done)| SplitOffset { split: *split, offset: u64::from(*done) }).collect()
+        self.files.iter().map(|(s, _, done)| SplitOffset { offset: u64::from(*done), ..s.clone() }).collect()
     }
 }
 
@@ -636,7 +742,7 @@ mod tests {
     }
 
     fn all_splits<S: Source<Row>>(s: &S, offset: u64) -> Vec<SplitOffset> {
-        s.splits().unwrap().into_iter().map(|split| SplitOffset { split, offset }).collect()
+        s.splits().unwrap().into_iter().map(|s| SplitOffset { offset, ..s }).collect()
     }
 
     /// Restored with a smaller `count` than it ran with: the offsets lie past the new bound,
@@ -697,6 +803,123 @@ mod tests {
         assert_eq!(read_file(&[&line[..], b"\n", &line[..]].concat(), FileFormat::Lines).unwrap().len(), 2);
         let rows = read_file(b"{\"k\": 1, \"v\": null}\n{\"k\": 2}\n{\"k\": 3, \"v\": 1.5}", json()).unwrap();
         assert_eq!(rows.len(), 3);
+    }
+
+    /// A directory of files named `names`, each holding `lines` lines.
+    fn dir_of(tag: &str, names: &[&str], lines: usize) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("weir-source-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for n in names {
+            std::fs::write(dir.join(n), (0..lines).map(|i| format!("{n}:{i}\n")).collect::<String>()).unwrap();
+        }
+        dir
+    }
+
+    fn ctx(subtask: u32, parallelism: u32) -> SourceContext {
+        SourceContext { subtask, parallelism, ..CTX }
+    }
+
+    /// Restored offsets follow the file, not its place in the listing: a file added in front
+    /// starts at 0, at any parallelism, and every split goes to exactly one subtask.
+    #[test]
+    fn file_splits_are_matched_by_path() {
+        let dir = dir_of("by-path", &["b", "c"], 3);
+        let src = FileSource::new(&dir, FileFormat::Lines);
+        let mut r = src.open(&CTX, assign_splits(&src, &CTX, &[]).unwrap()).unwrap();
+        let mut out = Vec::new();
+        r.poll(&mut out, 4).unwrap(); // b read, c one line in
+        let restored = r.offsets();
+        assert_eq!(restored.iter().map(|s| s.path.as_deref().unwrap()).collect::<Vec<_>>(), ["b", "c"]);
+        // The checkpoint's JSON carries the path; a split without one carries none.
+        let json = serde_json::to_string(&restored[1]).unwrap();
+        assert_eq!(json, r#"{"split":1,"offset":4,"path":"c"}"#);
+        assert_eq!(serde_json::to_string(&SplitOffset::new(3, 4)).unwrap(), r#"{"split":3,"offset":4,"path":null}"#);
+        // Positional formats (timely's bincode between processes) read it back too.
+        for s in [restored[1].clone(), SplitOffset::new(3, 4)] {
+            assert_eq!(postcard::from_bytes::<SplitOffset>(&postcard::to_allocvec(&s).unwrap()).unwrap(), s);
+        }
+        std::fs::write(dir.join("a"), "a:0\n").unwrap();
+        for parallelism in [1, 2, 3] {
+            let mut mine: Vec<SplitOffset> =
+                (0..parallelism).flat_map(|i| assign_splits(&src, &ctx(i, parallelism), &restored).unwrap()).collect();
+            mine.sort_by(|x, y| x.path.cmp(&y.path));
+            let got: Vec<(&str, u64)> = mine.iter().map(|s| (s.path.as_deref().unwrap(), s.offset)).collect();
+            assert_eq!(got, [("a", 0), ("b", 12), ("c", 4)]);
+        }
+        let rest: Vec<String> = (0..2)
+            .flat_map(|i| {
+                let c = ctx(i, 2);
+                let mut r = src.open(&c, assign_splits(&src, &c, &restored).unwrap()).unwrap();
+                drain(&mut *r).unwrap()
+            })
+            .map(|row| row.get(0).to_string())
+            .collect();
+        assert_eq!(rest.len(), 3, "{rest:?}");
+        for line in ["a:0", "c:1", "c:2"] {
+            assert!(rest.iter().any(|l| l.contains(line)), "{line} not in {rest:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A restored file that is gone fails every subtask, deterministically, naming the file.
+    #[test]
+    fn a_restored_file_that_is_gone_is_a_deterministic_error() {
+        let dir = dir_of("gone", &["b", "c", "d"], 1);
+        let src = FileSource::new(&dir, FileFormat::Lines);
+        let restored = all_splits(&src, 1);
+        std::fs::remove_file(dir.join("c")).unwrap();
+        for i in 0..2 {
+            let e = assign_splits(&src, &ctx(i, 2), &restored).unwrap_err();
+            assert!(e.is_deterministic(), "{e}");
+            assert!(e.to_string().starts_with(&format!("file {} is gone", dir.join("c").display())), "{e}");
+        }
+        std::fs::remove_file(dir.join("d")).unwrap();
+        let e = assign_splits(&src, &CTX, &restored).unwrap_err();
+        assert!(e.to_string().contains(&format!("{}, {} are gone", dir.join("c").display(), dir.join("d").display())), "{e}");
+        // Gone between listing and opening: a restart lists again.
+        let e = src.open(&CTX, restored[1..2].to_vec()).err().unwrap();
+        assert!(!e.is_deterministic() && e.to_string().contains("gone since the directory was listed"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The image source has one split per file too: an image added in front is read, the
+    /// ones read before the checkpoint are not read again.
+    #[test]
+    fn image_splits_are_matched_by_path() {
+        let dir = dir_of("images", &[], 0);
+        for n in ["b.png", "c.png"] {
+            image::RgbImage::new(2, 2).save(dir.join(n)).unwrap();
+        }
+        let src = ImageSource::new(&dir);
+        let mut r = src.open(&CTX, assign_splits(&src, &CTX, &[]).unwrap()).unwrap();
+        r.poll(&mut Vec::new(), 1).unwrap(); // b.png read
+        let restored = r.offsets();
+        image::RgbImage::new(2, 2).save(dir.join("a.png")).unwrap();
+        let mut r = src.open(&CTX, assign_splits(&src, &CTX, &restored).unwrap()).unwrap();
+        let names: Vec<String> = drain(&mut *r).unwrap().iter().map(|row| row.get(0).to_string()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names[0].contains("a.png") && names[1].contains("c.png"), "{names:?}");
+        std::fs::remove_file(dir.join("b.png")).unwrap();
+        let e = assign_splits(&src, &CTX, &restored).unwrap_err();
+        assert!(e.is_deterministic() && e.to_string().contains(&format!("file {} is gone", dir.join("b.png").display())), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Checkpoints written before paths were recorded still restore by split id, as before.
+    #[test]
+    fn checkpoints_without_paths_restore_by_id() {
+        let dir = dir_of("legacy", &["b", "c"], 2);
+        let src = FileSource::new(&dir, FileFormat::Lines);
+        let legacy: Vec<SplitOffset> = serde_json::from_str(r#"[{"split":0,"offset":4},{"split":1,"offset":2}]"#).unwrap();
+        let mine = assign_splits(&src, &CTX, &legacy).unwrap();
+        let got: Vec<(&str, u64)> = mine.iter().map(|s| (s.path.as_deref().unwrap(), s.offset)).collect();
+        assert_eq!(got, [("b", 4), ("c", 2)]);
+        // Non-file sources have no paths and match by id.
+        let gen = GeneratorSource { count: 100, keys: 4, seed: 1, rate: None };
+        let mine = assign_splits(&gen, &ctx(1, 2), &[SplitOffset::new(1, 7), SplitOffset::new(3, 9)]).unwrap();
+        assert_eq!(mine, [SplitOffset::new(1, 7), SplitOffset::new(3, 9)]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

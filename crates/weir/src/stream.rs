@@ -153,17 +153,9 @@ impl<'s> Job<'s> {
         let op = ctx.register(self.next_uid.take(), name, true);
         let (index, peers) = (ctx.index as u32, ctx.peers as u32);
         let task = TaskId::new(op, index);
-        let restored: HashMap<u64, u64> =
-            ctx.restored_subtasks(op).flat_map(|s| s.splits.iter().map(|o| (o.split, o.offset))).collect();
-        let reader = source.splits().and_then(|splits| {
-            let mine = splits
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| *i as u32 % peers == index)
-                .map(|(_, &split)| SplitOffset { split, offset: restored.get(&split).copied().unwrap_or(0) })
-                .collect();
-            source.open(&SourceContext { subtask: index, parallelism: peers, max_line_bytes: ctx.config.max_line_bytes }, mine)
-        });
+        let restored: Vec<SplitOffset> = ctx.restored_subtasks(op).flat_map(|s| s.splits.iter().cloned()).collect();
+        let sctx = SourceContext { subtask: index, parallelism: peers, max_line_bytes: ctx.config.max_line_bytes };
+        let reader = crate::source::assign_splits(&source, &sctx, &restored).and_then(|mine| source.open(&sctx, mine));
         let mut reader = match reader {
             Ok(r) => Some(r),
             Err(e) if e.is_deterministic() => {
@@ -456,6 +448,11 @@ impl<'s, T: Data> DataStream<'s, T> {
             restored: ctx.restored.as_ref().map(|m| m.id),
             newest_checkpoint: ctx.newest_completed,
         };
+        // An attempt that cannot run (a source whose restored file is gone) leaves the output
+        // as it is: opening would recover, commit or withdraw files.
+        if ctx.build_failed() {
+            return;
+        }
         if let Err(e) = sink.preflight(&sctx) {
             ctx.fail_deterministic(format!("sink '{name}': {e}"));
             return;

@@ -138,6 +138,11 @@ impl JobCtx {
         self.build_error.borrow_mut().get_or_insert(message);
     }
 
+    /// Whether building has failed already (the attempt will not run).
+    pub(crate) fn build_failed(&self) -> bool {
+        self.build_error.borrow().is_some()
+    }
+
     /// A failure that a restart cannot fix (malformed input, a sink directory that holds another
     /// run's output): the job fails at once with `message` instead of restarting. Works while
     /// building and while running.
