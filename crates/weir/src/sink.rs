@@ -7,7 +7,7 @@ use std::fs::File;
 use std::path::Path;
 
 pub use crate::connectors::blackhole::BlackholeSink;
-pub use crate::connectors::collect::CollectSink;
+pub use crate::connectors::memory::CollectSink;
 pub use crate::connectors::file::{FileSink, Formatter, WITHDRAWN};
 pub use crate::connectors::images::ImageSink;
 

@@ -1,12 +1,17 @@
 //! Files: the exactly-once file sink (two-phase commit over renames).
+//! Also the replayable file source (lines, JSON lines), one split per file.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 
-use crate::row::Row;
+use weir_checkpoint::SplitOffset;
+
+use crate::row::{Row, Value};
 use crate::sink::{fsync_dir, io_err, refuse_fresh_start_into_used, Sink, SinkContext, SinkError, SinkWriter};
+use crate::source::*;
 
 /// Formats one record as bytes (a line, with its newline).
 pub type Formatter<T> = Rc<dyn Fn(&T, &mut Vec<u8>)>;
@@ -199,3 +204,198 @@ impl<T> SinkWriter<T> for FileSinkWriter<T> {
     }
 }
 
+/// How a file source reads lines.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FileFormat {
+    /// Each line is a row of one string field.
+    Lines,
+    /// Each line is a JSON object; the listed fields become the row.
+    JsonLines(Vec<String>),
+}
+
+/// A replayable file source: one split per file (a file, or the files of a directory in name
+/// order), identified in checkpoints by the file's name; the offset is the byte position after
+/// the last line emitted. A restore resumes each file at its own offset and reads files added
+/// since from their start; a restored file that is gone fails the job, naming it.
+///
+/// Malformed input (bad UTF-8, a line over `weir.source.max-line-bytes`, a line that is not a
+/// JSON object, a non-number where [`FileSource::require_number`] asks for one) is a
+/// deterministic error naming `file:line`; I/O errors are transient.
+#[derive(Clone, Debug)]
+pub struct FileSource {
+    path: PathBuf,
+    format: FileFormat,
+    numbers: Vec<(usize, String)>,
+}
+
+impl FileSource {
+    /// A source over `path` (a file or a directory).
+    pub fn new(path: impl Into<PathBuf>, format: FileFormat) -> Self {
+        Self { path: path.into(), format, numbers: Vec::new() }
+    }
+
+    /// Field `field` of every row must be a number or null: anything else fails the job at
+    /// its `file:line`, the message ending with `why` (e.g. the step that sums the field).
+    pub fn require_number(mut self, field: usize, why: impl Into<String>) -> Self {
+        self.numbers.push((field, why.into()));
+        self
+    }
+
+    fn files(&self) -> Result<Vec<PathBuf>, SourceError> {
+        let meta = std::fs::metadata(&self.path)
+            .map_err(|e| SourceError::transient(format!("source.path {}: {e}", self.path.display())))?;
+        if meta.is_file() {
+            return Ok(vec![self.path.clone()]);
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.path)
+            .map_err(|e| SourceError::transient(format!("source.path {}: {e}", self.path.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+            .collect();
+        files.sort();
+        Ok(files)
+    }
+}
+
+struct OpenSplit {
+    split: u64,
+    /// The split's key in checkpoints (the file's name).
+    key: Option<String>,
+    path: PathBuf,
+    offset: u64,
+    reader: Option<BufReader<File>>,
+    done: bool,
+}
+
+impl OpenSplit {
+    /// `file:line` of the line that starts at the current offset (counted only for a message).
+    fn at(&self) -> String {
+        format!("{}:{}", self.path.display(), line_number(&self.path, self.offset))
+    }
+}
+
+struct FileReader {
+    source: FileSource,
+    splits: Vec<OpenSplit>,
+    cur: usize,
+    line: Vec<u8>,
+    max_line_bytes: u64,
+}
+
+impl Source<Row> for FileSource {
+    fn splits(&self) -> Result<Vec<SplitOffset>, SourceError> {
+        file_splits(&self.files()?)
+    }
+    fn open(&self, ctx: &SourceContext, splits: Vec<SplitOffset>) -> Result<Box<dyn SourceReader<Row>>, SourceError> {
+        let splits = files_of_splits(&self.files()?, splits, self.root())?
+            .into_iter()
+            .map(|(s, path)| OpenSplit { split: s.split, key: s.path, path, offset: s.offset, reader: None, done: false })
+            .collect();
+        Ok(Box::new(FileReader { source: self.clone(), splits, cur: 0, line: Vec::new(), max_line_bytes: ctx.max_line_bytes }))
+    }
+    fn root(&self) -> Option<&Path> {
+        // A single file's key is its name: relative to its directory.
+        if self.path.is_dir() { Some(&self.path) } else { self.path.parent() }
+    }
+}
+
+
+/// The 1-based line number of the line that starts at `offset` in `path`.
+pub(crate) fn line_number(path: &PathBuf, offset: u64) -> u64 {
+    let mut n = 1;
+    if let Ok(f) = File::open(path) {
+        let mut buf = Vec::new();
+        if f.take(offset).read_to_end(&mut buf).is_ok() {
+            n += buf.iter().filter(|&&b| b == b'\n').count() as u64;
+        }
+    }
+    n
+}
+
+pub(crate) fn json_to_value(v: &serde_json::Value) -> Value {
+    match v {
+        serde_json::Value::Null => Value::Null,
+        serde_json::Value::Bool(b) => Value::Int(*b as i64),
+        serde_json::Value::Number(n) => n.as_i64().map(Value::Int).unwrap_or_else(|| Value::Float(n.as_f64().unwrap_or(f64::NAN))),
+        serde_json::Value::String(s) => Value::text(s.as_str()),
+        serde_json::Value::Array(a) if a.iter().all(|v| v.is_number()) => {
+            Value::Vector(Arc::new(a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect()))
+        }
+        other => Value::text(other.to_string()),
+    }
+}
+
+impl SourceReader<Row> for FileReader {
+    fn poll(&mut self, out: &mut Vec<Row>, max: usize) -> Result<Poll, SourceError> {
+        let mut produced = 0;
+        while produced < max {
+            let Some(idx) = (0..self.splits.len()).map(|i| (self.cur + i) % self.splits.len()).find(|&i| !self.splits[i].done)
+            else {
+                return Ok(Poll::Finished);
+            };
+            self.cur = idx;
+            let s = &mut self.splits[idx];
+            if s.reader.is_none() {
+                let mut f = File::open(&s.path).map_err(|e| SourceError::transient(format!("{}: {e}", s.path.display())))?;
+                f.seek(SeekFrom::Start(s.offset)).map_err(|e| SourceError::transient(format!("{}: {e}", s.path.display())))?;
+                s.reader = Some(BufReader::with_capacity(1 << 16, f));
+            }
+            let reader = s.reader.as_mut().expect("opened");
+            self.line.clear();
+            // One byte over the limit tells a line of exactly the limit from a longer one,
+            // without reading a runaway line into memory.
+            let n = Read::take(&mut *reader, self.max_line_bytes.saturating_add(1))
+                .read_until(b'\n', &mut self.line)
+                .map_err(|e| SourceError::transient(format!("{}: {e}", s.at())))?;
+            if n == 0 {
+                s.done = true;
+                s.reader = None;
+                continue;
+            }
+            if self.line.last() != Some(&b'\n') && n as u64 > self.max_line_bytes {
+                return Err(SourceError::deterministic(format!(
+                    "{}: line longer than weir.source.max-line-bytes ({} bytes)",
+                    s.at(),
+                    self.max_line_bytes
+                )));
+            }
+            let text = std::str::from_utf8(&self.line)
+                .map_err(|e| SourceError::deterministic(format!("{}: not UTF-8 (at byte {} of the line)", s.at(), e.valid_up_to() + 1)))?
+                .trim_end_matches(['\n', '\r']);
+            let row = match &self.source.format {
+                FileFormat::Lines => Row::new([Value::text(text)]),
+                FileFormat::JsonLines(fields) => {
+                    if text.trim().is_empty() {
+                        s.offset += n as u64;
+                        continue;
+                    }
+                    let obj: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
+                        .map_err(|e| SourceError::deterministic(format!("{}: not a JSON object: {e}", s.at())))?;
+                    Row::new(fields.iter().map(|f| obj.get(f).map(json_to_value).unwrap_or(Value::Null)))
+                }
+            };
+            for (field, why) in &self.source.numbers {
+                let v = row.get(*field);
+                if !matches!(v, Value::Int(_) | Value::Float(_) | Value::Null) {
+                    let name = match &self.source.format {
+                        FileFormat::JsonLines(fields) => fields.get(*field).map(String::as_str).unwrap_or("?"),
+                        FileFormat::Lines => "line",
+                    };
+                    return Err(SourceError::deterministic(format!(
+                        "{}: field '{name}' is a {} ({}), not a number: {why}",
+                        s.at(),
+                        v.type_name(),
+                        abbreviate(&v.to_string())
+                    )));
+                }
+            }
+            out.push(row);
+            s.offset += n as u64;
+            produced += 1;
+        }
+        Ok(Poll::More)
+    }
+    fn offsets(&self) -> Vec<SplitOffset> {
+        self.splits.iter().map(|s| SplitOffset { split: s.split, offset: s.offset, path: s.key.clone() }).collect()
+    }
+}

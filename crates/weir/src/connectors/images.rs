@@ -1,10 +1,15 @@
 //! Images: the exactly-once PNG sink.
+//! Also the image-folder source, one split per file.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use crate::row::Row;
+use weir_checkpoint::SplitOffset;
+
+use crate::row::{Row, Value};
 use crate::sink::{fsync_dir, io_err, refuse_fresh_start_into_used, Sink, SinkContext, SinkError, SinkWriter};
+use crate::source::*;
 
 /// Writes each row's image (field `image_field`) as a PNG named after field `name_field`, exactly
 /// once: epoch `e` of instance `s` is written into the hidden directory `.images-s-e.inprogress`,
@@ -136,5 +141,78 @@ impl SinkWriter<Row> for ImageSinkWriter {
         }
         self.pending.retain(|&e| e > upto);
         Ok(())
+    }
+}
+
+/// Images (PNG, JPEG) of a directory, one row `(name, image)` each, in name order; one split per
+/// file, identified by its name as in [`FileSource`], so a restore skips the images already read.
+#[derive(Clone, Debug)]
+pub struct ImageSource {
+    dir: PathBuf,
+}
+
+impl ImageSource {
+    /// The images in `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    fn files(&self) -> Result<Vec<PathBuf>, SourceError> {
+        let rd = std::fs::read_dir(&self.dir).map_err(|e| SourceError::transient(format!("source.path {}: {e}", self.dir.display())))?;
+        let mut files: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+            })
+            .collect();
+        files.sort();
+        Ok(files)
+    }
+}
+
+struct ImageReader {
+    /// (split with its key, file, read); the split's offset is 1 once read.
+    files: Vec<(SplitOffset, PathBuf, bool)>,
+}
+
+impl Source<Row> for ImageSource {
+    fn splits(&self) -> Result<Vec<SplitOffset>, SourceError> {
+        file_splits(&self.files()?)
+    }
+    fn open(&self, _: &SourceContext, splits: Vec<SplitOffset>) -> Result<Box<dyn SourceReader<Row>>, SourceError> {
+        let files = files_of_splits(&self.files()?, splits, self.root())?.into_iter().map(|(s, f)| {
+            let done = s.offset > 0;
+            (s, f, done)
+        });
+        Ok(Box::new(ImageReader { files: files.collect() }))
+    }
+    fn root(&self) -> Option<&Path> {
+        Some(&self.dir)
+    }
+}
+
+impl SourceReader<Row> for ImageReader {
+    fn poll(&mut self, out: &mut Vec<Row>, max: usize) -> Result<Poll, SourceError> {
+        // Images are large: one per poll keeps a batch's memory bounded.
+        if let Some((_, path, done)) = self.files.iter_mut().find(|f| !f.2).filter(|_| max > 0) {
+            let img = image::ImageReader::open(&*path)
+                .and_then(|r| r.with_guessed_format())
+                .map_err(|e| SourceError::transient(format!("{}: {e}", path.display())))?
+                .decode()
+                .map_err(|e| match e {
+                    image::ImageError::IoError(e) => SourceError::transient(format!("{}: {e}", path.display())),
+                    e => SourceError::deterministic(format!("{}: not a readable image: {e}", path.display())),
+                })?
+                .to_rgb8();
+            let (w, h) = (img.width() as usize, img.height() as usize);
+            let img = weir_gpu::kernels::Image::from_rgb8(w, h, img.as_raw()).map_err(|e| SourceError::deterministic(format!("{}: {e}", path.display())))?;
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            out.push(Row::new([Value::text(name), Value::Image(Arc::new(img))]));
+            *done = true;
+        }
+        Ok(if self.files.iter().all(|f| f.2) { Poll::Finished } else { Poll::More })
+    }
+    fn offsets(&self) -> Vec<SplitOffset> {
+        self.files.iter().map(|(s, _, done)| SplitOffset { offset: u64::from(*done), ..s.clone() }).collect()
     }
 }

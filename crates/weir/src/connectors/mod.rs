@@ -2,6 +2,8 @@
 //! interfaces they implement are [`crate::source::Source`] and [`crate::sink::Sink`].
 
 pub mod blackhole;
-pub mod collect;
+pub mod blobs;
 pub mod file;
+pub mod generator;
 pub mod images;
+pub mod memory;

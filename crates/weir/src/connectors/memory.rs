@@ -1,9 +1,13 @@
 //! An in-memory sink for tests and examples.
+//! Also the matching source over a vector.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use weir_checkpoint::SplitOffset;
+
 use crate::sink::{Sink, SinkContext, SinkError, SinkWriter};
+use crate::source::*;
 
 /// Collects committed records in memory (tests and examples). Exactly once within a process.
 pub struct CollectSink<T> {
@@ -62,3 +66,45 @@ impl<T> SinkWriter<T> for CollectWriter<T> {
     }
 }
 
+/// A source over a vector (one split): for tests and examples.
+pub struct VecSource<T> {
+    data: Arc<Vec<T>>,
+}
+
+impl<T> VecSource<T> {
+    /// A source emitting `data` in order.
+    pub fn new(data: Vec<T>) -> Self {
+        Self { data: Arc::new(data) }
+    }
+}
+
+struct VecReader<T> {
+    data: Arc<Vec<T>>,
+    pos: Option<usize>,
+}
+
+impl<T: Clone + 'static> Source<T> for VecSource<T> {
+    fn splits(&self) -> Result<Vec<SplitOffset>, SourceError> {
+        Ok(vec![SplitOffset::new(0, 0)])
+    }
+    fn open(&self, _: &SourceContext, splits: Vec<SplitOffset>) -> Result<Box<dyn SourceReader<T>>, SourceError> {
+        Ok(Box::new(VecReader { data: self.data.clone(), pos: splits.first().map(|s| s.offset as usize) }))
+    }
+}
+
+impl<T: Clone> SourceReader<T> for VecReader<T> {
+    fn poll(&mut self, out: &mut Vec<T>, max: usize) -> Result<Poll, SourceError> {
+        let Some(pos) = self.pos.as_mut() else { return Ok(Poll::Finished) };
+        // Restored past the end (a shorter vector): nothing is left; the offset stays as it was.
+        if *pos >= self.data.len() {
+            return Ok(Poll::Finished);
+        }
+        let end = (*pos + max).min(self.data.len());
+        out.extend_from_slice(&self.data[*pos..end]);
+        *pos = end;
+        Ok(if end == self.data.len() { Poll::Finished } else { Poll::More })
+    }
+    fn offsets(&self) -> Vec<SplitOffset> {
+        self.pos.map(|p| SplitOffset::new(0, p as u64)).into_iter().collect()
+    }
+}
