@@ -20,15 +20,10 @@ const SECRET: &str = "a-shared-secret-of-the-test-cluster";
 /// Keyed sum of 300 k records over 30 k keys, 200 ms checkpoints, no cluster secret from the
 /// environment unless a test gives one.
 fn keyed_sum(out: &Path, ck: &Path, extra: &[&str]) -> Command {
-    let mut c = weir();
-    c.env_remove(SECRET_ENV)
-        .args(["run", "examples/keyed_sum.yaml", "--set", "source.count=300000", "--set", "source.keys=30000"])
-        .arg("--set")
-        .arg(format!("sink.path={}", out.display()))
-        .arg("-D")
-        .arg(format!("execution.checkpointing.dir={}", ck.display()))
-        .args(["-D", "execution.checkpointing.interval=200ms", "-D", "restart-strategy.type=none"])
-        .args(extra);
+    let mut args = vec!["-D", "restart-strategy.type=none"];
+    args.extend_from_slice(extra);
+    let mut c = keyed_sum_cmd(out, ck, 300_000, 30_000, "200ms", &args);
+    c.env_remove(SECRET_ENV);
     c
 }
 

@@ -14,15 +14,9 @@ use common::*;
 const JOB: &str = "keyed-sum";
 
 fn keyed_sum(out: &Path, ck: &Path, extra: &[&str]) -> Command {
-    let mut c = weir();
-    c.args(["run", "examples/keyed_sum.yaml", "--set", "source.count=1000000", "--set", "source.keys=50000"])
-        .arg("--set")
-        .arg(format!("sink.path={}", out.display()))
-        .arg("-D")
-        .arg(format!("execution.checkpointing.dir={}", ck.display()))
-        .args(["-D", "execution.checkpointing.interval=100ms", "-D", "execution.checkpointing.num-retained=10"])
-        .args(extra);
-    c
+    let mut args = vec!["-D", "execution.checkpointing.num-retained=10"];
+    args.extend_from_slice(extra);
+    keyed_sum_cmd(out, ck, 1_000_000, 50_000, "100ms", &args)
 }
 
 /// Run armed with `failpoints`; the process must die at the crash point (SIGABRT), not finish.

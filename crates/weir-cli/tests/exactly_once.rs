@@ -11,15 +11,7 @@ use common::*;
 
 /// The command: keyed sum of 2 M records over 100 k keys, 200 ms checkpoints.
 fn keyed_sum(out: &Path, ck: &Path, extra: &[&str]) -> Command {
-    let mut c = weir();
-    c.args(["run", "examples/keyed_sum.yaml", "--set", "source.count=2000000", "--set", "source.keys=100000"])
-        .arg("--set")
-        .arg(format!("sink.path={}", out.display()))
-        .arg("-D")
-        .arg(format!("execution.checkpointing.dir={}", ck.display()))
-        .args(["-D", "execution.checkpointing.interval=200ms"])
-        .args(extra);
-    c
+    keyed_sum_cmd(out, ck, 2_000_000, 100_000, "200ms", extra)
 }
 
 fn reference(tmp: &TempDir) -> std::collections::BTreeMap<String, usize> {
@@ -133,18 +125,13 @@ fn two_processes_one_killed() {
     let mut rng = Rng::from_env("cluster");
     let job_dir = ck.join("keyed-sum");
     let cluster = |restore: bool| {
-        let hosts = tmp.join("hosts.txt");
-        std::fs::write(&hosts, format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port())).unwrap();
-        (0..2)
-            .map(|p| {
-                let mut c = keyed_sum(&out, &ck, &["-D", "restart-strategy.type=none", "--set", "source.rate=1000000"]);
-                c.arg("--process").arg(p.to_string()).arg("--hostfile").arg(&hosts);
-                if restore {
-                    c.args(["--restore", "latest"]);
-                }
-                spawn(&mut c)
-            })
-            .collect::<Vec<_>>()
+        spawn_cluster(&tmp.0, 2, |_| {
+            let mut c = keyed_sum(&out, &ck, &["-D", "restart-strategy.type=none", "--set", "source.rate=1000000"]);
+            if restore {
+                c.args(["--restore", "latest"]);
+            }
+            c
+        })
     };
     for round in 0..2 {
         let mut procs = cluster(round > 0);

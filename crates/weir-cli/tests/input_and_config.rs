@@ -152,17 +152,7 @@ fn io_errors_still_restart() {
 }
 
 fn keyed_sum(out: &Path, ck: &Path, count: u64, extra: &[&str]) -> Command {
-    let mut c = weir();
-    c.args(["run", "examples/keyed_sum.yaml", "--set", "source.keys=1000"])
-        .arg("--set")
-        .arg(format!("source.count={count}"))
-        .arg("--set")
-        .arg(format!("sink.path={}", out.display()))
-        .arg("-D")
-        .arg(format!("execution.checkpointing.dir={}", ck.display()))
-        .args(["-D", "execution.checkpointing.interval=100ms"])
-        .args(extra);
-    c
+    keyed_sum_cmd(out, ck, count, 1000, "100ms", extra)
 }
 
 /// Issue 7 item 11: restored with a smaller `source.count` than it ran with, the generator is

@@ -14,15 +14,9 @@ use common::*;
 const JOB: &str = "keyed-sum";
 
 fn keyed_sum(out: &Path, ck: &Path, extra: &[&str]) -> Command {
-    let mut c = weir();
-    c.args(["run", "examples/keyed_sum.yaml", "--set", "source.count=2000000", "--set", "source.keys=100000"])
-        .arg("--set")
-        .arg(format!("sink.path={}", out.display()))
-        .arg("-D")
-        .arg(format!("execution.checkpointing.dir={}", ck.display()))
-        .args(["-D", "execution.checkpointing.interval=200ms", "-D", "restart-strategy.fixed-delay.delay=100ms"])
-        .args(extra);
-    c
+    let mut args = vec!["-D", "restart-strategy.fixed-delay.delay=100ms"];
+    args.extend_from_slice(extra);
+    keyed_sum_cmd(out, ck, 2_000_000, 100_000, "200ms", &args)
 }
 
 fn reference(tmp: &TempDir) -> std::collections::BTreeMap<String, usize> {
@@ -247,17 +241,7 @@ fn processes_that_disagree_on_the_restore_point_fail() {
     let (out, ck) = (tmp.join("out"), tmp.join("ck"));
     let ids = run_until_checkpoints(&out, &ck, 3, &["-D", "execution.checkpointing.num-retained=10"]);
     let older = ck.join(JOB).join(format!("chk-{}", ids[0]));
-    let cluster = |restores: [&str; 2]| {
-        let hosts = tmp.join("hosts.txt");
-        std::fs::write(&hosts, format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port())).unwrap();
-        (0..2)
-            .map(|p| {
-                let mut c = keyed_sum(&out, &ck, &["--restore", restores[p]]);
-                c.arg("--process").arg(p.to_string()).arg("--hostfile").arg(&hosts);
-                spawn(&mut c)
-            })
-            .collect::<Vec<_>>()
-    };
+    let cluster = |restores: [&str; 2]| spawn_cluster(&tmp.0, 2, |p| keyed_sum(&out, &ck, &["--restore", restores[p]]));
     let before = committed_lines(&out);
     // Process 0 would restore (and abandon everything newer than) the oldest checkpoint.
     let mut procs = cluster([older.to_str().unwrap(), "latest"]);
@@ -304,16 +288,10 @@ fn a_signal_to_any_process_cancels_the_job() {
     let tmp = TempDir::new("cancel-any");
     let (out, ck) = (tmp.join("out"), tmp.join("ck"));
     let job_dir = ck.join(JOB);
-    let hosts = tmp.join("hosts.txt");
-    std::fs::write(&hosts, format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port())).unwrap();
     let policy = "execution.checkpointing.externalized-checkpoint-retention=DELETE_ON_CANCELLATION";
-    let mut procs: Vec<_> = (0..2)
-        .map(|p| {
-            let mut c = keyed_sum(&out, &ck, &["-D", "restart-strategy.type=none", "--set", "source.rate=500000", "-D", policy]);
-            c.arg("--process").arg(p.to_string()).arg("--hostfile").arg(&hosts);
-            spawn(&mut c)
-        })
-        .collect();
+    let mut procs = spawn_cluster(&tmp.0, 2, |_| {
+        keyed_sum(&out, &ck, &["-D", "restart-strategy.type=none", "--set", "source.rate=500000", "-D", policy])
+    });
     assert!(wait_for_checkpoint_after(&mut procs[0], &job_dir, 0, Duration::from_secs(60)), "cluster checkpoints");
     let ok = Command::new("kill").args(["-TERM", &procs[1].id().to_string()]).status().unwrap().success();
     assert!(ok);

@@ -171,3 +171,37 @@ impl Rng {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// `weir run examples/keyed_sum.yaml` over `count` records and `keys` keys, written to `out`,
+/// with checkpoints in `ck` every `interval`; `extra` arguments come last (they win).
+pub fn keyed_sum_cmd(out: &Path, ck: &Path, count: u64, keys: u64, interval: &str, extra: &[&str]) -> Command {
+    let mut c = weir();
+    c.args(["run", "examples/keyed_sum.yaml"])
+        .arg("--set")
+        .arg(format!("source.count={count}"))
+        .arg("--set")
+        .arg(format!("source.keys={keys}"))
+        .arg("--set")
+        .arg(format!("sink.path={}", out.display()))
+        .arg("-D")
+        .arg(format!("execution.checkpointing.dir={}", ck.display()))
+        .arg("-D")
+        .arg(format!("execution.checkpointing.interval={interval}"))
+        .args(extra);
+    c
+}
+
+/// Start `n` processes of one job on loopback (fresh ports, a host file in `dir`): `make(p)`
+/// gives process `p`'s command, to which `--process p --hostfile …` is added.
+pub fn spawn_cluster(dir: &Path, n: usize, make: impl Fn(usize) -> Command) -> Vec<Child> {
+    let hosts = dir.join("hosts.txt");
+    let lines: String = (0..n).map(|_| format!("127.0.0.1:{}\n", free_port())).collect();
+    std::fs::write(&hosts, lines).unwrap();
+    (0..n)
+        .map(|p| {
+            let mut c = make(p);
+            c.arg("--process").arg(p.to_string()).arg("--hostfile").arg(&hosts);
+            spawn(&mut c)
+        })
+        .collect()
+}
