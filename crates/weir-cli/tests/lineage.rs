@@ -243,8 +243,10 @@ fn processes_that_disagree_on_the_restore_point_fail() {
     let older = ck.join(JOB).join(format!("chk-{}", ids[0]));
     let cluster = |restores: [&str; 2]| spawn_cluster(&tmp.0, 2, |p| keyed_sum(&out, &ck, &["--restore", restores[p]]));
     let before = committed_lines(&out);
-    // Process 0 would restore (and abandon everything newer than) the oldest checkpoint.
-    let mut procs = cluster([older.to_str().unwrap(), "latest"]);
+    // Process 1 is given the oldest checkpoint by path, process 0 restores the latest: a
+    // final disagreement, before process 0 abandons anything. (A process asked for `latest`
+    // takes process 0's choice instead.)
+    let mut procs = cluster(["latest", older.to_str().unwrap()]);
     for (i, p) in procs.iter_mut().enumerate() {
         let start = std::time::Instant::now();
         let status = loop {
@@ -318,4 +320,11 @@ fn a_signal_to_any_process_cancels_the_job() {
     assert!(!committed_lines(&out2).is_empty());
     let left: Vec<_> = std::fs::read_dir(ck2.join(JOB)).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("chk-")).collect();
     assert!(left.is_empty(), "no checkpoint left: {left:?}");
+
+    // A run refused at start deletes nothing of what an earlier run left to resume from.
+    let (out3, ck3) = (tmp.join("out3"), tmp.join("ck3"));
+    let ids = run_until_checkpoints(&out3, &ck3, 2, &[]);
+    let refused = keyed_sum(&out3, &ck3, &["-D", policy]).output().unwrap();
+    assert!(!refused.status.success());
+    assert_eq!(completed_checkpoints(&ck3.join(JOB)), ids, "the earlier run's checkpoints are kept");
 }

@@ -222,6 +222,13 @@ impl CheckpointStorage {
         Ok(())
     }
 
+    /// The same storage with an empty set of aborted checkpoints, for a new attempt: the
+    /// previous attempt's writers have all finished (its snapshot pool is joined), and the new
+    /// attempt may reuse the id of a checkpoint that was aborted and removed.
+    pub fn for_attempt(&self) -> Self {
+        Self { aborted: Arc::default(), ..self.clone() }
+    }
+
     fn is_aborted(&self, id: CheckpointId) -> bool {
         self.aborted.lock().map(|a| a.contains(&id)).unwrap_or(false)
     }
@@ -459,6 +466,9 @@ mod tests {
         s.put("chk-4/a.state", vec![3; 10]).unwrap();
         s.abort(3).unwrap();
         assert_eq!(&s.read("chk-4/a.state").unwrap()[..], &[3; 10]);
+        // A new attempt may reuse the id of a checkpoint that was aborted and removed.
+        s.for_attempt().put("chk-3/c.state", vec![4; 10]).unwrap();
+        assert!(dir.join("job/chk-3/c.state").exists());
         std::fs::remove_dir_all(dir).ok();
     }
 

@@ -44,7 +44,7 @@ pub(crate) enum AckMsg {
     Decline { id: CheckpointId, task: TaskId, reason: String },
     SourceFinished { task: TaskId },
     /// The checkpoint this worker's process chose, checked against process 0's.
-    RestoreCheck { worker: u32, restored: Option<RestoreIdentity> },
+    RestoreCheck { worker: u32, restored: Option<RestoreIdentity>, explicit: bool },
     /// A process other than 0 was asked to cancel the job (SIGINT/SIGTERM).
     CancelRequest,
 }

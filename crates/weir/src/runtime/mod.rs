@@ -203,6 +203,10 @@ struct AttemptEnv {
     storage: Option<CheckpointStorage>,
     restore_storage: Option<CheckpointStorage>,
     restored: Option<Arc<CheckpointMetadata>>,
+    /// The job's checkpoint directory, opened whether or not checkpointing is on.
+    job_storage: Option<CheckpointStorage>,
+    /// The restore point was named by path (`--restore DIR/chk-N`), not `latest`.
+    explicit_restore: bool,
     first_epoch: u64,
     newest_completed: Option<CheckpointId>,
     retained: Vec<u64>,
@@ -280,9 +284,11 @@ pub(crate) fn run_job(
         let env = Arc::new(AttemptEnv {
             job: job.to_string(),
             config: config.clone(),
-            storage: storage.clone().filter(|_| checkpointing),
+            storage: storage.as_ref().filter(|_| checkpointing).map(CheckpointStorage::for_attempt),
             restore_storage,
             restored: restored.map(Arc::new),
+            job_storage: storage.clone(),
+            explicit_restore: matches!(restore, Restore::Path(_)),
             first_epoch,
             newest_completed,
             retained,
@@ -300,9 +306,11 @@ pub(crate) fn run_job(
         drop(env);
         drop(exec_guard);
         let ends = outcome.is_ok() || cancel.load(Ordering::SeqCst) || deterministic || !restart_allowed(&config, restarts);
-        if ends && config.checkpoint.retention == RetentionPolicy::NoExternalizedCheckpoints && cluster.process == 0 {
-            if let Some(s) = storage.as_ref().filter(|_| checkpointing) {
-                delete_all_checkpoints(job, s);
+        // Only the checkpoints of this run, and only once it ran: a run refused at start must not
+        // delete what an earlier run left to resume from.
+        if ends && lineage_fixed && config.checkpoint.retention == RetentionPolicy::NoExternalizedCheckpoints && cluster.process == 0 {
+            if let (Some(s), Some(first)) = (storage.as_ref().filter(|_| checkpointing), run_first_id) {
+                delete_own_checkpoints(job, s, first);
             }
         }
         match outcome {
@@ -345,16 +353,15 @@ fn restart_allowed(config: &JobConfig, restarts: u32) -> bool {
     }
 }
 
-/// `NO_EXTERNALIZED_CHECKPOINTS`: the job ended, its checkpoints go with it.
-fn delete_all_checkpoints(job: &str, s: &CheckpointStorage) {
-    let ids = s.checkpoint_ids().map(|(valid, _)| valid).unwrap_or_default();
-    let abandoned = s.abandoned_checkpoints().unwrap_or_default();
-    for id in ids.iter().chain(&abandoned) {
+/// `NO_EXTERNALIZED_CHECKPOINTS`: the job ended, the checkpoints of this run go with it.
+fn delete_own_checkpoints(job: &str, s: &CheckpointStorage, first: CheckpointId) {
+    let ids: Vec<_> = s.checkpoint_ids().map(|(valid, _)| valid).unwrap_or_default().into_iter().filter(|&id| id >= first).collect();
+    for id in &ids {
         if let Err(e) = s.discard(*id) {
             tracing::warn!("{job}: deleting checkpoint {id}: {e}");
         }
     }
-    tracing::info!("{job}: {} checkpoint(s) deleted (NO_EXTERNALIZED_CHECKPOINTS)", ids.len() + abandoned.len());
+    tracing::info!("{job}: {} checkpoint(s) deleted (NO_EXTERNALIZED_CHECKPOINTS)", ids.len());
 }
 
 impl AttemptEnv {
@@ -615,7 +622,7 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
             .exchange(|_: &AckMsg| 0)
             .inspect(move |a: &AckMsg| ib.borrow_mut().push(a.clone()));
     });
-    let first_epoch = agree_on_restore_point(worker, &shared, &inbox, &mut ctl_in, &mut ack_in, env)?;
+    let (first_epoch, restored, restore_storage) = agree_on_restore_point(worker, &shared, &inbox, &mut ctl_in, &mut ack_in, env)?;
 
     let ctx = Rc::new(JobCtx {
         index,
@@ -624,8 +631,8 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
         shared: shared.clone(),
         probe: ProbeHandle::new(),
         storage: env.storage.clone(),
-        restore_storage: env.restore_storage.clone(),
-        restored: env.restored.clone(),
+        restore_storage,
+        restored,
         first_epoch,
         newest_completed: env.newest_completed,
         executor: env.executor.lock().expect("executor").clone(),
@@ -774,9 +781,10 @@ fn agree_on_restore_point(
     ctl_in: &mut InputHandle<Time, CapacityContainerBuilder<Vec<Control>>>,
     ack_in: &mut InputHandle<Time, CapacityContainerBuilder<Vec<AckMsg>>>,
     env: &AttemptEnv,
-) -> Result<u64, String> {
+) -> Result<(u64, Option<Arc<CheckpointMetadata>>, Option<CheckpointStorage>), String> {
     // The same checkpoint, even where processes mount its directory at different paths.
-    let mine = env.restored.as_ref().map(|m| RestoreIdentity { id: m.id, triggered_ms: m.triggered_ms, completed_ms: m.completed_ms });
+    let identity = |m: &CheckpointMetadata| RestoreIdentity { id: m.id, triggered_ms: m.triggered_ms, completed_ms: m.completed_ms };
+    let mine = env.restored.as_deref().map(identity);
     let (index, peers) = (worker.index(), worker.peers());
     if index == 0 {
         ctl_in.send(Control::RestorePoint { restored: mine, first_epoch: env.first_epoch });
@@ -799,13 +807,32 @@ fn agree_on_restore_point(
         }
         step(worker)?;
     };
-    ack_in.send(AckMsg::RestoreCheck { worker: index as u32, restored: mine });
+    // A process asked for `latest` has no choice of its own: it takes process 0's, if it can
+    // read and verify it (it may have listed the directory a moment before or after process 0).
+    // A process given a path keeps it, and a different one is a final disagreement.
+    let (mut restored, mut restore_storage) = (env.restored.clone(), env.restore_storage.clone());
+    if leader != mine && !env.explicit_restore {
+        match (leader, &env.job_storage) {
+            (None, _) => (restored, restore_storage) = (None, None),
+            (Some(l), Some(s)) => match s.load_metadata(l.id).and_then(|m| s.verify(&m).map(|()| m)) {
+                Ok(m) if identity(&m) == l => {
+                    tracing::info!("{}: taking process 0's restore point, checkpoint {}", env.job, l.id);
+                    (restored, restore_storage) = (Some(Arc::new(m)), Some(s.clone()));
+                }
+                Ok(_) => tracing::warn!("{}: checkpoint {} differs from process 0's", env.job, l.id),
+                Err(e) => tracing::warn!("{}: cannot read process 0's restore point: {e}", env.job),
+            },
+            (Some(_), None) => {}
+        }
+    }
+    let now = restored.as_deref().map(identity);
+    ack_in.send(AckMsg::RestoreCheck { worker: index as u32, restored: now, explicit: env.explicit_restore });
     ack_in.advance_to(1);
     if index == 0 {
         let mut checks = Vec::with_capacity(peers);
         while checks.len() < peers {
             checks.extend(inbox.borrow_mut().drain(..).filter_map(|m| match m {
-                AckMsg::RestoreCheck { worker, restored } => Some((worker, restored)),
+                AckMsg::RestoreCheck { worker, restored, explicit } => Some((worker, restored, explicit)),
                 _ => None,
             }));
             if checks.len() < peers {
@@ -815,17 +842,20 @@ fn agree_on_restore_point(
         let name = |c: Option<RestoreIdentity>| {
             c.map(|r| format!("checkpoint {} (completed at {} ms)", r.id, r.completed_ms)).unwrap_or_else(|| "a fresh start".into())
         };
-        let verdict = match checks.iter().find(|(_, r)| *r != leader) {
-            Some((w, r)) => Some((
+        let verdict = match checks.iter().find(|(_, r, _)| *r != leader) {
+            // Conflicting `--restore` paths are final; a process that could not read process
+            // 0's checkpoint may after a restart.
+            Some((w, r, explicit)) => Some((
                 format!(
-                    "restore point disagreement: process 0 chose {}, worker {w}'s process chose {}; not running with a mixed state",
+                    "restore point disagreement: process 0 chose {}, worker {w}'s process {} {}; not running with a mixed state",
                     name(leader),
+                    if *explicit { "was given" } else { "can only use" },
                     name(*r)
                 ),
-                true,
+                *explicit || env.explicit_restore,
             )),
             // Agreed: abandon what the restore point leaves behind before any sink rolls back.
-            None if env.restored.is_some() => env.fix_lineage().err().map(|e| (format!("fixing the lineage: {e}"), false)),
+            None if restored.is_some() => env.fix_lineage().err().map(|e| (format!("fixing the lineage: {e}"), false)),
             None => None,
         };
         ctl_in.send(Control::RestoreVerdict { failure: verdict });
@@ -844,7 +874,7 @@ fn agree_on_restore_point(
             }
             Err(message)
         }
-        None => Ok(first_epoch),
+        None => Ok((first_epoch, restored, restore_storage)),
     }
 }
 
