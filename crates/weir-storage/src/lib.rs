@@ -182,6 +182,10 @@ impl CheckpointStorage {
     /// returning the storage and `n`.
     pub fn open_checkpoint_path(chk_dir: &str) -> Result<(Self, CheckpointId), StorageError> {
         let p = PathBuf::from(chk_dir.trim_end_matches('/'));
+        // A mistyped path is an error, not a new empty job directory.
+        if !p.is_dir() {
+            return Err(StorageError::Location(format!("'{chk_dir}' is not a checkpoint directory (no such directory)")));
+        }
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         let id = name
             .strip_prefix("chk-")
@@ -450,6 +454,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("weir-storage-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         (CheckpointStorage::open(dir.to_str().unwrap(), "job").unwrap(), dir)
+    }
+
+    #[test]
+    fn a_mistyped_restore_path_creates_nothing() {
+        let dir = std::env::temp_dir().join(format!("weir-storage-typo-{}", std::process::id()));
+        let typo = dir.join("job/chk-7");
+        assert!(CheckpointStorage::open_checkpoint_path(typo.to_str().unwrap()).is_err());
+        assert!(!dir.exists(), "nothing created for a path that does not exist");
     }
 
     #[test]
