@@ -13,7 +13,10 @@ pub fn weir() -> Command {
 }
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    // Cargo sets CARGO_MANIFEST_DIR when it runs a test too: prefer that to the compile-time
+    // path, which is stale when a shared target directory reuses a build from another clone.
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    dir.join("../..").canonicalize().unwrap()
 }
 
 /// A fresh directory under the system temp dir, removed on drop.

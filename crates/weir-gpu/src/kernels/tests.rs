@@ -218,7 +218,10 @@ fn image_kernels_do_what_they_say() {
 
 #[test]
 fn cnn_forward_matches_on_every_path_and_loads_the_trained_model() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits_cnn.safetensors");
+    // Cargo sets CARGO_MANIFEST_DIR when it runs a test too: prefer that to the compile-time
+    // path, which is stale when a shared target directory reuses a build from another clone.
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    let path = dir.join("../../models/digits_cnn.safetensors");
     let cnn = crate::cnn::SmallCnn::load(&path, 8, 8).unwrap();
     assert_eq!((cnn.in_c, cnn.conv_c, cnn.classes), (1, 8, 10));
     let n = 37;
