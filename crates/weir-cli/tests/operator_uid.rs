@@ -87,7 +87,7 @@ fn log(o: &Output) -> String {
 }
 
 /// A restore that must fail at start because the state of `uid` has no operator: the message
-/// names the uid and the flag, no restart is tried and no committed output changes.
+/// names the uid and the flag, no restart is tried and no committed output is lost.
 fn assert_restore_refused(job: &Path, out: &Path, ck: &Path, uid: &str) {
     let before = committed_lines(out);
     let run = run_cmd(job, out, ck, &["--restore", "latest"]).output().unwrap();
@@ -96,7 +96,12 @@ fn assert_restore_refused(job: &Path, out: &Path, ck: &Path, uid: &str) {
     assert!(log.contains(&format!("'{uid}'")), "names the unmatched uid '{uid}':\n{log}");
     assert!(log.contains("--allow-non-restored-state"), "names the flag:\n{log}");
     assert!(!log.contains("restart 1"), "no restart can fix it:\n{log}");
-    assert_eq!(committed_lines(out), before, "no committed output changed");
+    // The sinks open before the uid check and may publish the restored checkpoint's pending
+    // epochs (committed by it, but not yet published when the run was killed): that adds
+    // lines; nothing committed may go away.
+    let after = committed_lines(out);
+    let (lost, _) = diff(&before, &after);
+    assert_eq!(lost, 0, "no committed output lost");
 }
 
 /// A stateless step inserted before the aggregate: the aggregate's state is matched by its
