@@ -334,14 +334,18 @@ impl CheckpointStorage {
 
     /// Ids of checkpoints that have a `_metadata` file, ascending (not yet validated).
     pub fn completed_checkpoints(&self) -> Result<Vec<CheckpointId>, StorageError> {
+        self.checkpoints_holding("_metadata")
+    }
+
+    /// Ids of `chk-<n>` directories that hold a file named `file`, ascending.
+    fn checkpoints_holding(&self, file: &str) -> Result<Vec<CheckpointId>, StorageError> {
         let listing = block_on(self.store.list_with_delimiter(None)).map_err(io("list", self.display("")))?;
-        let mut ids = Vec::new();
-        for p in listing.common_prefixes {
-            let Some(id) = p.as_ref().strip_prefix("chk-").and_then(|n| n.parse::<u64>().ok()) else { continue };
-            if self.local.join(format!("chk-{id}/_metadata")).exists() {
-                ids.push(id);
-            }
-        }
+        let mut ids: Vec<_> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.as_ref().strip_prefix("chk-").and_then(|n| n.parse::<u64>().ok()))
+            .filter(|id| self.local.join(format!("chk-{id}/{file}")).exists())
+            .collect();
         ids.sort_unstable();
         Ok(ids)
     }
@@ -393,15 +397,7 @@ impl CheckpointStorage {
 
     /// Ids of abandoned checkpoints (left the lineage when an older one was restored), ascending.
     pub fn abandoned_checkpoints(&self) -> Result<Vec<CheckpointId>, StorageError> {
-        let listing = block_on(self.store.list_with_delimiter(None)).map_err(io("list", self.display("")))?;
-        let mut ids: Vec<_> = listing
-            .common_prefixes
-            .iter()
-            .filter_map(|p| p.as_ref().strip_prefix("chk-").and_then(|n| n.parse::<u64>().ok()))
-            .filter(|id| self.local.join(format!("chk-{id}/{ABANDONED_METADATA}")).exists())
-            .collect();
-        ids.sort_unstable();
-        Ok(ids)
+        self.checkpoints_holding(ABANDONED_METADATA)
     }
 
     /// Load the metadata of an abandoned checkpoint (for listing only: never restored).
