@@ -47,6 +47,10 @@ pub(crate) enum Bind<'a> {
     In(&'a [u8]),
     /// Zeroed output (or scratch) of this many bytes.
     Out(u64),
+    #[allow(dead_code)] // used by the GPU state store
+    /// Device-resident memory bound in place (`len` bytes at `offset`, aligned to 256): operator
+    /// state that kernels read and update where it lives. Neither uploaded, cleared nor read back.
+    Resident(&'a wgpu::Buffer, u64, u64),
 }
 
 /// Counters of the engine (cumulative).
@@ -472,7 +476,7 @@ impl Engine {
         let dev = &self.ctx.device;
         let size = |b: &Bind<'_>| match b {
             Bind::In(bytes) => bytes.len() as u64,
-            Bind::Out(len) => *len,
+            Bind::Out(len) | Bind::Resident(_, _, len) => *len,
         }
         .max(4)
         .next_multiple_of(4);
@@ -490,7 +494,14 @@ impl Engine {
         let read_len = lens[read];
         // Device blocks: staged, every binding; direct, only scratch outputs.
         let block_lens: Vec<Option<u64>> =
-            bindings.iter().enumerate().map(|(i, b)| (!self.direct || (matches!(b, Bind::Out(_)) && i != read)).then_some(lens[i])).collect();
+            bindings
+            .iter()
+            .enumerate()
+            .map(|(i, b)| match b {
+                Bind::Resident(..) => None,
+                _ => (!self.direct || (matches!(b, Bind::Out(_)) && i != read)).then_some(lens[i]),
+            })
+            .collect();
 
         let slot = self.acquire()?;
         let blocks = match self.alloc_blocks(&block_lens) {
@@ -545,6 +556,7 @@ impl Engine {
             .enumerate()
             .map(|(i, b)| match (blocks[i], b) {
                 (Some(blk), _) => (pool.buffer(blk.slab), blk.offset),
+                (None, Bind::Resident(buf, off, _)) => (*buf, *off),
                 (None, Bind::In(_)) => (&upload, up_offsets[i]),
                 (None, Bind::Out(_)) => (&download, 0),
             })
@@ -555,7 +567,7 @@ impl Engine {
                 Bind::In(bytes) if !bytes.is_empty() && blocks[i].is_some() => {
                     encoder.copy_buffer_to_buffer(&upload, up_offsets[i], buf, off, lens[i]);
                 }
-                Bind::In(_) => {}
+                Bind::In(_) | Bind::Resident(..) => {}
                 Bind::Out(_) => encoder.clear_buffer(buf, off, Some(lens[i])),
             }
         }

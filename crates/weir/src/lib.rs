@@ -41,7 +41,7 @@ pub mod config;
 pub mod connectors;
 pub mod epoch;
 pub mod job;
-pub mod kmeans;
+pub mod ops;
 pub mod row;
 pub mod runtime;
 pub mod sink;

@@ -29,7 +29,7 @@ fn learned(gpu: &str) -> (HashMap<(i64, i64), Vec<f32>>, BlobSource) {
         .execute(move |job| {
             job.source("blobs", b2.clone())
                 .key_by(|r: &Row| r.get(0).clone())
-                .process_batches("kmeans", weir::kmeans::StreamingKMeans::new(8, 1, kernels.clone()))
+                .process_batches("kmeans", weir::ops::kmeans::StreamingKMeans::new(8, 1, kernels.clone()))
                 .sink("collect", s2.clone());
         })
         .unwrap();

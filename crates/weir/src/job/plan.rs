@@ -410,61 +410,22 @@ impl JobPlan {
                 }
                 PlanStep::Resize { idx, width, height } => {
                     let Some(kernels) = self.kernels(job, i) else { return };
-                    image_batches(stream, &format!("image_resize-{i}"), idx, move |img| {
+                    crate::ops::image::image_batches(stream, &format!("image_resize-{i}"), idx, move |img| {
                         let h = height.unwrap_or(((img.h * width) as f64 / img.w as f64).round().max(1.0) as usize);
                         kernels.resize_bilinear_async(img, width, h)
                     })
                 }
                 PlanStep::Gemm { idx, k, n, b } => {
                     let Some(kernels) = self.kernels(job, i) else { return };
-                    let mut a: Vec<f32> = Vec::new();
-                    stream.map_batches_async(&format!("gemm-{i}"), move |batch: &mut Vec<Row>| {
-                        a.clear();
-                        for r in batch.iter() {
-                            match r.get(idx) {
-                                Value::Vector(v) if v.len() == k => a.extend_from_slice(v),
-                                other => panic!("gemm: a {} where a vector of {k} values is expected", other.type_name()),
-                            }
-                        }
-                        let rows = std::mem::take(batch);
-                        kernels.gemm_async(&a, &b, rows.len(), n, k).map(move |c| {
-                            rows.into_iter()
-                                .zip(c.chunks(n))
-                                .map(|(mut r, row)| {
-                                    r.0[idx] = Value::Vector(Arc::new(row.to_vec()));
-                                    r
-                                })
-                                .collect()
-                        })
-                    })
+                    crate::ops::gemm::gemm_rows(stream, &format!("gemm-{i}"), kernels, idx, k, n, b)
                 }
                 PlanStep::Cnn { idx, model } => {
                     let Some(kernels) = self.kernels(job, i) else { return };
-                    let mut pixels: Vec<f32> = Vec::new();
-                    stream.map_batches_async(&format!("cnn-{i}"), move |batch: &mut Vec<Row>| {
-                        pixels.clear();
-                        for r in batch.iter() {
-                            match r.get(idx) {
-                                Value::Vector(v) if v.len() == model.input_len() => pixels.extend_from_slice(v),
-                                other => panic!("cnn_infer: a {} of {} values where {} pixels are expected", other.type_name(), match other { Value::Vector(v) => v.len(), _ => 0 }, model.input_len()),
-                            }
-                        }
-                        let rows = std::mem::take(batch);
-                        let classes = model.classes;
-                        kernels.cnn_forward_async(&model, &pixels, rows.len()).map(move |logits| {
-                            rows.into_iter()
-                                .zip(weir_gpu::cnn::argmax(&logits, classes))
-                                .map(|(mut r, c)| {
-                                    r.0.push(Value::Int(c as i64));
-                                    r
-                                })
-                                .collect()
-                        })
-                    })
+                    crate::ops::cnn::classify_rows(stream, &format!("cnn-{i}"), kernels, idx, model)
                 }
                 PlanStep::Filter2d { idx, kind, sigma } => {
                     let Some(kernels) = self.kernels(job, i) else { return };
-                    image_batches(stream, &format!("image_filter-{i}"), idx, move |img| match kind {
+                    crate::ops::image::image_batches(stream, &format!("image_filter-{i}"), idx, move |img| match kind {
                         FilterKind::Sobel => kernels.sobel_async(img),
                         FilterKind::Gaussian => kernels.gaussian_blur_async(img, sigma),
                     })
@@ -480,7 +441,7 @@ impl JobPlan {
                     stream
                         .uid(&uid)
                         .key_by(move |r: &Row| r.get(key).clone())
-                        .process_batches(&format!("kmeans-{i}"), crate::kmeans::StreamingKMeans::new(k, field, kernels).max_in_flight(self.config.gpu_max_inflight))
+                        .process_batches(&format!("kmeans-{i}"), crate::ops::kmeans::StreamingKMeans::new(k, field, kernels).max_in_flight(self.config.gpu_max_inflight))
                 }
             };
         }
@@ -670,37 +631,6 @@ where
         }
         out.push(Row(r));
     }
-}
-
-/// An image kernel over batches: one submission per image of field `idx` (rows without an
-/// image there pass unchanged), all of a batch in flight together.
-pub(super) fn image_batches<'s>(
-    stream: DataStream<'s, Row>,
-    name: &str,
-    idx: usize,
-    kernel: impl Fn(&weir_gpu::kernels::Image) -> weir_gpu::Pending<weir_gpu::kernels::Image> + 'static,
-) -> DataStream<'s, Row> {
-    stream.map_batches_async(name, move |batch: &mut Vec<Row>| {
-        let rows = std::mem::take(batch);
-        let parts = rows
-            .iter()
-            .map(|r| match r.get(idx) {
-                Value::Image(img) => kernel(img).map(Some),
-                _ => weir_gpu::Pending::ready(Ok(None)),
-            })
-            .collect();
-        weir_gpu::Pending::all(parts).map(move |imgs: Vec<Option<weir_gpu::kernels::Image>>| {
-            rows.into_iter()
-                .zip(imgs)
-                .map(|(mut r, img)| {
-                    if let Some(img) = img {
-                        r.0[idx] = Value::Image(Arc::new(img));
-                    }
-                    r
-                })
-                .collect()
-        })
-    })
 }
 
 #[cfg(test)]

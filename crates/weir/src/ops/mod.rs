@@ -1,0 +1,12 @@
+//! Weir's GPU operators, in one place: each runs its kernels on the GPU path or the CPU path of
+//! `weir-gpu` (chosen per process by `weir.gpu.enabled`), in batches of records.
+//!
+//! - [`kmeans`]: streaming mini-batch K-means, one model per key (keyed state).
+//! - [`gemm`]: rows × a fixed matrix.
+//! - [`cnn`]: CNN inference.
+//! - [`image`]: image resize and filters.
+
+pub mod cnn;
+pub mod gemm;
+pub mod image;
+pub mod kmeans;
