@@ -18,8 +18,8 @@ const CNN: &str = include_str!("../shaders/cnn.wgsl");
 
 /// Kernels on a GPU.
 pub struct GpuKernels {
-    ctx: Arc<GpuContext>,
-    engine: Arc<Engine>,
+    pub(crate) ctx: Arc<GpuContext>,
+    pub(crate) engine: Arc<Engine>,
 }
 
 /// The output bytes of a batch as `T`s (the mapped range is only byte-aligned for us).
@@ -77,7 +77,7 @@ impl GpuKernels {
 
     /// The compiled pipeline of `entry`, with an explicit layout of `bindings` read-write storage
     /// buffers (an automatic layout would drop the bindings an entry point does not use).
-    fn pipeline(&self, key: &'static str, src: &'static str, entry: &'static str, bindings: u32) -> Arc<wgpu::ComputePipeline> {
+    pub(crate) fn pipeline(&self, key: &'static str, src: &'static str, entry: &'static str, bindings: u32) -> Arc<wgpu::ComputePipeline> {
         let mut cache = self.ctx.pipelines.lock().expect("pipelines");
         cache
             .entry(key)
@@ -223,7 +223,7 @@ impl Kernels for GpuKernels {
 }
 
 /// Workgroups of 64 invocations for `len` items: a 2-D grid beyond 65535 groups.
-fn grid(len: usize) -> (u32, u32) {
+pub(crate) fn grid(len: usize) -> (u32, u32) {
     let g = len.div_ceil(64);
     (g.min(65535) as u32, g.div_ceil(65535) as u32)
 }
