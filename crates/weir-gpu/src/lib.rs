@@ -19,6 +19,7 @@ pub mod cnn;
 pub mod device;
 pub mod kernels;
 pub mod pool;
+pub mod state;
 pub mod transfer;
 
 pub use device::{AdapterDesc, GpuConfig, GpuContext, GpuMode};
@@ -51,6 +52,18 @@ pub enum GpuError {
     /// The device failed (lost, validation, mapping).
     #[error("GPU device error: {0}")]
     Device(String),
+    /// Keyed state beyond the device memory budget.
+    #[error("{owner}: {keys} keys × {slot_bytes} bytes of GPU state (with a snapshot area of the same size) exceed {limit} bytes (taskmanager.gpu.memory × taskmanager.gpu.fraction / 2, or the adapter's largest storage binding)")]
+    StateTooLarge {
+        /// The operator.
+        owner: String,
+        /// Keys.
+        keys: u64,
+        /// Bytes per key.
+        slot_bytes: u64,
+        /// The limit for the arena.
+        limit: u64,
+    },
     /// Bad kernel input.
     #[error("kernel input: {0}")]
     Input(String),

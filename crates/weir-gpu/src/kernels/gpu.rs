@@ -17,6 +17,7 @@ const IMAGE: &str = include_str!("../shaders/image.wgsl");
 const CNN: &str = include_str!("../shaders/cnn.wgsl");
 
 /// Kernels on a GPU.
+#[derive(Clone)]
 pub struct GpuKernels {
     pub(crate) ctx: Arc<GpuContext>,
     pub(crate) engine: Arc<Engine>,
@@ -130,6 +131,10 @@ macro_rules! checked {
 impl Kernels for GpuKernels {
     fn name(&self) -> String {
         format!("gpu ({})", self.ctx.adapter.name)
+    }
+
+    fn as_gpu(&self) -> Option<&GpuKernels> {
+        Some(self)
     }
 
     fn gemm_async(&self, a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Pending<Vec<f32>> {

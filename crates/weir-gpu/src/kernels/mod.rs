@@ -20,6 +20,11 @@ pub trait Kernels: Send + Sync {
     /// The path's name ("cpu" or the adapter's name).
     fn name(&self) -> String;
 
+    /// The GPU path's kernels (for device-resident state); `None` on the CPU path.
+    fn as_gpu(&self) -> Option<&gpu::GpuKernels> {
+        None
+    }
+
     /// `C[m×n] = A[m×k] · B[k×n]`, row-major f32.
     fn gemm_async(&self, a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Pending<Vec<f32>>;
 

@@ -1,0 +1,180 @@
+//! Streaming mini-batch K-means over device-resident models: assignment, per-centre sums and
+//! the centre update run where the models live, for several keys per launch.
+//!
+//! A model's slot (32-bit words): `[d, k, 0, 0] | k × d centroids (f32) | k counts (u32)`.
+
+use super::StateArena;
+use crate::transfer::Bind;
+use crate::{GpuError, Pending};
+
+const SHADER: &str = include_str!("../shaders/kmeans_resident.wgsl");
+const HEADER: usize = 4;
+
+/// The shape of the models of one operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KmeansShape {
+    /// Centroids.
+    pub k: usize,
+    /// Dimensions.
+    pub d: usize,
+}
+
+impl KmeansShape {
+    /// Words of one model.
+    pub fn words(&self) -> usize {
+        HEADER + self.k * self.d + self.k
+    }
+
+    /// A model's slot from its first centroids (`k × d`), with zero counts.
+    pub fn init_slot(&self, centroids: &[f32]) -> Vec<u32> {
+        let mut w = Vec::with_capacity(self.words());
+        w.extend_from_slice(&[self.d as u32, self.k as u32, 0, 0]);
+        w.extend(centroids.iter().map(|x| x.to_bits()));
+        w.resize(self.words(), 0);
+        w
+    }
+
+    /// Centroids (`k × d`) and counts of a slot's words, checked against this shape.
+    pub fn read_slot(&self, words: &[u32]) -> Result<(Vec<f32>, Vec<u32>), GpuError> {
+        if words.len() < self.words() || words[0] as usize != self.d || words[1] as usize != self.k {
+            return Err(GpuError::Input(format!(
+                "a K-means model of {} words (d = {}, k = {}) where d = {}, k = {} is expected",
+                words.len(),
+                words.first().copied().unwrap_or(0),
+                words.get(1).copied().unwrap_or(0),
+                self.d,
+                self.k
+            )));
+        }
+        let c = words[HEADER..HEADER + self.k * self.d].iter().map(|&b| f32::from_bits(b)).collect();
+        Ok((c, words[HEADER + self.k * self.d..self.words()].to_vec()))
+    }
+}
+
+/// The models after a step, per key of the batch (in batch order), per centroid: its count of
+/// points so far and its coordinates.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KmeansModels {
+    shape: KmeansShape,
+    words: Vec<u32>,
+}
+
+impl KmeansModels {
+    /// Keys in the step.
+    pub fn keys(&self) -> usize {
+        self.words.len() / (self.shape.k * (self.shape.d + 1))
+    }
+
+    /// Key `j`'s centroid `c`: its count and coordinates.
+    pub fn centroid(&self, j: usize, c: usize) -> (u32, impl Iterator<Item = f32> + '_) {
+        let at = (j * self.shape.k + c) * (self.shape.d + 1);
+        (self.words[at], self.words[at + 1..at + 1 + self.shape.d].iter().map(|&b| f32::from_bits(b)))
+    }
+}
+
+/// One step over a batch: `slots[j]` is key `j`'s slot, its points are
+/// `points[starts[j] * d .. starts[j + 1] * d]` (`starts` has one more entry than `slots`).
+pub fn step(arena: &mut StateArena, shape: KmeansShape, slots: &[u32], starts: &[u32], points: &[f32]) -> Pending<KmeansModels> {
+    let (k, d) = (shape.k, shape.d);
+    let n = points.len() / d.max(1);
+    if d == 0 || k == 0 || !points.len().is_multiple_of(d) || starts.len() != slots.len() + 1 || starts.last().copied() != Some(n as u32) {
+        return Pending::ready(Err(GpuError::Input(format!("kmeans step: {} keys, {} point values, d = {d}", slots.len(), points.len()))));
+    }
+    if arena.layout().state_words < shape.words() {
+        return Pending::ready(Err(GpuError::Input(format!("kmeans step: slots of {} words for models of {}", arena.layout().state_words, shape.words()))));
+    }
+    let chunk = arena.layout().chunk_words;
+    let bases: Vec<u32> = slots.iter().map(|&s| arena.slot_word(s)).collect();
+    if let Some((words, dirty)) = arena.host_mut() {
+        return Pending::ready(Ok(cpu_step(words, dirty, chunk, shape, &bases, starts, points)));
+    }
+    let Some((kernels, places)) = arena.device() else { unreachable!("an arena is on the host or on the device") };
+    let keys = slots.len();
+    let mut segs: Vec<u32> = Vec::with_capacity(keys * 4 + n);
+    for j in 0..keys {
+        segs.extend_from_slice(&[bases[j], starts[j], starts[j + 1] - starts[j], 0]);
+    }
+    for j in 0..keys {
+        segs.extend(std::iter::repeat_n(j as u32, (starts[j + 1] - starts[j]) as usize));
+    }
+    let dims = [keys as u32, n as u32, k as u32, d as u32, chunk as u32, 0, 0, 0];
+    let out_words = keys * k * (d + 1);
+    let assign = kernels.pipeline("kmeans_resident_assign", SHADER, "assign", 7);
+    let update = kernels.pipeline("kmeans_resident_update", SHADER, "update", 7);
+    let (ax, ay) = crate::kernels::gpu::grid(n);
+    let (ux, uy) = crate::kernels::gpu::grid(keys * k);
+    kernels.engine.submit(
+        &[
+            Bind::In(bytemuck::cast_slice(points)),
+            Bind::In(bytemuck::cast_slice(&segs)),
+            Bind::Out((n * 4) as u64),
+            Bind::Resident(places.arena.0, places.arena.1, places.arena.2),
+            Bind::Resident(places.dirty.0, places.dirty.1, places.dirty.2),
+            Bind::Out((out_words * 4) as u64),
+            Bind::In(bytemuck::cast_slice(&dims)),
+        ],
+        &[(assign, ax, ay), (update, ux, uy)],
+        5,
+        move |bytes| Ok(KmeansModels { shape, words: bytemuck::pod_collect_to_vec(&bytes[..out_words * 4]) }),
+    )
+}
+
+/// The CPU twin of the two passes, on the host arena (same arithmetic, same order).
+fn cpu_step(arena: &mut [u32], dirty: &mut [u32], chunk: usize, shape: KmeansShape, bases: &[u32], starts: &[u32], points: &[f32]) -> KmeansModels {
+    let (k, d) = (shape.k, shape.d);
+    let n = points.len() / d;
+    let mut labels = vec![0u32; n];
+    for (j, &base) in bases.iter().enumerate() {
+        let cents = base as usize + HEADER;
+        for p in starts[j] as usize..starts[j + 1] as usize {
+            let (mut best, mut best_dist) = (0u32, f32::MAX);
+            for c in 0..k {
+                let mut dist = 0.0f32;
+                for x in 0..d {
+                    let diff = points[p * d + x] - f32::from_bits(arena[cents + c * d + x]);
+                    dist = diff.mul_add(diff, dist);
+                }
+                if dist < best_dist {
+                    best_dist = dist;
+                    best = c as u32;
+                }
+            }
+            labels[p] = best;
+        }
+    }
+    let mut out = vec![0u32; bases.len() * k * (d + 1)];
+    for (j, &base) in bases.iter().enumerate() {
+        let (first, last) = (starts[j] as usize, starts[j + 1] as usize);
+        for c in 0..k {
+            let cent = base as usize + HEADER + c * d;
+            let count_at = base as usize + HEADER + k * d + c;
+            let o = (j * k + c) * (d + 1);
+            let cnt = (first..last).filter(|&p| labels[p] == c as u32).count() as u32;
+            if cnt == 0 {
+                out[o] = arena[count_at];
+                out[o + 1..o + 1 + d].copy_from_slice(&arena[cent..cent + d]);
+                continue;
+            }
+            let seen = arena[count_at] + cnt;
+            let eta = cnt as f32 / seen as f32;
+            for x in 0..d {
+                let mut s = 0.0f32;
+                for p in first..last {
+                    if labels[p] == c as u32 {
+                        s += points[p * d + x];
+                    }
+                }
+                let mean = s / cnt as f32;
+                let old = f32::from_bits(arena[cent + x]);
+                let v = old + eta * (mean - old);
+                arena[cent + x] = v.to_bits();
+                out[o + 1 + x] = v.to_bits();
+                dirty[(cent + x) / chunk] = 1;
+            }
+            arena[count_at] = seen;
+            out[o] = seen;
+            dirty[count_at / chunk] = 1;
+        }
+    }
+    KmeansModels { shape, words: out }
+}

@@ -1,0 +1,185 @@
+//! The state store and resident K-means, on the host arena and on the device (lavapipe in CI;
+//! `WEIR_REQUIRE_GPU=1` makes a missing adapter fail instead of testing the host path only).
+
+use std::sync::{Arc, OnceLock};
+
+use super::kmeans::{step, KmeansShape};
+use super::*;
+use crate::device::{GpuConfig, GpuContext, GpuMode};
+
+fn gpu() -> Option<&'static GpuKernels> {
+    static GPU: OnceLock<Option<GpuKernels>> = OnceLock::new();
+    GPU.get_or_init(|| {
+        let required = std::env::var("WEIR_REQUIRE_GPU").is_ok_and(|v| v == "1");
+        let cfg = GpuConfig { mode: if required { GpuMode::On } else { GpuMode::Auto }, ..GpuConfig::default() };
+        let ctx = GpuContext::select(&cfg).expect("WEIR_REQUIRE_GPU=1 but no GPU adapter (install mesa-vulkan-drivers)");
+        ctx.map(|c| GpuKernels::new(Arc::clone(&c)))
+    })
+    .as_ref()
+}
+
+/// A host arena and, where there is a GPU, a device arena.
+fn arenas(words: usize) -> Vec<StateArena> {
+    let mut v = vec![StateArena::new(ArenaLayout::new(words), None, "test").unwrap()];
+    if let Some(g) = gpu() {
+        v.push(StateArena::new(ArenaLayout::new(words), Some(g), "test").unwrap());
+    }
+    v
+}
+
+fn models(arena: &mut StateArena, shape: KmeansShape, slots: &[u32], starts: &[u32], points: &[f32]) -> Vec<Vec<(u32, Vec<f32>)>> {
+    let m = step(arena, shape, slots, starts, points).wait().unwrap();
+    (0..m.keys()).map(|j| (0..shape.k).map(|c| { let (n, x) = m.centroid(j, c); (n, x.collect()) }).collect()).collect()
+}
+
+#[test]
+fn kmeans_steps_match_hand_computed_values_on_every_path() {
+    let shape = KmeansShape { k: 2, d: 1 };
+    for mut a in arenas(shape.words()) {
+        let s = a.alloc_slot(&shape.init_slot(&[0.0, 10.0])).unwrap();
+        // 1 and 2 go to centre 0 (mean 1.5, rate 2/2), 9 to centre 1 (rate 1/1).
+        assert_eq!(models(&mut a, shape, &[s], &[0, 3], &[1.0, 2.0, 9.0]), vec![vec![(2, vec![1.5]), (1, vec![9.0])]], "on device: {}", a.on_device());
+        // 3 goes to centre 0: 1.5 + (3 − 1.5) · 1/3 = 2.
+        assert_eq!(models(&mut a, shape, &[s], &[0, 1], &[3.0]), vec![vec![(3, vec![2.0]), (1, vec![9.0])]]);
+    }
+}
+
+#[test]
+fn several_keys_in_one_launch_update_only_their_own_models() {
+    let shape = KmeansShape { k: 2, d: 2 };
+    for mut a in arenas(shape.words()) {
+        let x = a.alloc_slot(&shape.init_slot(&[0.0, 0.0, 10.0, 10.0])).unwrap();
+        let y = a.alloc_slot(&shape.init_slot(&[100.0, 100.0, -100.0, -100.0])).unwrap();
+        // Key y first in the batch: the order of keys in a launch is free.
+        let got = models(&mut a, shape, &[y, x], &[0, 1, 3], &[-98.0, -98.0, 1.0, 1.0, 11.0, 9.0]);
+        assert_eq!(got[0], vec![(0, vec![100.0, 100.0]), (1, vec![-98.0, -98.0])]);
+        assert_eq!(got[1], vec![(1, vec![1.0, 1.0]), (1, vec![11.0, 9.0])]);
+    }
+}
+
+#[test]
+fn the_host_and_device_paths_agree_on_random_batches() {
+    let Some(g) = gpu() else { return };
+    let shape = KmeansShape { k: 4, d: 3 };
+    let mut host = StateArena::new(ArenaLayout::new(shape.words()), None, "h").unwrap();
+    let mut dev = StateArena::new(ArenaLayout::new(shape.words()), Some(g), "d").unwrap();
+    let mut x = 12345u64;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % 2000) as f32 / 100.0
+    };
+    let keys = 150; // past the first growth of the arena
+    for _ in 0..keys {
+        let init: Vec<f32> = (0..12).map(|_| rnd()).collect();
+        host.alloc_slot(&shape.init_slot(&init)).unwrap();
+        dev.alloc_slot(&shape.init_slot(&init)).unwrap();
+    }
+    for _ in 0..3 {
+        let slots: Vec<u32> = (0..keys as u32).rev().collect();
+        let starts: Vec<u32> = (0..=keys as u32).map(|j| j * 5).collect();
+        let points: Vec<f32> = (0..keys * 5 * 3).map(|_| rnd()).collect();
+        let (h, d) = (models(&mut host, shape, &slots, &starts, &points), models(&mut dev, shape, &slots, &starts, &points));
+        for (a, b) in h.iter().flatten().zip(d.iter().flatten()) {
+            assert_eq!(a.0, b.0, "counts are exact");
+            for (u, v) in a.1.iter().zip(&b.1) {
+                assert!((u - v).abs() <= 1e-4 * u.abs().max(1.0), "{u} vs {v}");
+            }
+        }
+    }
+}
+
+fn slot_words(chunks: &SnapshotChunks, slot: u32) -> Option<Vec<u32>> {
+    chunks.entries.iter().find(|(s, _)| *s == slot).map(|(_, c)| c.iter().flat_map(|(_, w)| w.clone()).collect())
+}
+
+#[test]
+fn snapshots_hold_exactly_the_state_at_the_barrier_and_only_dirty_slots() {
+    let shape = KmeansShape { k: 1, d: 1 };
+    for mut a in arenas(shape.words()) {
+        let s0 = a.alloc_slot(&shape.init_slot(&[0.0])).unwrap();
+        let s1 = a.alloc_slot(&shape.init_slot(&[0.0])).unwrap();
+        let first = a.snapshot().unwrap();
+        step(&mut a, shape, &[s1], &[0, 1], &[4.0]).wait().unwrap();
+        let second = a.snapshot().unwrap();
+        // A step submitted after the barrier, before the background reads the snapshot.
+        let later = step(&mut a, shape, &[s1], &[0, 1], &[8.0]);
+        let f = first.read(false).unwrap();
+        assert_eq!(f.entries.len(), 2, "new slots are dirty");
+        let d = second.read(false).unwrap();
+        assert_eq!(d.entries.len(), 1, "only the slot the step wrote: {:?}", d.entries);
+        assert_eq!(slot_words(&d, s1).unwrap(), shape.init_slot(&[4.0]).iter().enumerate().map(|(i, &w)| if i == 5 { 1 } else { w }).collect::<Vec<_>>());
+        later.wait().unwrap();
+        let full = a.snapshot().unwrap().read(true).unwrap();
+        assert_eq!(full.entries.len(), 2);
+        let (c, n) = shape.read_slot(&slot_words(&full, s1).unwrap()).unwrap();
+        assert_eq!((c, n), (vec![6.0], vec![2]));
+        assert_eq!(slot_words(&full, s0).unwrap(), shape.init_slot(&[0.0]));
+    }
+}
+
+#[test]
+fn large_slots_are_tracked_in_chunks() {
+    let l = ArenaLayout::new(MAX_CHUNK_WORDS * 2 + 10);
+    assert_eq!((l.chunk_words, l.chunks_per_slot()), (MAX_CHUNK_WORDS, 3));
+    let mut a = StateArena::new(l, None, "big").unwrap();
+    let s = a.alloc_slot(&vec![7; l.state_words]).unwrap();
+    a.snapshot().unwrap();
+    let (words, dirty) = a.host_mut().unwrap();
+    words[a_word(s, l) + MAX_CHUNK_WORDS + 1] = 9;
+    dirty[(a_word(s, l) + MAX_CHUNK_WORDS + 1) / MAX_CHUNK_WORDS] = 1;
+    let d = a.snapshot().unwrap().read(false).unwrap();
+    assert_eq!(d.entries.len(), 1);
+    assert_eq!(d.entries[0].1.len(), 1, "one chunk of three");
+    assert_eq!(d.entries[0].1[0].0, 1);
+    let full = a.snapshot().unwrap().read(true).unwrap();
+    let words: Vec<u32> = full.entries[0].1.iter().flat_map(|(_, w)| w.clone()).collect();
+    assert_eq!(words.len(), l.state_words, "no padding is written");
+}
+
+fn a_word(slot: u32, l: ArenaLayout) -> usize {
+    slot as usize * l.slot_words
+}
+
+#[test]
+fn a_vram_snapshot_restores_by_a_device_copy() {
+    let Some(g) = gpu() else { return };
+    let shape = KmeansShape { k: 1, d: 2 };
+    let mut a = StateArena::new(ArenaLayout::new(shape.words()), Some(g), "a").unwrap();
+    for i in 0..100 {
+        a.alloc_slot(&shape.init_slot(&[i as f32, 1.0])).unwrap();
+    }
+    let snap = a.snapshot().unwrap();
+    let vram = snap.vram().unwrap();
+    step(&mut a, shape, &[7], &[0, 1], &[0.0, 0.0]).wait().unwrap();
+    drop(a);
+    let mut b = StateArena::new(ArenaLayout::new(shape.words()), Some(g), "b").unwrap();
+    b.restore_from_vram(&vram).unwrap();
+    assert_eq!(b.slots(), 100);
+    let full = b.snapshot().unwrap().read(true).unwrap();
+    assert_eq!(slot_words(&full, 7).unwrap(), shape.init_slot(&[7.0, 1.0]), "the state at the snapshot, not after");
+    assert_eq!(slot_words(&full, 99).unwrap(), shape.init_slot(&[99.0, 1.0]));
+}
+
+#[test]
+fn state_beyond_the_budget_is_a_typed_error_naming_keys_and_bytes() {
+    if gpu().is_none() {
+        return;
+    }
+    let cfg = GpuConfig { mode: GpuMode::On, memory: 1 << 20, fraction: 1.0, ..GpuConfig::default() };
+    let ctx = GpuContext::select(&cfg).unwrap().unwrap();
+    let k = GpuKernels::new(ctx);
+    let e = StateArena::new(ArenaLayout::new(4096), Some(&k), "pipeline[1]:kmeans").err().expect("64 keys × 16 KiB × 2 > 1 MiB");
+    assert!(matches!(e, GpuError::StateTooLarge { keys: 64, slot_bytes: 16384, .. }), "{e}");
+    assert!(e.to_string().contains("pipeline[1]:kmeans") && e.to_string().contains("64 keys"), "{e}");
+    let mut ok = StateArena::new(ArenaLayout::new(256), Some(&k), "op").unwrap();
+    let mut err = None;
+    for i in 0..10_000 {
+        if let Err(e) = ok.alloc_slot(&[i]) {
+            err = Some(e);
+            break;
+        }
+    }
+    assert!(matches!(err, Some(GpuError::StateTooLarge { .. })), "growth past the budget is refused: {err:?}");
+}
