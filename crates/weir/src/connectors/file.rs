@@ -218,6 +218,11 @@ pub enum FileFormat {
 /// the last line emitted. A restore resumes each file at its own offset and reads files added
 /// since from their start; a restored file that is gone fails the job, naming it.
 ///
+/// With [`FileSource::repeat`] the files are read `n` times (epochs of a training set): each
+/// instance reads every file of its splits once, in order, then again. A split's offset then
+/// says which pass it is in: `pass × 2^48 + byte position` ([`PASS_UNIT`]), so a restore in the
+/// middle of pass 3 resumes there; a first pass's offset is the plain byte position, as before.
+///
 /// Malformed input (bad UTF-8, a line over `weir.source.max-line-bytes`, a line that is not a
 /// JSON object, a non-number where [`FileSource::require_number`] asks for one) is a
 /// deterministic error naming `file:line`; I/O errors are transient.
@@ -226,12 +231,23 @@ pub struct FileSource {
     path: PathBuf,
     format: FileFormat,
     numbers: Vec<(usize, String)>,
+    repeat: u32,
 }
+
+/// What one pass adds to a repeating file split's checkpointed offset: the byte position is
+/// below it (files up to 256 TiB), the passes completed above it.
+pub const PASS_UNIT: u64 = 1 << 48;
 
 impl FileSource {
     /// A source over `path` (a file or a directory).
     pub fn new(path: impl Into<PathBuf>, format: FileFormat) -> Self {
-        Self { path: path.into(), format, numbers: Vec::new() }
+        Self { path: path.into(), format, numbers: Vec::new(), repeat: 1 }
+    }
+
+    /// Read the files `n` times, in order (default 1). `n = 0` fails the job at start.
+    pub fn repeat(mut self, n: u32) -> Self {
+        self.repeat = n;
+        self
     }
 
     /// Field `field` of every row must be a number or null: anything else fails the job at
@@ -262,6 +278,9 @@ struct OpenSplit {
     /// The split's key in checkpoints (the file's name).
     key: Option<String>,
     path: PathBuf,
+    /// Passes over the file completed (with `repeat`).
+    pass: u64,
+    /// The byte position in the current pass.
     offset: u64,
     reader: Option<BufReader<File>>,
     done: bool,
@@ -277,6 +296,7 @@ impl OpenSplit {
 struct FileReader {
     source: FileSource,
     splits: Vec<OpenSplit>,
+    /// The split being read: the first of the lowest pass that is not done.
     cur: usize,
     line: Vec<u8>,
     max_line_bytes: u64,
@@ -287,11 +307,21 @@ impl Source<Row> for FileSource {
         file_splits(&self.files()?)
     }
     fn open(&self, ctx: &SourceContext, splits: Vec<SplitOffset>) -> Result<Box<dyn SourceReader<Row>>, SourceError> {
+        if self.repeat == 0 {
+            return Err(SourceError::deterministic(format!("source.repeat: must be at least 1 (reading {})", self.path.display())));
+        }
+        let repeat = u64::from(self.repeat);
         let splits = files_of_splits(&self.files()?, splits, self.root())?
             .into_iter()
-            .map(|(s, path)| OpenSplit { split: s.split, key: s.path, path, offset: s.offset, reader: None, done: false })
+            .map(|(s, path)| {
+                let pass = s.offset / PASS_UNIT;
+                // Restored with fewer passes than it ran with: nothing is left of this file.
+                OpenSplit { split: s.split, key: s.path, path, pass, offset: s.offset % PASS_UNIT, reader: None, done: pass >= repeat }
+            })
             .collect();
-        Ok(Box::new(FileReader { source: self.clone(), splits, cur: 0, line: Vec::new(), max_line_bytes: ctx.max_line_bytes }))
+        let mut reader = FileReader { source: self.clone(), splits, cur: 0, line: Vec::new(), max_line_bytes: ctx.max_line_bytes };
+        reader.cur = reader.next_split().unwrap_or(0);
+        Ok(Box::new(reader))
     }
     fn root(&self) -> Option<&Path> {
         // A single file's key is its name: relative to its directory.
@@ -325,16 +355,27 @@ pub(crate) fn json_to_value(v: &serde_json::Value) -> Value {
     }
 }
 
+impl FileReader {
+    /// The split to read next: the first one (in split order) of the lowest pass that is not
+    /// done, so that every file is read once before any is read again, also after a restore
+    /// that left the files in different passes. Looked up only when a file's pass ends.
+    fn next_split(&self) -> Option<usize> {
+        (0..self.splits.len()).filter(|&i| !self.splits[i].done).min_by_key(|&i| (self.splits[i].pass, i))
+    }
+}
+
 impl SourceReader<Row> for FileReader {
     fn poll(&mut self, out: &mut Vec<Row>, max: usize) -> Result<Poll, SourceError> {
         let mut produced = 0;
+        let repeat = u64::from(self.source.repeat);
         while produced < max {
-            let Some(idx) = (0..self.splits.len()).map(|i| (self.cur + i) % self.splits.len()).find(|&i| !self.splits[i].done)
-            else {
-                return Ok(Poll::Finished);
-            };
-            self.cur = idx;
-            let s = &mut self.splits[idx];
+            if self.splits.get(self.cur).is_none_or(|s| s.done) {
+                match self.next_split() {
+                    Some(i) => self.cur = i,
+                    None => return Ok(Poll::Finished),
+                }
+            }
+            let s = &mut self.splits[self.cur];
             if s.reader.is_none() {
                 let mut f = File::open(&s.path).map_err(|e| SourceError::transient(format!("{}: {e}", s.path.display())))?;
                 f.seek(SeekFrom::Start(s.offset)).map_err(|e| SourceError::transient(format!("{}: {e}", s.path.display())))?;
@@ -348,9 +389,20 @@ impl SourceReader<Row> for FileReader {
                 .read_until(b'\n', &mut self.line)
                 .map_err(|e| SourceError::transient(format!("{}: {e}", s.at())))?;
             if n == 0 {
-                s.done = true;
                 s.reader = None;
+                // The last pass ends at the file's end (offset as without `repeat`); another
+                // pass starts at 0, after the other files of this pass.
+                if s.pass + 1 >= repeat {
+                    s.done = true;
+                } else {
+                    s.pass += 1;
+                    s.offset = 0;
+                    self.cur = self.next_split().unwrap_or(self.cur);
+                }
                 continue;
+            }
+            if s.offset + n as u64 >= PASS_UNIT {
+                return Err(SourceError::deterministic(format!("{}: the file is larger than the file source reads (256 TiB)", s.path.display())));
             }
             if self.line.last() != Some(&b'\n') && n as u64 > self.max_line_bytes {
                 return Err(SourceError::deterministic(format!(
@@ -396,6 +448,125 @@ impl SourceReader<Row> for FileReader {
         Ok(Poll::More)
     }
     fn offsets(&self) -> Vec<SplitOffset> {
-        self.splits.iter().map(|s| SplitOffset { split: s.split, offset: s.offset, path: s.key.clone() }).collect()
+        self.splits.iter().map(|s| SplitOffset { split: s.split, offset: s.pass * PASS_UNIT + s.offset, path: s.key.clone() }).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(subtask: u32, parallelism: u32) -> SourceContext {
+        SourceContext { subtask, parallelism, max_line_bytes: 1 << 10 }
+    }
+
+    /// A directory of files `a`, `b`, `c`, each with `lines` lines `<file>:<i>`.
+    fn input(tag: &str, lines: usize) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("weir-file-repeat-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["a", "b", "c"] {
+            std::fs::write(dir.join(f), (0..lines).map(|i| format!("{f}:{i}\n")).collect::<String>()).unwrap();
+        }
+        dir
+    }
+
+    fn text(rows: &[Row]) -> Vec<String> {
+        rows.iter().map(|r| r.get(0).to_string()).collect()
+    }
+
+    /// Up to `n` rows (one per poll, so that the reader stops after any line); all with `None`.
+    fn read(r: &mut dyn SourceReader<Row>, n: Option<usize>) -> Vec<Row> {
+        let mut out = Vec::new();
+        while n.is_none_or(|n| out.len() < n) {
+            if r.poll(&mut out, 1).unwrap() == Poll::Finished {
+                break;
+            }
+        }
+        out
+    }
+
+    fn open(src: &FileSource, c: &SourceContext, restored: &[SplitOffset]) -> Box<dyn SourceReader<Row>> {
+        src.open(c, crate::source::assign_splits(src, c, restored).unwrap()).unwrap()
+    }
+
+    /// Each pass reads every file once, in order, before the next pass begins.
+    #[test]
+    fn repeat_reads_the_files_n_times_in_order() {
+        let dir = input("order", 2);
+        let src = FileSource::new(&dir, FileFormat::Lines).repeat(3);
+        let got = text(&read(&mut *open(&src, &ctx(0, 1), &[]), None));
+        let pass = ["a:0", "a:1", "b:0", "b:1", "c:0", "c:1"];
+        assert_eq!(got, [pass, pass, pass].concat());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Stopped after any line of any pass, a reader restored from its offsets reads exactly the
+    /// rest: the offsets say which pass each file is in.
+    #[test]
+    fn a_restore_resumes_in_the_pass_it_stopped_in() {
+        let dir = input("restore", 3);
+        let src = FileSource::new(&dir, FileFormat::Lines).repeat(3);
+        let all = text(&read(&mut *open(&src, &ctx(0, 1), &[]), None));
+        assert_eq!(all.len(), 27);
+        for cut in 0..=all.len() {
+            let mut r = open(&src, &ctx(0, 1), &[]);
+            let mut got = text(&read(&mut *r, Some(cut)));
+            let restored = r.offsets();
+            got.extend(text(&read(&mut *open(&src, &ctx(0, 1), &restored), None)));
+            assert_eq!(got, all, "cut after {cut} lines, offsets {restored:?}");
+        }
+        // 13 lines in: a read twice (its third pass starts at 0), b once and one line more,
+        // c once.
+        let mut r = open(&src, &ctx(0, 1), &[]);
+        read(&mut *r, Some(13));
+        let offsets: Vec<u64> = r.offsets().iter().map(|s| s.offset).collect();
+        assert_eq!(offsets, [2 * PASS_UNIT, PASS_UNIT + 4, PASS_UNIT]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Restored at another parallelism, each file resumes in its own pass: every line is read
+    /// `repeat` times in all.
+    #[test]
+    fn a_restore_at_another_parallelism_reads_each_line_repeat_times() {
+        let dir = input("rescale", 4);
+        let src = FileSource::new(&dir, FileFormat::Lines).repeat(3);
+        let mut r = open(&src, &ctx(0, 1), &[]);
+        let mut got = text(&read(&mut *r, Some(17)));
+        let restored = r.offsets();
+        for i in 0..2 {
+            got.extend(text(&read(&mut *open(&src, &ctx(i, 2), &restored), None)));
+        }
+        got.sort();
+        let mut want: Vec<String> = ["a", "b", "c"].iter().flat_map(|f| (0..4).map(move |i| format!("{f}:{i}"))).flat_map(|l| [l.clone(), l.clone(), l]).collect();
+        want.sort();
+        assert_eq!(got, want);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Without `repeat` a finished file's offset is its length, as it always was; a checkpoint
+    /// of more passes than the source now reads has nothing left; `repeat(0)` fails at start.
+    #[test]
+    fn offsets_without_repeat_are_byte_positions() {
+        let dir = input("once", 2);
+        let once = FileSource::new(&dir, FileFormat::Lines);
+        let mut r = open(&once, &ctx(0, 1), &[]);
+        assert_eq!(read(&mut *r, None).len(), 6);
+        assert_eq!(r.offsets().iter().map(|s| s.offset).collect::<Vec<_>>(), [8, 8, 8]);
+        let thrice = FileSource::new(&dir, FileFormat::Lines).repeat(3);
+        let mut r = open(&thrice, &ctx(0, 1), &[]);
+        read(&mut *r, Some(14));
+        let restored = r.offsets();
+        let mut r = open(&once, &ctx(0, 1), &restored);
+        assert!(read(&mut *r, None).is_empty());
+        assert_eq!(r.offsets(), restored);
+        // A finished run restored with more passes reads the further passes.
+        let mut r = open(&once, &ctx(0, 1), &[]);
+        read(&mut *r, None);
+        let twice = FileSource::new(&dir, FileFormat::Lines).repeat(2);
+        assert_eq!(read(&mut *open(&twice, &ctx(0, 1), &r.offsets()), None).len(), 6);
+        let e = FileSource::new(&dir, FileFormat::Lines).repeat(0).open(&ctx(0, 1), vec![]).err().unwrap();
+        assert!(e.is_deterministic() && e.to_string().starts_with("source.repeat: must be at least 1"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

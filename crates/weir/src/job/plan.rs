@@ -87,6 +87,9 @@ impl JobPlan {
         let config = JobConfig::from_pairs(pairs).map_err(|e| e.to_string())?;
         let mut uids = Uids::default();
         let source_uid = uids.claim("source".into(), spec.source.uid.as_deref(), spec.source.spec.kind())?;
+        if let SourceSpec::File { repeat: 0, .. } = &spec.source.spec {
+            return Err("source.repeat: must be at least 1 (the times the files are read)".into());
+        }
         // Which fields are always integers: where the key and every aggregated field are, the
         // aggregate runs on typed state (i64 keys and accumulators: 32-byte entries instead of
         // 56, the difference between fitting the cache or not).
@@ -357,12 +360,13 @@ impl JobPlan {
                 crate::source::BlobSource { count: *count, centers: *centers, dim: *dim, sigma: *sigma, keys: *keys, seed: *seed },
             ),
             SourceSpec::Images { path } => job.source("images", crate::source::ImageSource::new(path)),
-            SourceSpec::File { path, format, fields } => {
+            SourceSpec::File { path, format, fields, repeat } => {
                 let format = match format {
                     FileFormatSpec::Lines => FileFormat::Lines,
                     FileFormatSpec::Json => FileFormat::JsonLines(fields.clone()),
                 };
-                let source = self.source_numbers.iter().fold(FileSource::new(path, format), |s, (field, why)| s.require_number(*field, why));
+                let source = FileSource::new(path, format).repeat(*repeat);
+                let source = self.source_numbers.iter().fold(source, |s, (field, why)| s.require_number(*field, why));
                 job.source("file", source)
             }
         };
@@ -794,6 +798,27 @@ mod tests {
         let mut t = parse_yaml("sink: {type: file, path: out, uid: results}").unwrap();
         apply_set(&mut t, "sink.type", "blackhole").unwrap();
         assert_eq!(t["sink"], serde_json::json!({"type": "blackhole", "uid": "results"}));
+    }
+
+    #[test]
+    fn file_source_repeat() {
+        let file = |extra: &str| plan(&format!("name: t\nsource: {{type: file, path: x{extra}}}\nsink: {{type: blackhole}}\n"));
+        let repeat = |p: &JobPlan| match &p.source {
+            SourceSpec::File { repeat, .. } => *repeat,
+            other => panic!("not a file source: {other:?}"),
+        };
+        assert_eq!(repeat(&file("").unwrap()), 1);
+        assert_eq!(repeat(&file(", repeat: 3").unwrap()), 3);
+        for bad in ["0", "-2", "many", "5000000000"] {
+            let e = file(&format!(", repeat: {bad}")).unwrap_err();
+            assert!(e.starts_with("source: repeat: must be a whole number of at least 1") && e.contains(bad), "{e}");
+        }
+        // A spec built in code is checked too.
+        let tree: serde_json::Value = serde_saphyr::from_str("name: t\nsource: {type: file, path: x}\nsink: {type: blackhole}\n").unwrap();
+        let mut spec: JobSpec = serde_json::from_value(tree).unwrap();
+        spec.source.spec = SourceSpec::File { path: "x".into(), format: FileFormatSpec::Lines, fields: vec![], repeat: 0 };
+        let e = JobPlan::from_spec(spec, &[]).err().unwrap();
+        assert!(e.starts_with("source.repeat: must be at least 1"), "{e}");
     }
 
     #[test]

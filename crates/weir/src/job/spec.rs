@@ -160,6 +160,9 @@ pub enum SourceSpec {
         /// Fields of JSON objects.
         #[serde(default)]
         fields: Vec<String>,
+        /// Times the files are read, in order (a training set's epochs).
+        #[serde(default = "one_u32", deserialize_with = "times")]
+        repeat: u32,
     },
 }
 
@@ -315,7 +318,7 @@ pub enum Step {
         width: usize,
     },
     /// Streaming mini-batch K-means per key over a vector field (GPU, or the CPU path);
-    /// must follow `key_by`. Emits `(key, centroid, vector)` per centroid after each batch.
+    /// must follow `key_by`. Emits `(key, centroid, count, vector)` per centroid after each batch.
     Kmeans {
         /// The vector field.
         field: String,
@@ -416,6 +419,20 @@ pub(super) fn one_u64() -> u64 {
     1
 }
 
+pub(super) fn one_u32() -> u32 {
+    1
+}
+
+/// A count of at least 1 (the file source's `repeat`). The tagged source enum loses the field's
+/// path in errors, so the message names it.
+fn times<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    v.as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|&n| n >= 1)
+        .ok_or_else(|| D::Error::custom(format!("repeat: must be a whole number of at least 1 (the times the files are read), not {v}")))
+}
+
 pub(super) fn yes() -> bool {
     true
 }
@@ -449,7 +466,7 @@ pub(super) const COMPONENT_FIELDS: &[(&str, &str, &[&str])] = &[
     ("source", "generator", &["count", "keys", "seed", "rate"]),
     ("source", "blobs", &["count", "centers", "dim", "sigma", "keys", "seed"]),
     ("source", "images", &["path"]),
-    ("source", "file", &["path", "format", "fields"]),
+    ("source", "file", &["path", "format", "fields", "repeat"]),
     ("sink", "file", &["path"]),
     ("sink", "blackhole", &[]),
     ("sink", "images", &["path", "name", "field"]),

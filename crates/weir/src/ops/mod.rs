@@ -10,3 +10,4 @@ pub mod cnn;
 pub mod gemm;
 pub mod image;
 pub mod kmeans;
+pub mod export;
