@@ -86,3 +86,38 @@ pub fn argmax(logits: &[f32], classes: usize) -> Vec<usize> {
         .map(|r| r.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0)
         .collect()
 }
+
+impl SmallCnn {
+    /// The model as a safetensors file: `conv.weight`, `conv.bias`, `dense.weight`, `dense.bias`
+    /// (F32 little-endian, in that order, the shapes [`SmallCnn::load`] reads) and the
+    /// `__metadata__`, the header padded with spaces to 8 bytes (as
+    /// `scripts/train_digits_cnn.py` writes it).
+    pub fn to_safetensors(&self) -> Vec<u8> {
+        let features = self.conv_c * (self.h / 2) * (self.w / 2);
+        let tensors: [(&str, Vec<usize>, &[f32]); 4] = [
+            ("conv.weight", vec![self.conv_c, self.in_c, 3, 3], &self.conv_w),
+            ("conv.bias", vec![self.conv_c], &self.conv_b),
+            ("dense.weight", vec![self.classes, features], &self.dense_w),
+            ("dense.bias", vec![self.classes], &self.dense_b),
+        ];
+        let mut header = serde_json::Map::new();
+        let mut off = 0;
+        for (name, shape, data) in &tensors {
+            let end = off + data.len() * 4;
+            header.insert((*name).into(), serde_json::json!({ "dtype": "F32", "shape": shape, "data_offsets": [off, end] }));
+            off = end;
+        }
+        if !self.metadata.is_empty() {
+            header.insert("__metadata__".into(), serde_json::Value::Object(self.metadata.clone()));
+        }
+        let mut json = serde_json::Value::Object(header).to_string().into_bytes();
+        json.resize(json.len().next_multiple_of(8), b' ');
+        let mut bytes = Vec::with_capacity(8 + json.len() + off);
+        bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&json);
+        for (_, _, data) in &tensors {
+            bytes.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+        }
+        bytes
+    }
+}

@@ -20,6 +20,7 @@ pub mod device;
 pub mod kernels;
 pub mod pool;
 pub mod state;
+pub mod train;
 pub mod transfer;
 
 pub use device::{AdapterDesc, GpuConfig, GpuContext, GpuMode};
