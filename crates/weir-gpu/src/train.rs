@@ -439,7 +439,8 @@ impl GpuKernels {
     /// len)` is a `u32` per chunk of `chunk_words` words of the arena binding, also bound in
     /// place: the step stores `1` at `dirty[(slot_word + i) / chunk_words]` for every word `i` of
     /// the slot that it writes (parameters, moments, step count). Only the batch is uploaded and
-    /// only the statistics are read back.
+    /// only the statistics are read back: the batch's loss and hits before the update. Steps on
+    /// the same slot run in submission order (the device's one queue).
     pub fn cnn_train_step_async(
         &self,
         shape: &CnnShape,
@@ -588,7 +589,7 @@ fn check_resident(shape: &CnnShape, n: usize, arena: (&wgpu::Buffer, u64, u64), 
             end - 1
         )));
     }
-    let largest = [n * shape.conv_c * shape.h * shape.w, Scratch::new(shape, n).len, end as usize];
+    let largest = [n * shape.conv_c * shape.h * shape.w, n * shape.input_len(), Scratch::new(shape, n).len, end as usize];
     if largest.iter().any(|&x| x >= 1 << 31) {
         return Err(input(format!("batch of {n} images of {shape:?} needs indices beyond 2^31")));
     }

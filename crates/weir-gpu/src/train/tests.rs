@@ -348,7 +348,12 @@ fn slots_and_models_round_trip_through_safetensors() {
 
     let dir = std::env::temp_dir().join(format!("weir-train-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    for (name, model) in [("trained", trained.clone()), ("fresh", CnnShape { in_c: 3, h: 6, w: 4, conv_c: 2, classes: 5 }.model_from_slot(&CnnShape { in_c: 3, h: 6, w: 4, conv_c: 2, classes: 5 }.init_slot(9)).unwrap())] {
+    let odd = CnnShape { in_c: 3, h: 6, w: 4, conv_c: 2, classes: 5 };
+    let mut fresh = odd.init_slot(9);
+    fresh[odd.step_word()] = 17.0;
+    let fresh = odd.model_from_slot(&fresh).unwrap();
+    assert_eq!(fresh.metadata["adam_steps"], "17");
+    for (name, model) in [("trained", trained.clone()), ("fresh", fresh)] {
         let file = dir.join(format!("{name}.safetensors"));
         std::fs::write(&file, model.to_safetensors()).unwrap();
         let loaded = crate::cnn::SmallCnn::load(&file, model.h, model.w).unwrap();
