@@ -86,7 +86,9 @@ pub(crate) fn create_buffer(device: &wgpu::Device, desc: &wgpu::BufferDescriptor
 impl DevicePool {
     /// A pool within `budget` bytes; no block may exceed `max_binding` bytes.
     pub fn new(budget: u64, max_binding: u64) -> Self {
-        let slab_size = DEFAULT_SLAB.min(budget.max(MIN_BLOCK)).min(max_binding.max(MIN_BLOCK)) / MIN_BLOCK * MIN_BLOCK;
+        // Slabs of at most a quarter of the budget: staging buffers and resident state count
+        // against the same budget and must fit beside the first slab.
+        let slab_size = DEFAULT_SLAB.min(budget / 4).min(max_binding).max(MIN_BLOCK) / MIN_BLOCK * MIN_BLOCK;
         Self { budget, slab_size, max_binding, slabs: Vec::new(), free: Vec::new(), stats: PoolStats::default(), buffers: Vec::new() }
     }
 
@@ -251,27 +253,29 @@ mod tests {
         *x >> 33
     }
 
-    /// Small blocks freed merge back into the slab: a slab-sized block fits afterwards without
-    /// a new slab (before buddies merged, the budget refused it).
+    /// Small blocks freed merge back into whole slabs: after the budget was filled with small
+    /// blocks and they were freed, slab-sized blocks fill it again without a new slab (before
+    /// buddies merged, the first one was refused: out of budget).
     #[test]
-    fn freed_buddies_merge_back_into_a_whole_slab() {
-        let slab = 1u64 << 20;
-        let mut p = DevicePool::new(slab, 1 << 30);
+    fn freed_buddies_merge_back_into_whole_slabs() {
+        let budget = 4u64 << 20;
+        let mut p = DevicePool::new(budget, 1 << 30);
         let mut seed = 7;
         let mut blocks = Vec::new();
-        for _ in 0..300 {
-            blocks.push(p.alloc(None, 256 + lcg(&mut seed) % 3000).unwrap());
+        while let Ok(b) = p.alloc(None, 256 + lcg(&mut seed) % 3000) {
+            blocks.push(b);
         }
-        assert_eq!(p.stats().slab_creations, 1);
+        assert!(p.stats().in_use > budget / 2, "{:?}", p.stats());
+        let slabs = p.stats().slab_creations;
         // Free in a scrambled order.
         while !blocks.is_empty() {
             let i = (lcg(&mut seed) as usize) % blocks.len();
             p.free(blocks.swap_remove(i));
         }
         assert_eq!(p.stats().in_use, 0);
-        let whole = p.alloc(None, slab).unwrap();
-        assert_eq!((whole.slab, whole.offset, whole.size), (0, 0, slab));
-        assert_eq!(p.stats().slab_creations, 1, "no new slab for the slab-sized block");
+        let whole: Vec<Block> = (0..budget / p.slab_size).map(|_| p.alloc(None, p.slab_size).unwrap()).collect();
+        assert!(whole.iter().all(|b| b.offset == 0 && b.size == p.slab_size), "{whole:?}");
+        assert_eq!(p.stats().slab_creations, slabs, "no new slab for the slab-sized blocks");
     }
 
     /// Random allocations and frees: live blocks never overlap, each is aligned to its size and

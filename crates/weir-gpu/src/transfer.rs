@@ -18,16 +18,31 @@
 //!
 //! Fair order: slots are granted first-come-first-served by ticket, so contending workers and
 //! operators alternate; each operator bounds its own batches in flight
-//! (`weir.gpu.max-inflight-batches`), so none can fill the ring alone.
+//! (`weir.gpu.max-inflight-batches`), so none can fill the ring alone. A caller that fails or
+//! panics before its turn hands it on (its ticket is skipped), and one that fails or panics
+//! holding a slot gives the slot and its pool blocks back.
+//!
+//! Staging buffers of both paths count against the pool's budget; a slot's buffers follow the
+//! recent batches' needs (they grow with a batch and shrink back after a huge one). A batch
+//! beyond the device's limits (a binding over `max_storage_buffer_binding_size`, a dispatch over
+//! `max_compute_workgroups_per_dimension`) is refused with a typed error before anything is
+//! recorded, and a device error in a submission (validation, out of memory) is caught by an
+//! error scope and becomes that batch's error, never wgpu's panic.
+//!
+//! **Lock order**: the ring (`Engine::ring`) before the pool (`GpuContext::pool`). Code holding
+//! the pool never takes the ring (`alloc_blocks` drops the pool before it looks at the ring;
+//! `GpuKernels::buffer_creations` reads the ring's stats before it locks the pool); `harvest`,
+//! `fit`, `trim_idle`, slot recovery and a dropped lease take the pool under the ring. A
+//! batch's result conversion runs under the ring and must not touch the engine.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::device::GpuContext;
-use crate::pool::{Block, MIN_BLOCK};
+use crate::pool::{Block, DevicePool, MIN_BLOCK};
 use crate::GpuError;
 
 /// `weir.gpu.transfer.mode`.
@@ -62,7 +77,7 @@ pub struct TransferStats {
     pub bytes_up: u64,
     /// Bytes read back.
     pub bytes_down: u64,
-    /// Staging buffers created (grows only while the ring warms up or batches grow).
+    /// Staging buffers created (while the ring warms up, and when batches grow or shrink a lot).
     pub staging_creations: u64,
     /// Host time spent writing inputs into mapped memory.
     pub pack: Duration,
@@ -72,6 +87,8 @@ pub struct TransferStats {
     pub max_in_flight: usize,
     /// Times a submitter waited for a free slot.
     pub slot_waits: u64,
+    /// Staging buffers replaced after a failed mapping (their slot recovered).
+    pub slot_recoveries: u64,
 }
 
 /// Receives a batch's mapped output bytes.
@@ -204,12 +221,30 @@ impl<T: 'static> Pending<T> {
     }
 }
 
+/// States of a slot's upload mapping.
+const MAP_PENDING: u8 = 0;
+const MAPPED: u8 = 1;
+/// The re-map failed (or was never requested after an unmap): the buffer is replaced before
+/// the slot takes another batch.
+const MAP_FAILED: u8 = 2;
+
+/// Batches whose staging needs a slot's buffers are sized for: a buffer more than
+/// `SHRINK_FACTOR` times the largest need of the last `RECENT` batches is given back.
+const RECENT: usize = 16;
+const SHRINK_FACTOR: u64 = 4;
+
 struct Slot {
     upload: Option<wgpu::Buffer>,
     download: Option<wgpu::Buffer>,
     free: bool,
-    /// The upload buffer is mapped for writing (after creation, or re-mapped after its batch).
-    upload_mapped: Arc<AtomicBool>,
+    /// The upload buffer's mapping: `MAPPED` after creation or once re-mapped after its batch.
+    upload_state: Arc<AtomicU8>,
+}
+
+impl Slot {
+    fn held(&self) -> u64 {
+        [&self.upload, &self.download].into_iter().flatten().map(|b| b.size()).sum()
+    }
 }
 
 struct InFlight {
@@ -220,14 +255,56 @@ struct InFlight {
     state: Arc<AtomicU8>,
     blocks: Vec<Block>,
     sink: Arc<dyn Deliver>,
+    /// The result was delivered at submission (a device error): harvesting only frees the slot.
+    delivered: bool,
 }
 
 struct Ring {
     slots: Vec<Slot>,
     next_ticket: u64,
     serving: u64,
+    /// Tickets whose holders gave up before being served: skipped when their turn comes.
+    abandoned: BTreeSet<u64>,
     in_flight: VecDeque<InFlight>,
+    /// (upload, download) bytes of the last `RECENT` batches.
+    recent: VecDeque<(u64, u64)>,
     stats: TransferStats,
+}
+
+impl Ring {
+    /// The next ticket's turn (past those abandoned).
+    fn advance(&mut self) {
+        self.serving += 1;
+        while self.abandoned.remove(&self.serving) {
+            self.serving += 1;
+        }
+    }
+}
+
+/// The device limits a batch must respect (from the device; smaller in tests).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    /// Largest storage binding, bytes.
+    pub(crate) max_binding: u64,
+    /// Most workgroups of a dispatch per dimension.
+    pub(crate) max_groups: u32,
+}
+
+impl Limits {
+    fn of(device: &wgpu::Device) -> Self {
+        let l = device.limits();
+        Limits { max_binding: l.max_storage_buffer_binding_size, max_groups: l.max_compute_workgroups_per_dimension }
+    }
+}
+
+/// Failures injected by tests at the points the engine must survive.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Faults {
+    /// Harvests to fail (as a device poll error would).
+    pub(crate) fail_harvest: std::sync::atomic::AtomicU32,
+    /// Panic once after packing a batch, before submitting it.
+    pub(crate) panic_after_pack: AtomicBool,
 }
 
 /// The ring of staging slots and the submission queue of one device (shared by every
@@ -235,10 +312,13 @@ struct Ring {
 pub(crate) struct Engine {
     ctx: Arc<GpuContext>,
     direct: bool,
+    limits: Limits,
     ring: Mutex<Ring>,
     freed: Condvar,
     /// Bench only: submit the copies but not the kernels (to measure transfer time).
     pub(crate) skip_compute: AtomicBool,
+    #[cfg(test)]
+    pub(crate) faults: Faults,
 }
 
 /// Storage-binding offsets are aligned to this (≥ every adapter's
@@ -257,23 +337,106 @@ fn dev_err(e: impl std::fmt::Display) -> GpuError {
     GpuError::Device(e.to_string())
 }
 
+/// A place in the slots' queue. Dropped before it is served (an error or a panic of its
+/// holder), it hands the turn on, so no later caller waits for it.
+struct Ticket<'a> {
+    engine: &'a Engine,
+    number: u64,
+    served: bool,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if self.served {
+            return;
+        }
+        let mut ring = self.engine.lock();
+        if ring.serving == self.number {
+            ring.advance();
+        } else {
+            ring.abandoned.insert(self.number);
+        }
+        drop(ring);
+        self.engine.freed.notify_all();
+    }
+}
+
+/// A slot and its pool blocks, held from `acquire` until the batch is in flight. Dropped before
+/// that (an error or a panic), it gives both back; a slot whose upload buffer was already
+/// unmapped gets a fresh one (no re-map will come for it).
+struct Lease<'a> {
+    engine: &'a Engine,
+    slot: usize,
+    blocks: Vec<Option<Block>>,
+    unmapped: bool,
+    armed: bool,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut ring = self.engine.lock();
+        let s = &mut ring.slots[self.slot];
+        s.free = true;
+        if self.unmapped {
+            s.upload_state.store(MAP_FAILED, Ordering::Release);
+        }
+        let mut pool = self.engine.pool();
+        for b in self.blocks.drain(..).flatten() {
+            pool.free(b);
+        }
+        drop(pool);
+        drop(ring);
+        self.engine.freed.notify_all();
+    }
+}
+
 impl Engine {
     pub(crate) fn new(ctx: Arc<GpuContext>, mode: TransferMode, slots: usize) -> Result<Arc<Self>, GpuError> {
+        let limits = Limits::of(&ctx.device);
+        Self::with_limits(ctx, mode, slots, limits)
+    }
+
+    /// An engine that keeps batches within `limits` (tests use limits smaller than the
+    /// device's, to exercise splitting cheaply).
+    pub(crate) fn with_limits(ctx: Arc<GpuContext>, mode: TransferMode, slots: usize, limits: Limits) -> Result<Arc<Self>, GpuError> {
         let direct = match mode {
             TransferMode::Staged => false,
             TransferMode::Auto => ctx.direct_capable,
             TransferMode::Direct if ctx.direct_capable => true,
             TransferMode::Direct => return Err(direct_refused(&ctx.adapter)),
         };
-        let slots = (0..slots.max(1))
-            .map(|_| Slot { upload: None, download: None, free: true, upload_mapped: Arc::new(AtomicBool::new(true)) })
-            .collect();
-        let ring = Ring { slots, next_ticket: 0, serving: 0, in_flight: VecDeque::new(), stats: TransferStats::default() };
-        Ok(Arc::new(Engine { ctx, direct, ring: Mutex::new(ring), freed: Condvar::new(), skip_compute: AtomicBool::new(false) }))
+        let slots = (0..slots.max(1)).map(|_| Slot { upload: None, download: None, free: true, upload_state: Arc::new(AtomicU8::new(MAPPED)) }).collect();
+        let ring = Ring {
+            slots,
+            next_ticket: 0,
+            serving: 0,
+            abandoned: BTreeSet::new(),
+            in_flight: VecDeque::new(),
+            recent: VecDeque::with_capacity(RECENT),
+            stats: TransferStats::default(),
+        };
+        Ok(Arc::new(Engine {
+            ctx,
+            direct,
+            limits,
+            ring: Mutex::new(ring),
+            freed: Condvar::new(),
+            skip_compute: AtomicBool::new(false),
+            #[cfg(test)]
+            faults: Faults::default(),
+        }))
     }
 
     pub(crate) fn direct(&self) -> bool {
         self.direct
+    }
+
+    /// The limits batches are kept within.
+    pub(crate) fn limits(&self) -> Limits {
+        self.limits
     }
 
     pub(crate) fn slots(&self) -> usize {
@@ -284,8 +447,14 @@ impl Engine {
         self.lock().stats
     }
 
+    /// The ring (taken before the pool, never while holding it).
     fn lock(&self) -> MutexGuard<'_, Ring> {
         self.ring.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The pool (taken after the ring, or alone).
+    fn pool(&self) -> MutexGuard<'_, DevicePool> {
+        self.ctx.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Drive the device's callbacks without blocking and deliver every finished batch.
@@ -301,11 +470,15 @@ impl Engine {
     }
 
     fn harvest(&self, ring: &mut Ring) -> Result<(), GpuError> {
+        #[cfg(test)]
+        if self.faults.fail_harvest.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Err(GpuError::Device("injected failure of a device poll".into()));
+        }
         self.ctx.device.poll(wgpu::PollType::Poll).map_err(dev_err)?;
         if ring.in_flight.iter().all(|f| f.state.load(Ordering::Acquire) == 0) {
             return Ok(());
         }
-        let mut pool = self.ctx.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pool = self.pool();
         let mut i = 0;
         while i < ring.in_flight.len() {
             let st = ring.in_flight[i].state.load(Ordering::Acquire);
@@ -313,42 +486,80 @@ impl Engine {
                 i += 1;
                 continue;
             }
-            let f = ring.in_flight.remove(i).expect("index in range");
-            let dl = ring.slots[f.slot].download.clone().expect("a submitted slot has a download buffer");
+            let Some(f) = ring.in_flight.remove(i) else { break };
+            let slot = &mut ring.slots[f.slot];
             let t = Instant::now();
-            if st == 1 {
-                match dl.slice(0..f.read_len).get_mapped_range() {
-                    Ok(view) => f.sink.deliver(Ok(&view)),
-                    Err(e) => f.sink.deliver(Err(dev_err(e))),
+            match (st, slot.download.as_ref()) {
+                (1, Some(dl)) => {
+                    if !f.delivered {
+                        match dl.slice(0..f.read_len).get_mapped_range() {
+                            Ok(view) => f.sink.deliver(Ok(&view)),
+                            Err(e) => f.sink.deliver(Err(dev_err(e))),
+                        }
+                    }
+                    dl.unmap();
                 }
-                dl.unmap();
-            } else {
-                f.sink.deliver(Err(GpuError::Device("mapping a batch's output failed (device lost?)".into())));
+                _ => {
+                    if !f.delivered {
+                        f.sink.deliver(Err(GpuError::Device("mapping a batch's output failed (device lost?)".into())));
+                    }
+                    // A download buffer whose mapping failed is not trusted again: the slot's
+                    // next batch creates a fresh one.
+                    if let Some(dl) = slot.download.take() {
+                        pool.release_external(dl.size());
+                        ring.stats.slot_recoveries += 1;
+                    }
+                }
             }
+            ring.slots[f.slot].free = true;
             ring.stats.unpack += t.elapsed();
             ring.stats.bytes_down += f.read_len;
             for b in f.blocks {
                 pool.free(b);
             }
-            ring.slots[f.slot].free = true;
         }
         drop(pool);
         self.freed.notify_all();
         Ok(())
     }
 
+    /// Free slots whose upload buffer's re-map failed give it back; the slot's next batch
+    /// creates a fresh, mapped one.
+    fn recover_failed_slots(&self, ring: &mut Ring) {
+        let Ring { slots, stats, .. } = ring;
+        for s in slots.iter_mut().filter(|s| s.free && s.upload_state.load(Ordering::Acquire) == MAP_FAILED) {
+            if let Some(up) = s.upload.take() {
+                self.pool().release_external(up.size());
+            }
+            s.upload_state = Arc::new(AtomicU8::new(MAPPED));
+            stats.slot_recoveries += 1;
+        }
+    }
+
     /// Take a slot, first come first served.
     fn acquire(&self) -> Result<usize, GpuError> {
+        let number = {
+            let mut ring = self.lock();
+            ring.next_ticket += 1;
+            ring.next_ticket - 1
+        };
+        let mut ticket = Ticket { engine: self, number, served: false };
+        // Every exit of `serve` before being served (an error, a panic) drops the ticket
+        // unserved, which hands the turn on.
+        self.serve(&mut ticket)
+    }
+
+    fn serve(&self, ticket: &mut Ticket<'_>) -> Result<usize, GpuError> {
         let mut ring = self.lock();
-        let me = ring.next_ticket;
-        ring.next_ticket += 1;
         let mut waited = false;
         loop {
-            if ring.serving == me {
+            if ring.serving == ticket.number {
                 self.harvest(&mut ring)?;
-                if let Some(i) = ring.slots.iter().position(|s| s.free && s.upload_mapped.load(Ordering::Acquire)) {
+                self.recover_failed_slots(&mut ring);
+                if let Some(i) = ring.slots.iter().position(|s| s.free && s.upload_state.load(Ordering::Acquire) == MAPPED) {
                     ring.slots[i].free = false;
-                    ring.serving += 1;
+                    ring.advance();
+                    ticket.served = true;
                     ring.stats.slot_waits += waited as u64;
                     drop(ring);
                     self.freed.notify_all();
@@ -375,15 +586,29 @@ impl Engine {
         }
     }
 
-    fn release(&self, slot: usize) {
-        self.lock().slots[slot].free = true;
-        self.freed.notify_all();
+    /// Give back the staging buffers of idle slots (all but `keep`): called when the budget is
+    /// full. Returns the bytes given back.
+    fn trim_idle(&self, ring: &mut Ring, keep: usize) -> u64 {
+        let mut freed = 0;
+        for (i, s) in ring.slots.iter_mut().enumerate() {
+            if i != keep && s.free {
+                freed += s.held();
+                s.upload = None;
+                s.download = None;
+                s.upload_state = Arc::new(AtomicU8::new(MAPPED));
+            }
+        }
+        if freed > 0 {
+            self.pool().release_external(freed);
+        }
+        freed
     }
 
-    /// Pool blocks for `lens`, waiting for batches in flight to finish while the budget is full.
-    fn alloc_blocks(&self, lens: &[Option<u64>]) -> Result<Vec<Option<Block>>, GpuError> {
+    /// Pool blocks for `lens`, waiting for batches in flight to finish (or giving back idle
+    /// staging buffers) while the budget is full.
+    fn alloc_blocks(&self, lens: &[Option<u64>], slot: usize) -> Result<Vec<Option<Block>>, GpuError> {
         loop {
-            let mut pool = self.ctx.pool.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pool = self.pool();
             let mut got: Vec<Option<Block>> = Vec::with_capacity(lens.len());
             let mut err = None;
             for len in lens {
@@ -400,59 +625,137 @@ impl Engine {
                 pool.free(b);
             }
             drop(pool);
-            let oldest = self.lock().in_flight.front().map(|f| f.index.clone());
-            match (oldest, e) {
-                (Some(idx), GpuError::OutOfMemory { .. }) => self.wait_for(&idx)?,
-                (_, e) => return Err(e),
+            if !matches!(e, GpuError::OutOfMemory { .. }) {
+                return Err(e);
+            }
+            let mut ring = self.lock();
+            if self.trim_idle(&mut ring, slot) > 0 {
+                continue;
+            }
+            let oldest = ring.in_flight.front().map(|f| f.index.clone());
+            drop(ring);
+            match oldest {
+                Some(idx) => self.wait_for(&idx)?,
+                None => return Err(e),
             }
         }
     }
 
-    /// The slot's upload and download buffers, grown to `up` and `down` bytes. A slot that
-    /// grows grows every free slot with it (batches of a job are alike), so the ring is warm
-    /// after the first batch of a size. On the direct path they are device memory and count
-    /// against the budget.
-    fn slot_buffers(&self, slot: usize, up: u64, down: u64) -> Result<(wgpu::Buffer, wgpu::Buffer, Arc<AtomicBool>), GpuError> {
+    /// The slot's upload and download buffers, fitted to `up` and `down` bytes. A slot that
+    /// grows grows every free slot with it where the budget allows (batches of a job are alike),
+    /// so the ring is warm after the first batch of a size; a buffer far larger than the recent
+    /// batches need is given back (one huge batch does not pin memory for ever). Both paths'
+    /// staging buffers count against the budget.
+    fn slot_buffers(&self, slot: usize, up: u64, down: u64) -> Result<(wgpu::Buffer, wgpu::Buffer, Arc<AtomicU8>), GpuError> {
         let mut ring = self.lock();
-        let Ring { slots, stats, .. } = &mut *ring;
-        let small = |s: &Slot| s.upload.as_ref().is_none_or(|b| b.size() < up) || s.download.as_ref().is_none_or(|b| b.size() < down);
-        if small(&slots[slot]) {
-            for (i, s) in slots.iter_mut().enumerate() {
-                if (i == slot || s.free) && small(s) {
-                    self.grow(s, stats, up, down)?;
+        if ring.recent.len() == RECENT {
+            ring.recent.pop_front();
+        }
+        ring.recent.push_back((up, down));
+        let keep = ring.recent.iter().fold((0, 0), |(u, d), &(a, b)| (u.max(a), d.max(b)));
+        let grew = match self.fit(&mut ring, slot, (up, down), keep) {
+            Ok(grew) => grew,
+            Err(GpuError::OutOfMemory { .. }) if self.trim_idle(&mut ring, slot) > 0 => self.fit(&mut ring, slot, (up, down), keep)?,
+            Err(e) => return Err(e),
+        };
+        for i in 0..ring.slots.len() {
+            if i != slot && ring.slots[i].free {
+                // Others: best effort. Grow with this batch (warm ring) or shrink to recent needs.
+                let need = if grew { (up, down) } else { (0, 0) };
+                let _ = self.fit(&mut ring, i, need, keep);
+            }
+        }
+        let s = &ring.slots[slot];
+        match (&s.upload, &s.download) {
+            (Some(u), Some(d)) => Ok((u.clone(), d.clone(), s.upload_state.clone())),
+            _ => Err(GpuError::Device("a slot's staging buffers are missing after fitting them".into())),
+        }
+    }
+
+    /// Fit slot `i`'s buffers: at least `need` bytes, at most `SHRINK_FACTOR` times `keep`
+    /// (rounded up to powers of two). Returns whether a buffer grew.
+    fn fit(&self, ring: &mut Ring, i: usize, need: (u64, u64), keep: (u64, u64)) -> Result<bool, GpuError> {
+        let Ring { slots, stats, .. } = ring;
+        let s = &mut slots[i];
+        let map_write = wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC;
+        let map_read = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
+        let grew_up = self.fit_one(&mut s.upload, need.0, keep.0, map_write, true, stats)?;
+        if grew_up.is_some() {
+            // A fresh buffer is mapped at creation, and a missing one is created so: a new flag
+            // (a stale re-map callback of the old buffer sets the old one).
+            s.upload_state = Arc::new(AtomicU8::new(MAPPED));
+        }
+        let grew_down = self.fit_one(&mut s.download, need.1, keep.1, map_read, false, stats)?;
+        Ok(grew_up == Some(true) || grew_down == Some(true))
+    }
+
+    /// Replace `cur` when it is smaller than `need` or more than `SHRINK_FACTOR` times the size
+    /// `keep` asks for. `None`: unchanged; `Some(grew)`: replaced (or dropped when nothing is
+    /// needed).
+    fn fit_one(&self, cur: &mut Option<wgpu::Buffer>, need: u64, keep: u64, usage: wgpu::BufferUsages, mapped: bool, stats: &mut TransferStats) -> Result<Option<bool>, GpuError> {
+        let size_for = |bytes: u64| bytes.max(1).next_power_of_two().max(ALIGN);
+        let old = cur.as_ref().map_or(0, |b| b.size());
+        let too_small = need > 0 && old < need;
+        let too_large = old > SHRINK_FACTOR * size_for(keep.max(need));
+        if !too_small && !too_large {
+            return Ok(None);
+        }
+        if need == 0 {
+            // Shrinking an idle slot: give the buffer back; its next batch creates one.
+            *cur = None;
+            self.pool().release_external(old);
+            return Ok(Some(false));
+        }
+        let size = size_for(need);
+        let extra = if self.direct { wgpu::BufferUsages::STORAGE } else { wgpu::BufferUsages::empty() };
+        let mut pool = self.pool();
+        pool.reserve_external(size, old)?;
+        let desc = wgpu::BufferDescriptor { label: Some(if mapped { "weir-upload" } else { "weir-download" }), size, usage: usage | extra, mapped_at_creation: mapped };
+        match crate::pool::create_buffer(&self.ctx.device, &desc, "a staging buffer") {
+            Ok(b) => *cur = Some(b),
+            Err(e) => {
+                pool.release_external(size);
+                // The old buffer stays accounted for while it stays.
+                let _ = pool.reserve_external(old, 0);
+                return Err(e);
+            }
+        }
+        stats.staging_creations += 1;
+        Ok(Some(too_small))
+    }
+
+    /// Refuse a batch the device cannot run: a binding beyond the largest storage binding, a
+    /// dispatch beyond the workgroups per dimension, a resident binding outside its buffer.
+    fn check(&self, bindings: &[Bind<'_>], lens: &[u64], passes: &[(Arc<wgpu::ComputePipeline>, u32, u32)]) -> Result<(), GpuError> {
+        let Limits { max_binding, max_groups } = self.limits;
+        for (i, (b, &len)) in bindings.iter().zip(lens).enumerate() {
+            if len > max_binding {
+                return Err(GpuError::Input(format!(
+                    "binding {i} of a batch is {len} bytes, beyond the device's largest storage binding ({max_binding} bytes): split the batch"
+                )));
+            }
+            if let Bind::Resident(buf, offset, len) = b {
+                if offset % ALIGN != 0 || offset + len > buf.size() {
+                    return Err(GpuError::Input(format!(
+                        "resident binding {i}: {len} bytes at offset {offset} of a {}-byte buffer (offsets align to {ALIGN})",
+                        buf.size()
+                    )));
                 }
             }
         }
-        let s = &slots[slot];
-        Ok((s.upload.clone().expect("upload"), s.download.clone().expect("download"), s.upload_mapped.clone()))
-    }
-
-    fn grow(&self, s: &mut Slot, stats: &mut TransferStats, up: u64, down: u64) -> Result<(), GpuError> {
-        let extra = if self.direct { wgpu::BufferUsages::STORAGE } else { wgpu::BufferUsages::empty() };
-        let mut one = |cur: &mut Option<wgpu::Buffer>, need: u64, usage: wgpu::BufferUsages, mapped: bool, label: &str| -> Result<(), GpuError> {
-            if cur.as_ref().is_some_and(|b| b.size() >= need) {
-                return Ok(());
+        for (p, (_, gx, gy)) in passes.iter().enumerate() {
+            if *gx > max_groups || *gy > max_groups {
+                return Err(GpuError::Input(format!(
+                    "pass {p} of a batch dispatches {gx}×{gy} workgroups, beyond the device's {max_groups} per dimension: split the batch"
+                )));
             }
-            let size = need.next_power_of_two().max(ALIGN);
-            if self.direct {
-                let old = cur.as_ref().map_or(0, |b| b.size());
-                self.ctx.pool.lock().unwrap_or_else(|p| p.into_inner()).reserve_external(size, old)?;
-            }
-            *cur = Some(self.ctx.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage: usage | extra, mapped_at_creation: mapped }));
-            stats.staging_creations += 1;
-            Ok(())
-        };
-        let had = s.upload.as_ref().map(|b| b.size());
-        one(&mut s.upload, up, wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC, true, "weir-upload")?;
-        if s.upload.as_ref().map(|b| b.size()) != had {
-            // A fresh buffer, mapped at creation (a stale re-map callback sets the old flag).
-            s.upload_mapped = Arc::new(AtomicBool::new(true));
         }
-        one(&mut s.download, down, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST, false, "weir-download")
+        Ok(())
     }
 
     /// Submit one batch: `passes` (pipeline, workgroups x, y) over `bindings`, result read from
-    /// binding `read` and converted by `finish`. One submission; returns at once.
+    /// binding `read` and converted by `finish`. One submission; returns at once. A device
+    /// error in the batch (validation, out of memory) is its result's error.
     pub(crate) fn submit<T: Send + 'static>(
         self: &Arc<Self>,
         bindings: &[Bind<'_>],
@@ -481,6 +784,10 @@ impl Engine {
         .max(4)
         .next_multiple_of(4);
         let lens: Vec<u64> = bindings.iter().map(size).collect();
+        if read >= bindings.len() || matches!(bindings[read], Bind::Resident(..)) {
+            return Err(GpuError::Input(format!("a batch reads back binding {read} of {}: it must be an input or output", bindings.len())));
+        }
+        self.check(bindings, &lens, passes)?;
         // Upload layout: each input at an aligned offset of the slot's upload buffer.
         let mut up_offsets = vec![0u64; bindings.len()];
         let mut up_total = 0u64;
@@ -493,8 +800,7 @@ impl Engine {
         let up_total = up_total.max(ALIGN);
         let read_len = lens[read];
         // Device blocks: staged, every binding; direct, only scratch outputs.
-        let block_lens: Vec<Option<u64>> =
-            bindings
+        let block_lens: Vec<Option<u64>> = bindings
             .iter()
             .enumerate()
             .map(|(i, b)| match b {
@@ -504,35 +810,9 @@ impl Engine {
             .collect();
 
         let slot = self.acquire()?;
-        let blocks = match self.alloc_blocks(&block_lens) {
-            Ok(b) => b,
-            Err(e) => {
-                self.release(slot);
-                return Err(e);
-            }
-        };
-        let buffers = self.slot_buffers(slot, up_total, read_len);
-        let (upload, download, upload_mapped) = match buffers {
-            Ok(b) => b,
-            Err(e) => {
-                let mut pool = self.ctx.pool.lock().unwrap_or_else(|p| p.into_inner());
-                for b in blocks.iter().flatten() {
-                    pool.free(*b);
-                }
-                drop(pool);
-                self.release(slot);
-                return Err(e);
-            }
-        };
-        let fail = |e: GpuError| {
-            let mut pool = self.ctx.pool.lock().unwrap_or_else(|p| p.into_inner());
-            for b in blocks.iter().flatten() {
-                pool.free(*b);
-            }
-            drop(pool);
-            self.release(slot);
-            e
-        };
+        let mut lease = Lease { engine: self, slot, blocks: Vec::new(), unmapped: false, armed: true };
+        lease.blocks = self.alloc_blocks(&block_lens, slot)?;
+        let (upload, download, upload_state) = self.slot_buffers(slot, up_total, read_len)?;
         // Pack the inputs straight into mapped memory (no intermediate copy).
         let t = Instant::now();
         for (i, b) in bindings.iter().enumerate() {
@@ -540,15 +820,25 @@ impl Engine {
                 if bytes.is_empty() {
                     continue;
                 }
-                let mut view = upload.slice(up_offsets[i]..up_offsets[i] + bytes.len() as u64).get_mapped_range_mut().map_err(|e| fail(dev_err(e)))?;
+                let mut view = upload.slice(up_offsets[i]..up_offsets[i] + bytes.len() as u64).get_mapped_range_mut().map_err(dev_err)?;
                 view.copy_from_slice(bytes);
             }
         }
         upload.unmap();
-        upload_mapped.store(false, Ordering::Release);
+        lease.unmapped = true;
+        upload_state.store(MAP_PENDING, Ordering::Release);
         let pack = t.elapsed();
+        #[cfg(test)]
+        if self.faults.panic_after_pack.swap(false, Ordering::SeqCst) {
+            panic!("injected panic between packing and submitting a batch");
+        }
 
-        let pool = self.ctx.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let blocks = &lease.blocks;
+        // Device errors of this batch are caught here (wgpu's default handler panics). Scopes
+        // are per thread: the whole recording and submission stays on this one.
+        let validation = dev.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = dev.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let pool = self.pool();
         let mut encoder = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("weir-batch") });
         // Where each binding lives: (buffer, offset).
         let places: Vec<(&wgpu::Buffer, u64)> = bindings
@@ -592,23 +882,36 @@ impl Engine {
             encoder.copy_buffer_to_buffer(pool.buffer(blk.slab), blk.offset, &download, 0, read_len);
         }
         drop(places);
-        drop(pool);
         let state = Arc::new(AtomicU8::new(0));
         let st = state.clone();
         encoder.map_buffer_on_submit(&download, wgpu::MapMode::Read, 0..read_len, move |r| st.store(if r.is_ok() { 1 } else { 2 }, Ordering::Release));
-        let um = upload_mapped.clone();
-        encoder.map_buffer_on_submit(&upload, wgpu::MapMode::Write, .., move |r| um.store(r.is_ok(), Ordering::Release));
+        let um = upload_state.clone();
+        encoder.map_buffer_on_submit(&upload, wgpu::MapMode::Write, .., move |r| um.store(if r.is_ok() { MAPPED } else { MAP_FAILED }, Ordering::Release));
         let cell = Arc::new(Cell { inner: Mutex::new((Some(finish), None)) });
         let index = self.ctx.queue.submit([encoder.finish()]);
+        drop(pool);
+        // Native wgpu reports errors synchronously: the futures are ready at once.
+        let oom = pollster::block_on(oom.pop());
+        let validation = pollster::block_on(validation.pop());
+        let delivered = match oom.or(validation) {
+            Some(e) => {
+                cell.deliver(Err(GpuError::Device(format!("a batch of {} bindings and {} passes failed on the device: {e}", bindings.len(), passes.len()))));
+                true
+            }
+            None => false,
+        };
         let mut ring = self.lock();
         ring.in_flight.push_back(InFlight {
             slot,
             index: index.clone(),
             read_len,
             state,
-            blocks: blocks.into_iter().flatten().collect(),
+            blocks: std::mem::take(&mut lease.blocks).into_iter().flatten().collect(),
             sink: cell.clone(),
+            delivered,
         });
+        // In flight: harvesting frees the slot and blocks from now on.
+        lease.armed = false;
         ring.stats.batches += 1;
         ring.stats.bytes_up += bindings.iter().map(|b| if let Bind::In(x) = b { x.len() as u64 } else { 0 }).sum::<u64>();
         ring.stats.pack += pack;
@@ -619,30 +922,13 @@ impl Engine {
 }
 
 impl Drop for Engine {
-    /// The direct path's buffers were counted against the budget: give them back.
+    /// The staging buffers were counted against the budget: give them back.
     fn drop(&mut self) {
-        if !self.direct {
-            return;
-        }
         let ring = self.ring.get_mut().unwrap_or_else(|p| p.into_inner());
-        let held: u64 = ring.slots.iter().flat_map(|s| [&s.upload, &s.download]).flatten().map(|b| b.size()).sum();
-        let _ = self.ctx.pool.lock().unwrap_or_else(|p| p.into_inner()).reserve_external(0, held);
+        let held: u64 = ring.slots.iter().map(Slot::held).sum();
+        self.ctx.pool.lock().unwrap_or_else(|p| p.into_inner()).release_external(held);
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ready_and_mapped_results() {
-        let p = Pending::ready(Ok(20)).map(|x| x + 1).map(|x| x * 2);
-        assert_eq!(p.wait().unwrap(), 42);
-        let mut e: Pending<u32> = Pending::ready(Err(GpuError::Input("bad".into())));
-        assert!(matches!(e.poll(false), Some(Err(GpuError::Input(_)))));
-        let all = Pending::all(vec![Pending::ready(Ok(1)), Pending::ready(Ok(2)).map(|x| x * 10)]);
-        assert_eq!(all.wait().unwrap(), vec![1, 20]);
-        let failed = Pending::all(vec![Pending::ready(Ok(1)), Pending::ready(Err(GpuError::Input("second".into())))]);
-        assert!(matches!(failed.wait(), Err(GpuError::Input(m)) if m == "second"));
-    }
-}
+mod tests;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::{check_cnn, check_gemm, check_kmeans, gaussian_weights, Image, Kernels, KmeansStep};
 use crate::device::GpuContext;
-use crate::transfer::{Bind, Engine, TransferMode, TransferStats};
+use crate::transfer::{Bind, Engine, Limits, TransferMode, TransferStats};
 use crate::{GpuError, Pending};
 
 const GEMM: &str = include_str!("../shaders/gemm.wgsl");
@@ -42,6 +42,13 @@ impl GpuKernels {
         Ok(Self { ctx, engine })
     }
 
+    /// Kernels whose batches stay within `limits` instead of the device's (tests of splitting).
+    #[cfg(test)]
+    pub(crate) fn with_limits(ctx: Arc<GpuContext>, mode: TransferMode, slots: usize, limits: Limits) -> Result<Self, GpuError> {
+        let engine = Engine::with_limits(Arc::clone(&ctx), mode, slots, limits)?;
+        Ok(Self { ctx, engine })
+    }
+
     /// The device context.
     pub fn context(&self) -> &Arc<GpuContext> {
         &self.ctx
@@ -64,7 +71,10 @@ impl GpuKernels {
 
     /// Device buffers created so far: pool slabs plus staging buffers.
     pub fn buffer_creations(&self) -> u64 {
-        self.ctx.pool.lock().unwrap_or_else(|p| p.into_inner()).stats().slab_creations + self.engine.stats().staging_creations
+        // The ring's counters before the pool's: never the ring while holding the pool (the lock
+        // order of transfer.rs).
+        let staging = self.engine.stats().staging_creations;
+        self.ctx.pool.lock().unwrap_or_else(|p| p.into_inner()).stats().slab_creations + staging
     }
 
     /// Run `f` with kernels skipped: the same uploads, clears and downloads, no compute (the
@@ -142,39 +152,72 @@ impl Kernels for GpuKernels {
         if m == 0 || n == 0 {
             return Pending::ready(Ok(vec![0.0; m * n]));
         }
-        let dims = [m as u32, n as u32, k as u32, 0];
-        let pipe = self.pipeline("gemm", GEMM, "main", 4);
-        self.engine.submit(
-            &[Bind::In(bytemuck::cast_slice(a)), Bind::In(bytemuck::cast_slice(b)), Bind::Out((m * n * 4) as u64), Bind::In(bytemuck::cast_slice(&dims))],
-            &[(pipe, n.div_ceil(64) as u32, m.div_ceil(64) as u32)],
-            2,
-            move |bytes| Ok(cast::<f32>(&bytes[..m * n * 4])),
-        )
+        let limits = self.engine.limits();
+        // B is bound whole and its 64-column tiles are the dispatch's x: only rows split.
+        if k * n * 4 > limits.max_binding as usize || n.div_ceil(64) > limits.max_groups as usize {
+            return Pending::ready(Err(GpuError::Input(format!(
+                "gemm {m}×{n}×{k}: B is {} bytes in {} column tiles; the device binds at most {} bytes and dispatches at most {} workgroups per dimension",
+                k * n * 4,
+                n.div_ceil(64),
+                limits.max_binding,
+                limits.max_groups
+            ))));
+        }
+        // Rows of A and C per submission: 64-row tiles in y, A and C bindings within the limit.
+        let rows = rows_per_submission(limits, 64, &[k * 4, n * 4]);
+        if rows == 0 {
+            return Pending::ready(Err(GpuError::Input(format!(
+                "gemm {m}×{n}×{k}: one row of A ({} bytes) or C ({} bytes) exceeds the device's largest storage binding ({} bytes)",
+                k * 4,
+                n * 4,
+                limits.max_binding
+            ))));
+        }
+        if m <= rows {
+            return self.gemm_rows(a, b, m, n, k);
+        }
+        let parts = (0..m).step_by(rows).map(|r0| {
+            let r = rows.min(m - r0);
+            self.gemm_rows(&a[r0 * k..(r0 + r) * k], b, r, n, k)
+        });
+        Pending::all(parts.collect()).map(|chunks: Vec<Vec<f32>>| chunks.concat())
     }
 
     fn kmeans_step_async(&self, points: &[f32], centroids: &[f32], d: usize) -> Pending<KmeansStep> {
         let (n, k) = checked!(check_kmeans(points, centroids, d));
-        let dims = [n as u32, k as u32, d as u32, 0];
-        let assign = self.pipeline("kmeans_assign", KMEANS, "assign", 5);
-        let update = self.pipeline("kmeans_update", KMEANS, "update", 5);
-        self.engine.submit(
-            &[
-                Bind::In(bytemuck::cast_slice(points)),
-                Bind::In(bytemuck::cast_slice(centroids)),
-                Bind::Out((n * 4) as u64),
-                Bind::Out(((k * d + k) * 4) as u64),
-                Bind::In(bytemuck::cast_slice(&dims)),
-            ],
-            &[(assign, n.div_ceil(64) as u32, 1), (update, (k * d).div_ceil(64) as u32, 1)],
-            3,
-            move |bytes| {
-                let vals: Vec<f32> = cast(&bytes[..(k * d + k) * 4]);
-                let counts = vals[k * d..].iter().map(|&c| c as u32).collect();
-                let mut sums = vals;
-                sums.truncate(k * d);
-                Ok(KmeansStep { sums, counts })
-            },
-        )
+        let limits = self.engine.limits();
+        // Centroids and sums are bound whole; the update pass runs one invocation per
+        // (centroid, dimension): only points split.
+        if (k * d + k) * 4 > limits.max_binding as usize || (k * d).div_ceil(64) > limits.max_groups as usize {
+            return Pending::ready(Err(GpuError::Input(format!(
+                "kmeans: {k} centroids of {d} dimensions need {} bytes of sums and {} workgroups; the device binds at most {} bytes and dispatches at most {} workgroups per dimension",
+                (k * d + k) * 4,
+                (k * d).div_ceil(64),
+                limits.max_binding,
+                limits.max_groups
+            ))));
+        }
+        // Points per submission: one invocation each in a 1-D dispatch, points and labels within the binding limit.
+        let per = rows_per_submission(limits, 64, &[d * 4, 4]);
+        if per == 0 {
+            return Pending::ready(Err(GpuError::Input(format!(
+                "kmeans: one point of {d} dimensions ({} bytes) exceeds the device's largest storage binding ({} bytes)",
+                d * 4,
+                limits.max_binding
+            ))));
+        }
+        if n <= per {
+            return self.kmeans_points(points, centroids, n, k, d);
+        }
+        let parts = points.chunks(per * d).map(|p| self.kmeans_points(p, centroids, p.len() / d, k, d));
+        Pending::all(parts.collect()).map(move |steps: Vec<KmeansStep>| {
+            let mut total = KmeansStep { sums: vec![0.0; k * d], counts: vec![0; k] };
+            for s in steps {
+                total.sums.iter_mut().zip(&s.sums).for_each(|(t, v)| *t += v);
+                total.counts.iter_mut().zip(&s.counts).for_each(|(t, c)| *t += c);
+            }
+            total
+        })
     }
 
     fn resize_bilinear_async(&self, img: &Image, nw: usize, nh: usize) -> Pending<Image> {
@@ -223,6 +266,53 @@ impl Kernels for GpuKernels {
             &[pass("conv_relu", conv_len), pass("max_pool", pool_len), pass("dense", out_len)],
             7,
             move |bytes| Ok(cast::<f32>(&bytes[..out_len * 4])),
+        )
+    }
+}
+
+/// Rows of a batch per submission: as many as `max_groups` workgroups of `rows_per_group` rows
+/// cover, and as fit the largest storage binding in each binding of `row_bytes[i]` bytes per row.
+/// 0 when a single row does not fit.
+pub(crate) fn rows_per_submission(limits: Limits, rows_per_group: usize, row_bytes: &[usize]) -> usize {
+    let by_groups = limits.max_groups as usize * rows_per_group;
+    row_bytes.iter().filter(|&&b| b > 0).map(|&b| (limits.max_binding as usize) / b).fold(by_groups, usize::min)
+}
+
+impl GpuKernels {
+    /// One submission of `C[m×n] = A[m×k] · B[k×n]` (within the device's limits).
+    fn gemm_rows(&self, a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Pending<Vec<f32>> {
+        let dims = [m as u32, n as u32, k as u32, 0];
+        let pipe = self.pipeline("gemm", GEMM, "main", 4);
+        self.engine.submit(
+            &[Bind::In(bytemuck::cast_slice(a)), Bind::In(bytemuck::cast_slice(b)), Bind::Out((m * n * 4) as u64), Bind::In(bytemuck::cast_slice(&dims))],
+            &[(pipe, n.div_ceil(64) as u32, m.div_ceil(64) as u32)],
+            2,
+            move |bytes| Ok(cast::<f32>(&bytes[..m * n * 4])),
+        )
+    }
+
+    /// One submission of a K-means step over `n` points (within the device's limits).
+    fn kmeans_points(&self, points: &[f32], centroids: &[f32], n: usize, k: usize, d: usize) -> Pending<KmeansStep> {
+        let dims = [n as u32, k as u32, d as u32, 0];
+        let assign = self.pipeline("kmeans_assign", KMEANS, "assign", 5);
+        let update = self.pipeline("kmeans_update", KMEANS, "update", 5);
+        self.engine.submit(
+            &[
+                Bind::In(bytemuck::cast_slice(points)),
+                Bind::In(bytemuck::cast_slice(centroids)),
+                Bind::Out((n * 4) as u64),
+                Bind::Out(((k * d + k) * 4) as u64),
+                Bind::In(bytemuck::cast_slice(&dims)),
+            ],
+            &[(assign, n.div_ceil(64) as u32, 1), (update, (k * d).div_ceil(64) as u32, 1)],
+            3,
+            move |bytes| {
+                let vals: Vec<f32> = cast(&bytes[..(k * d + k) * 4]);
+                let counts = vals[k * d..].iter().map(|&c| c as u32).collect();
+                let mut sums = vals;
+                sums.truncate(k * d);
+                Ok(KmeansStep { sums, counts })
+            },
         )
     }
 }
