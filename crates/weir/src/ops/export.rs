@@ -616,6 +616,9 @@ mod tests {
 
     #[test]
     fn staged_models_appear_only_when_their_checkpoint_completes() {
+        // Staged on snapshot threads, committed on the worker.
+        fn shared<T: Send + Sync>() {}
+        shared::<ModelExport>();
         let dir = tmp("basic");
         let e = export(&dir, ctx(0, 1));
         assert_eq!(e.recover(None).unwrap(), Recovered::default());
