@@ -188,17 +188,19 @@ impl Kernels for GpuKernels {
         let limits = self.engine.limits();
         // Centroids and sums are bound whole; the update pass runs one invocation per
         // (centroid, dimension): only points split.
-        if (k * d + k) * 4 > limits.max_binding as usize || (k * d).div_ceil(64) > limits.max_groups as usize {
+        if (k * d + k) * 4 > limits.max_binding as usize || (k * d + k).div_ceil(64) > limits.max_groups as usize {
             return Pending::ready(Err(GpuError::Input(format!(
                 "kmeans: {k} centroids of {d} dimensions need {} bytes of sums and {} workgroups; the device binds at most {} bytes and dispatches at most {} workgroups per dimension",
                 (k * d + k) * 4,
-                (k * d).div_ceil(64),
+                (k * d + k).div_ceil(64),
                 limits.max_binding,
                 limits.max_groups
             ))));
         }
-        // Points per submission: one invocation each in a 1-D dispatch, points and labels within the binding limit.
-        let per = rows_per_submission(limits, 64, &[d * 4, 4]);
+        // Points per submission: one invocation each in a 1-D dispatch; points, labels and the
+        // segments' partial sums within the binding limit.
+        let width = (k * d + k) * 4;
+        let per = rows_per_submission(limits, 64, &[d * 4, 4]).min(limits.max_binding as usize / width * KMEANS_SEGMENT);
         if per == 0 {
             return Pending::ready(Err(GpuError::Input(format!(
                 "kmeans: one point of {d} dimensions ({} bytes) exceeds the device's largest storage binding ({} bytes)",
@@ -270,6 +272,11 @@ impl Kernels for GpuKernels {
     }
 }
 
+/// Points per segment of the K-means update pass (`SEG` in kmeans.wgsl): every shader loop stays
+/// far below llvmpipe's 65,535 iterations, and a submission's at most 65,535 × 64 points make at
+/// most 1,024 segments.
+const KMEANS_SEGMENT: usize = 4096;
+
 /// Rows of a batch per submission: as many as `max_groups` workgroups of `rows_per_group` rows
 /// cover, and as fit the largest storage binding in each binding of `row_bytes[i]` bytes per row.
 /// 0 when a single row does not fit.
@@ -291,11 +298,14 @@ impl GpuKernels {
         )
     }
 
-    /// One submission of a K-means step over `n` points (within the device's limits).
+    /// One submission of a K-means step over `n` points (within the device's limits): assign,
+    /// partial sums per segment of `KMEANS_SEGMENT` points, their reduction.
     fn kmeans_points(&self, points: &[f32], centroids: &[f32], n: usize, k: usize, d: usize) -> Pending<KmeansStep> {
         let dims = [n as u32, k as u32, d as u32, 0];
-        let assign = self.pipeline("kmeans_assign", KMEANS, "assign", 5);
-        let update = self.pipeline("kmeans_update", KMEANS, "update", 5);
+        let segments = n.div_ceil(KMEANS_SEGMENT).max(1);
+        let assign = self.pipeline("kmeans_assign", KMEANS, "assign", 6);
+        let update = self.pipeline("kmeans_update", KMEANS, "update", 6);
+        let reduce = self.pipeline("kmeans_reduce", KMEANS, "reduce", 6);
         self.engine.submit(
             &[
                 Bind::In(bytemuck::cast_slice(points)),
@@ -303,8 +313,13 @@ impl GpuKernels {
                 Bind::Out((n * 4) as u64),
                 Bind::Out(((k * d + k) * 4) as u64),
                 Bind::In(bytemuck::cast_slice(&dims)),
+                Bind::Out((segments * (k * d + k) * 4) as u64),
             ],
-            &[(assign, n.div_ceil(64) as u32, 1), (update, (k * d).div_ceil(64) as u32, 1)],
+            &[
+                (assign, n.div_ceil(64) as u32, 1),
+                (update, (k * d).div_ceil(64) as u32, segments as u32),
+                (reduce, (k * d + k).div_ceil(64) as u32, 1),
+            ],
             3,
             move |bytes| {
                 let vals: Vec<f32> = cast(&bytes[..(k * d + k) * 4]);
