@@ -286,7 +286,7 @@ mod tests {
         let mut seed = 11;
         let mut live: Vec<Block> = Vec::new();
         for step in 0..4000 {
-            if live.is_empty() || lcg(&mut seed) % 3 != 0 {
+            if live.is_empty() || !lcg(&mut seed).is_multiple_of(3) {
                 let size = 1 + lcg(&mut seed) % if step % 50 == 0 { 1 << 20 } else { 20_000 };
                 if let Ok(b) = p.alloc(None, size) {
                     assert!(b.size >= size && b.offset % b.size == 0 && b.offset + b.size <= p.slabs[b.slab], "{b:?}");
