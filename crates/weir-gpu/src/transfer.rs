@@ -107,7 +107,10 @@ impl<T: Send> Deliver for Cell<T> {
     fn deliver(&self, bytes: Result<&[u8], GpuError>) {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let result = match (g.0.take(), bytes) {
-            (Some(f), Ok(b)) => f(b),
+            // A conversion that panics fails its own batch; it runs while harvesting holds the
+            // ring, and must not unwind through the engine's bookkeeping.
+            (Some(f), Ok(b)) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(b)))
+                .unwrap_or_else(|_| Err(GpuError::Device("converting a batch's result panicked".into()))),
             (_, Err(e)) => Err(e),
             (None, Ok(_)) => return,
         };

@@ -305,3 +305,19 @@ fn kernels_split_batches_beyond_the_limits() {
         assert!(matches!(&err, GpuError::Input(m) if m.contains("400 centroids") && m.contains("4096 bytes")), "{err}");
     }
 }
+
+/// A result conversion that panics fails its own batch only: the slot and blocks come back.
+#[test]
+fn a_panicking_result_conversion_fails_only_its_batch() {
+    let Some(ctx) = context(64 << 20) else { return };
+    let engine = Engine::new(ctx.clone(), TransferMode::Staged, 1).unwrap();
+    let pipe = add_one(&ctx);
+    check_add_one(&engine, &pipe, 10);
+    let before = in_use(&ctx);
+    let dims = [4u32, 0, 0, 0];
+    let bad: Pending<u32> = engine.submit(&[Bind::In(&[0; 16]), Bind::Out(16), Bind::In(bytemuck::cast_slice(&dims))], &[(pipe.clone(), 1, 1)], 1, |_| panic!("a broken conversion"));
+    let err = bad.wait().unwrap_err();
+    assert!(err.to_string().contains("panicked"), "{err}");
+    assert_eq!(in_use(&ctx), before);
+    within("the batch after a panicking conversion", move || check_add_one(&engine, &pipe, 10));
+}
