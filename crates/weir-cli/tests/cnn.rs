@@ -58,18 +58,20 @@ fn projected_kmeans_recovers_projected_centres_on_both_paths() {
         let mut model = std::collections::HashMap::new();
         for f in files {
             for line in std::fs::read_to_string(f).unwrap().lines() {
-                // `key,centroid,"x1,x2,…"`: the vector is one quoted CSV field.
-                let v: Vec<f32> = line.split(',').map(|x| x.trim_matches('"').parse().unwrap()).collect();
-                model.insert((v[0] as u64, v[1] as u64), v[2..].to_vec());
+                // `key,centroid,count,"x1,x2,…"`: the vector is one quoted CSV field.
+                let v: Vec<f64> = line.split(',').map(|x| x.trim_matches('"').parse().unwrap()).collect();
+                model.insert((v[0] as u64, v[1] as u64), (v[2] as u64, v[3..].iter().map(|&x| x as f32).collect::<Vec<f32>>()));
             }
         }
         assert_eq!(model.len(), 16);
+        let absorbed: u64 = model.values().map(|(n, _)| n).sum();
+        assert_eq!(absorbed, blobs.count, "gpu={gpu}: the last models' counts add up to every point, once");
         for key in 0..2u64 {
             for c in 0..8 {
                 let centre = blobs.center(key, c);
                 let projected: Vec<f32> = (0..8).map(|j| (0..32).map(|i| centre[i] * b[i * 8 + j]).sum()).collect();
                 let best = (0..8u64)
-                    .map(|m| model[&(key, m)].iter().zip(&projected).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt())
+                    .map(|m| model[&(key, m)].1.iter().zip(&projected).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt())
                     .fold(f32::MAX, f32::min);
                 assert!(best <= 0.15, "gpu={gpu} key {key} centre {c}: nearest centroid {best} away");
             }

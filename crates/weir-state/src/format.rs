@@ -41,41 +41,77 @@ pub struct WrittenSnapshot {
 
 /// Serialise a snapshot (runs on a background thread).
 pub fn write_snapshot<K: Serialize, V: Serialize>(snap: &CowSnapshot<K, V>) -> Result<WrittenSnapshot, StateError> {
-    let mut bytes = Vec::with_capacity(HEADER_LEN + snap.len() * 16);
-    bytes.extend_from_slice(MAGIC);
-    bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    bytes.extend_from_slice(&0u32.to_le_bytes());
-    let mut index = Vec::new();
-    let mut entries = 0u64;
+    let mut w = Writer::new(snap.len());
     for kg in snap.range().iter() {
-        let start = bytes.len();
+        w.block(kg, snap.key_group(kg))?;
+    }
+    w.finish()
+}
+
+/// Serialise `(key group, key, value)` entries sorted by key group: state that does not live
+/// in a [`CowMap`] (device-resident state read back from the GPU) in the same format.
+pub fn write_entries<K: Serialize, V: Serialize>(entries: &[(u32, K, V)]) -> Result<WrittenSnapshot, StateError> {
+    let mut w = Writer::new(entries.len());
+    let mut rest = entries;
+    while let Some(&(kg, _, _)) = rest.first() {
+        let n = rest.iter().take_while(|e| e.0 == kg).count();
+        w.block(kg, rest[..n].iter().map(|(_, k, v)| (k, v)))?;
+        rest = &rest[n..];
+    }
+    w.finish()
+}
+
+struct Writer {
+    bytes: Vec<u8>,
+    index: Vec<KeyGroupBlock>,
+    entries: u64,
+}
+
+impl Writer {
+    fn new(entries: usize) -> Writer {
+        let mut bytes = Vec::with_capacity(HEADER_LEN + entries * 16);
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        bytes.extend_from_slice(&0u32.to_le_bytes());
+        Writer { bytes, index: Vec::new(), entries: 0 }
+    }
+
+    fn block<'a, K: Serialize + 'a, V: Serialize + 'a>(&mut self, kg: u32, entries: impl Iterator<Item = (&'a K, &'a V)>) -> Result<(), StateError> {
+        let start = self.bytes.len();
+        let mut bytes = std::mem::take(&mut self.bytes);
         bytes.extend_from_slice(&0u64.to_le_bytes());
         let mut n = 0u64;
-        for (k, v) in snap.key_group(kg) {
+        for (k, v) in entries {
             bytes = postcard::to_extend(&(k, v), bytes).map_err(|e| StateError::Encode(e.to_string()))?;
             n += 1;
         }
         if n == 0 {
             bytes.truncate(start);
-            continue;
+        } else {
+            bytes[start..start + 8].copy_from_slice(&n.to_le_bytes());
+            self.entries += n;
+            let len = (bytes.len() - start) as u64;
+            self.index.push(KeyGroupBlock { key_group: kg, offset: start as u64, len, crc32c: crc32c::crc32c(&bytes[start..]) });
         }
-        bytes[start..start + 8].copy_from_slice(&n.to_le_bytes());
-        entries += n;
-        let len = (bytes.len() - start) as u64;
-        index.push(KeyGroupBlock { key_group: kg, offset: start as u64, len, crc32c: crc32c::crc32c(&bytes[start..]) });
+        self.bytes = bytes;
+        Ok(())
     }
-    let index_offset = bytes.len() as u64;
-    bytes = postcard::to_extend(&index, bytes).map_err(|e| StateError::Encode(e.to_string()))?;
-    let index_len = bytes.len() as u64 - index_offset;
-    let index_crc = crc32c::crc32c(&bytes[index_offset as usize..]);
-    bytes.extend_from_slice(&index_offset.to_le_bytes());
-    bytes.extend_from_slice(&index_len.to_le_bytes());
-    bytes.extend_from_slice(&index_crc.to_le_bytes());
-    let file_crc = crc32c::crc32c(&bytes);
-    bytes.extend_from_slice(&file_crc.to_le_bytes());
-    bytes.extend_from_slice(FOOTER_MAGIC);
-    let crc = crc32c::crc32c(&bytes);
-    Ok(WrittenSnapshot { bytes, index, crc32c: crc, entries })
+
+    fn finish(self) -> Result<WrittenSnapshot, StateError> {
+        let Writer { mut bytes, index, entries } = self;
+        let index_offset = bytes.len() as u64;
+        bytes = postcard::to_extend(&index, bytes).map_err(|e| StateError::Encode(e.to_string()))?;
+        let index_len = bytes.len() as u64 - index_offset;
+        let index_crc = crc32c::crc32c(&bytes[index_offset as usize..]);
+        bytes.extend_from_slice(&index_offset.to_le_bytes());
+        bytes.extend_from_slice(&index_len.to_le_bytes());
+        bytes.extend_from_slice(&index_crc.to_le_bytes());
+        let file_crc = crc32c::crc32c(&bytes);
+        bytes.extend_from_slice(&file_crc.to_le_bytes());
+        bytes.extend_from_slice(FOOTER_MAGIC);
+        let crc = crc32c::crc32c(&bytes);
+        Ok(WrittenSnapshot { bytes, index, crc32c: crc, entries })
+    }
 }
 
 fn corrupt(file: &str, what: impl Into<String>) -> StateError {
@@ -129,7 +165,23 @@ where
     K: Hash + Eq + Clone + DeserializeOwned,
     V: Clone + DeserializeOwned,
 {
-    if block_bytes.len() as u64 != block.len || crc32c::crc32c(block_bytes) != block.crc32c {
+    decode_block(block_bytes, block, file, |k, v| {
+        map.insert_restored(k, v).map_err(|kg| corrupt(file, format!("block of key group {} holds a key of key group {kg}", block.key_group)))
+    })
+}
+
+/// Decode one key-group block (its bytes exactly), checking its crc, and hand each entry to `f`.
+pub fn decode_block<K, V>(
+    block_bytes: &[u8],
+    block: &KeyGroupBlock,
+    file: &str,
+    mut f: impl FnMut(K, V) -> Result<(), StateError>,
+) -> Result<(), StateError>
+where
+    K: DeserializeOwned,
+    V: DeserializeOwned,
+{
+    if block_bytes.len() as u64 != block.len || block_bytes.len() < 8 || crc32c::crc32c(block_bytes) != block.crc32c {
         return Err(corrupt(file, format!("key group {} fails its checksum", block.key_group)));
     }
     let n = u64_at(block_bytes, 0);
@@ -138,11 +190,14 @@ where
         let ((k, v), r): ((K, V), &[u8]) = postcard::take_from_bytes(rest)
             .map_err(|e| corrupt(file, format!("key group {} entry {i}: {e}", block.key_group)))?;
         rest = r;
-        map.insert_restored(k, v).map_err(|kg| {
-            corrupt(file, format!("block of key group {} holds a key of key group {kg}", block.key_group))
-        })?;
+        f(k, v)?;
     }
     Ok(())
+}
+
+/// A corruption error naming `file`.
+pub fn corrupt_error(file: &str, what: impl Into<String>) -> StateError {
+    corrupt(file, what)
 }
 
 /// Read the key groups of `map`'s range from a whole, verified file.

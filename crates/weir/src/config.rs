@@ -92,6 +92,15 @@ pub struct JobConfig {
     pub gpu_batch_records: usize,
     /// The longest a record waits in a GPU operator's batch.
     pub gpu_batch_latency: Duration,
+    /// Device-resident state: a full snapshot every this many checkpoints
+    /// (`weir.gpu.state.full-every`; 1 = always full), deltas of dirty chunks in between.
+    pub gpu_state_full_every: u32,
+    /// A full snapshot also once the deltas since the last one exceed this share of it
+    /// (`weir.gpu.state.max-delta-share`).
+    pub gpu_state_max_delta_share: f64,
+    /// Keep the latest snapshot of device-resident state in device memory for a restart inside
+    /// the process (`weir.gpu.state.snapshot-tier: vram`), or not (`host`).
+    pub gpu_state_vram_tier: bool,
     /// A file holding the cluster's shared secret (`cluster.secret-file`); see `runtime::cluster`.
     pub cluster_secret_file: Option<String>,
     /// Restore even where the checkpoint holds state that no operator of the job claims by its
@@ -177,6 +186,9 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("weir.gpu.max-inflight-batches", Kind::Int { min: 1, max: 64 }, "2"),
     ("weir.gpu.transfer.mode", Kind::Enum(&["auto", "staged", "direct"]), "auto"),
     ("weir.gpu.transfer.ring-size", Kind::Int { min: 1, max: 64 }, "4"),
+    ("weir.gpu.state.full-every", Kind::Int { min: 1, max: 1 << 20 }, "10"),
+    ("weir.gpu.state.max-delta-share", Kind::Fraction, "0.5"),
+    ("weir.gpu.state.snapshot-tier", Kind::Enum(&["vram", "host"]), "vram"),
     ("taskmanager.gpu.fraction", Kind::Fraction, "0.5"),
     ("taskmanager.gpu.memory", Kind::Bytes, "1 gb"),
     ("external-resource.gpu.amount", Kind::Int { min: 0, max: 64 }, "1"),
@@ -311,6 +323,9 @@ impl JobConfig {
             gpu_max_inflight: int("weir.gpu.max-inflight-batches") as usize,
             gpu_batch_records: int("weir.gpu.batch.max-records") as usize,
             gpu_batch_latency: dur("weir.gpu.batch.max-latency"),
+            gpu_state_full_every: int("weir.gpu.state.full-every") as u32,
+            gpu_state_max_delta_share: get("weir.gpu.state.max-delta-share").parse().expect("checked"),
+            gpu_state_vram_tier: get("weir.gpu.state.snapshot-tier") == "vram",
             cluster_secret_file: Some(get("cluster.secret-file")).filter(|f| !f.is_empty()),
             allow_non_restored_state: get("execution.state-recovery.ignore-unclaimed-state") == "true",
         })

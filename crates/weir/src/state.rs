@@ -61,11 +61,14 @@ pub struct StateTables<K> {
     range: KeyGroupRange,
     max_parallelism: u32,
     pub(crate) tables: Vec<Box<dyn StateTable<K>>>,
+    /// States of the operator that live elsewhere (device-resident state): a restore of the host
+    /// tables leaves their files alone.
+    pub(crate) resident: Vec<String>,
 }
 
 impl<K: Key> StateTables<K> {
     pub(crate) fn new(range: KeyGroupRange, max_parallelism: u32) -> Self {
-        Self { range, max_parallelism, tables: Vec::new() }
+        Self { range, max_parallelism, tables: Vec::new(), resident: Vec::new() }
     }
 
     fn register<V: Data + Sync>(&mut self, name: &str) -> usize {
@@ -115,13 +118,19 @@ impl<K: Key> StateTables<K> {
 pub struct KeyedContext<'a, K> {
     pub(crate) key: &'a K,
     pub(crate) tables: &'a mut StateTables<K>,
+    pub(crate) epoch: u64,
 }
 
 impl<'a, K: Key> KeyedContext<'a, K> {
     /// The context of `key` over `tables` (for a batch function completing a key's work in
     /// [`KeyedBatchFunction::poll`]).
     pub fn new(key: &'a K, tables: &'a mut StateTables<K>) -> Self {
-        Self { key, tables }
+        Self { key, tables, epoch: 0 }
+    }
+
+    /// The epoch of the records being processed (the checkpoint that will hold their effects).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// The key of the record being processed.
@@ -248,18 +257,33 @@ pub trait KeyedProcessFunction<K, I, O>: 'static {
 }
 
 /// A keyed function over batches of records (for GPU operators): one call per key and batch.
-pub trait KeyedBatchFunction<K, I, O>: 'static {
+///
+/// Work may be submitted to the device and finished later: results are collected by `poll`,
+/// which never waits, and emitted under the epoch the work belongs to. An epoch's close does not
+/// wait for its work: device-resident state ([`KeyedBatchFunction::resident`]) is snapshotted by
+/// a device-side copy ordered after the epoch's kernels.
+pub trait KeyedBatchFunction<K: Key, I, O>: 'static {
     /// Register states (once per instance).
     fn open(&mut self, states: &mut StateTables<K>);
-    /// Process a batch of the current key's records (drain or leave it; it is cleared after).
-    /// The work may be submitted and finished later, in [`KeyedBatchFunction::poll`].
+
+    /// Process a batch of the current key's records, of epoch `ctx.epoch()` (drain or leave it;
+    /// it is cleared after). Output ready now goes to `out`; work submitted for later is
+    /// finished in [`KeyedBatchFunction::poll`].
     fn process_batch(&mut self, ctx: &mut KeyedContext<'_, K>, batch: &mut Vec<I>, out: &mut Vec<O>);
 
-    /// Finish work still in flight (GPU batches submitted by `process_batch`): apply finished
-    /// results to state and emit their output; with `block`, wait for all of it (the operator
-    /// does so before every checkpoint, so a snapshot holds exactly its epochs' batches).
-    /// Returns whether work is still in flight. Synchronous functions keep the default.
-    fn poll(&mut self, _tables: &mut StateTables<K>, _out: &mut Vec<O>, _block: bool) -> bool {
-        false
+    /// Called after every key of a handed-over batch went through `process_batch`: submit
+    /// what was gathered (one launch for many keys).
+    fn flush(&mut self, _tables: &mut StateTables<K>, _epoch: u64) {}
+
+    /// Collect finished work without waiting: emit its output into `out`, tagged with its
+    /// epoch. Returns the oldest epoch with work still in flight (`None`: idle).
+    fn poll(&mut self, _tables: &mut StateTables<K>, _out: &mut Vec<(u64, O)>) -> Option<u64> {
+        None
+    }
+
+    /// Device-resident state of this function, snapshotted at every barrier and restored at
+    /// start by the operator.
+    fn resident(&mut self) -> Option<&mut crate::ops::resident::KeyedArena<K>> {
+        None
     }
 }

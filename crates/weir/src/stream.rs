@@ -1,6 +1,6 @@
 //! The DataStream API: [`StreamEnv`], [`Job`], [`DataStream`], [`KeyedStream`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -304,9 +304,13 @@ impl<'s, T: Data> DataStream<'s, T> {
     /// `weir.gpu.batch.max-latency`, or until the epoch closes; `f` turns a batch into output.
     /// A capability is held only while records wait, so checkpoints stay exact.
     pub fn map_batches<U: Data>(self, name: &str, mut f: impl FnMut(&mut Vec<T>, &mut Vec<U>) + 'static) -> DataStream<'s, U> {
+        let mut ready: Vec<U> = Vec::new();
         self.batched(Pipeline, name, move |ev: BatchEvent<'_, T, U>| match ev {
-            BatchEvent::Batch(items, out) => f(items, out),
-            BatchEvent::Poll { busy, .. } => *busy = false,
+            BatchEvent::Batch(e, items, out) => {
+                f(items, &mut ready);
+                out.extend(ready.drain(..).map(|u| (e, u)));
+            }
+            BatchEvent::Poll { oldest, .. } => *oldest = None,
             BatchEvent::Close(_) => {}
         })
     }
@@ -315,30 +319,33 @@ impl<'s, T: Data> DataStream<'s, T> {
     /// [`Pending`](weir_gpu::Pending)): `f` submits a batch and returns at once, so the next
     /// batch is collected and uploaded while this one computes. Up to
     /// `weir.gpu.max-inflight-batches` batches are in flight; results are emitted in batch
-    /// order. The operator keeps its capability until its batches return, and an epoch's
-    /// barrier passes only after them, so checkpoints stay exact. A failed batch fails the job
-    /// (and the restart strategy replays from the last checkpoint).
+    /// order, each under its epoch. An epoch's close does not wait for its batches: the operator
+    /// keeps a capability per epoch with batches in flight, so the epoch's barrier passes
+    /// downstream only after its results, and the next epoch's batches are submitted meanwhile.
+    /// A failed batch fails the job (and the restart strategy replays from the last checkpoint).
     pub fn map_batches_async<U: Data>(self, name: &str, mut f: impl FnMut(&mut Vec<T>) -> weir_gpu::Pending<Vec<U>> + 'static) -> DataStream<'s, U> {
         let max = self.ctx.config.gpu_max_inflight.max(1);
-        let mut q: VecDeque<weir_gpu::Pending<Vec<U>>> = VecDeque::new();
+        let mut q: VecDeque<(u64, weir_gpu::Pending<Vec<U>>)> = VecDeque::new();
         let op = name.to_string();
-        let take = move |r: Result<Vec<U>, weir_gpu::GpuError>, out: &mut Vec<U>| match r {
-            Ok(mut v) => out.append(&mut v),
-            Err(e) => panic!("{op}: {e}"),
+        let take = move |e: u64, r: Result<Vec<U>, weir_gpu::GpuError>, out: &mut Vec<(u64, U)>| match r {
+            Ok(v) => out.extend(v.into_iter().map(|u| (e, u))),
+            Err(err) => panic!("{op}: {err}"),
         };
         self.batched(Pipeline, name, move |ev: BatchEvent<'_, T, U>| match ev {
-            BatchEvent::Batch(items, out) => {
+            BatchEvent::Batch(e, items, out) => {
+                // Back-pressure: the oldest batch must be done before another is submitted.
                 while q.len() >= max {
-                    take(q.pop_front().expect("non-empty").wait(), out);
+                    let (pe, p) = q.pop_front().expect("non-empty");
+                    take(pe, p.wait(), out);
                 }
-                q.push_back(f(items));
+                q.push_back((e, f(items)));
             }
-            BatchEvent::Poll { out, block, busy } => {
-                while let Some(r) = q.front_mut().and_then(|p| p.poll(block)) {
-                    q.pop_front();
-                    take(r, out);
+            BatchEvent::Poll { out, oldest } => {
+                while let Some(r) = q.front_mut().and_then(|(_, p)| p.poll(false)) {
+                    let (e, _) = q.pop_front().expect("non-empty");
+                    take(e, r, out);
                 }
-                *busy = !q.is_empty();
+                *oldest = q.front().map(|(e, _)| *e);
             }
             BatchEvent::Close(_) => {}
         })
@@ -348,10 +355,11 @@ impl<'s, T: Data> DataStream<'s, T> {
     /// [`KeyedStream::process_batches`]: collects records of the open epoch, hands them to
     /// `handler` as a batch when `weir.gpu.batch.max-records` wait, when the oldest has waited
     /// `weir.gpu.batch.max-latency`, or when the epoch closes. Work the handler has in flight is
-    /// polled on every activation; when the epoch closes it is waited for, then `Close` follows.
-    /// The operator holds a capability only while records wait or work is in flight, so the
-    /// frontier and the flow-control probe move on as soon as a batch is done, and a checkpoint
-    /// holds exactly the batches of its epochs.
+    /// polled on every activation and emitted under the capability of the epoch it belongs to.
+    /// When an epoch closes, its last batch is handed over and `Close` follows at once: nothing
+    /// waits for the device. The operator holds one capability per epoch that has records
+    /// waiting or work in flight, so the frontier (and the flow-control probe) moves on as soon
+    /// as an epoch's work is done, and a checkpoint holds exactly the batches of its epochs.
     fn batched<U: Data>(
         self,
         pact: impl timely::dataflow::channels::pact::ParallelizationContract<Time, Vec<T>>,
@@ -365,36 +373,41 @@ impl<'s, T: Data> DataStream<'s, T> {
         let (max_records, max_latency) = (ctx.config.gpu_batch_records, ctx.config.gpu_batch_latency);
         let mut aligner: EpochAligner<Cap, T> = EpochAligner::new(ctx.first_epoch);
         let mut pending: Vec<T> = Vec::new();
-        let mut out: Vec<U> = Vec::new();
+        let mut out: Vec<(u64, U)> = Vec::new();
+        let mut run: Vec<U> = Vec::new();
         let mut oldest: Option<Instant> = None;
-        let mut cap: Option<Cap> = None;
-        let mut busy = false;
+        let mut caps: BTreeMap<u64, Cap> = BTreeMap::new();
+        // The oldest epoch with work in flight.
+        let mut in_flight: Option<u64> = None;
         let scope = self.stream.scope();
         let stream = self.stream.unary_frontier::<CapacityContainerBuilder<Vec<U>>, _, _, _>(pact, name, move |_, info| {
             let activator = scope.activator_for(info.address);
             move |(input, frontier), output| {
                 let port = output.output_index();
-                // Hand over what waits, collect finished work (all of it when an epoch closes),
-                // emit it under the held capability; release the capability once nothing waits
-                // or runs; on an epoch's close, tell the handler after its last batch.
-                let mut step = |pending: &mut Vec<T>, cap: &mut Option<Cap>, oldest: &mut Option<Instant>, busy: &mut bool, submit: bool, close: Option<u64>| {
+                // Hand over what waits, collect finished work, emit it under its epoch's
+                // capability, release the capabilities of epochs with nothing left; on an
+                // epoch's close, tell the handler after its last batch.
+                let mut step = |pending: &mut Vec<T>, caps: &mut BTreeMap<u64, Cap>, oldest: &mut Option<Instant>, in_flight: &mut Option<u64>, epoch: u64, submit: bool, close: Option<u64>| {
                     let submitted = submit && !pending.is_empty();
                     if submitted {
-                        handler(BatchEvent::Batch(pending, &mut out));
+                        handler(BatchEvent::Batch(epoch, pending, &mut out));
                         pending.clear();
                         *oldest = None;
                     }
-                    if submitted || *busy || close.is_some() {
-                        handler(BatchEvent::Poll { out: &mut out, block: close.is_some(), busy });
+                    if submitted || in_flight.is_some() || close.is_some() {
+                        handler(BatchEvent::Poll { out: &mut out, oldest: in_flight });
                     }
-                    if !out.is_empty() {
-                        let c = cap.as_ref().expect("a capability is held while batches wait or run");
-                        output.session(c).give_container(&mut out);
-                        out.clear();
+                    let mut i = 0;
+                    while i < out.len() {
+                        let e = out[i].0;
+                        let n = out[i..].iter().take_while(|(x, _)| *x == e).count();
+                        run.extend(out.drain(i..i + n).map(|(_, u)| u));
+                        let c = caps.get(&e).unwrap_or_else(|| panic!("output of epoch {e} without its capability"));
+                        output.session(c).give_container(&mut run);
+                        run.clear();
+                        i = 0;
                     }
-                    if pending.is_empty() && !*busy {
-                        *cap = None;
-                    }
+                    caps.retain(|&e, _| (e == epoch && !pending.is_empty()) || in_flight.is_some_and(|o| e >= o));
                     if let Some(e) = close {
                         handler(BatchEvent::Close(e));
                     }
@@ -402,8 +415,8 @@ impl<'s, T: Data> DataStream<'s, T> {
                 input.for_each(|c, data| {
                     let e = epoch_of(*c.least().expect("records carry a time"));
                     if e <= aligner.epoch() {
-                        if cap.is_none() {
-                            cap = c.retain_least(port);
+                        if !caps.contains_key(&e) {
+                            caps.insert(e, c.retain_least(port).expect("records carry a time"));
                         }
                         pending.append(data);
                         oldest.get_or_insert_with(Instant::now);
@@ -412,22 +425,20 @@ impl<'s, T: Data> DataStream<'s, T> {
                     }
                 });
                 let full = pending.len() >= max_records || oldest.is_some_and(|t| t.elapsed() >= max_latency);
-                step(&mut pending, &mut cap, &mut oldest, &mut busy, full, None);
+                step(&mut pending, &mut caps, &mut oldest, &mut in_flight, aligner.epoch(), full, None);
                 let fe = frontier.frontier().first().map(|t| epoch_of(*t));
                 let last = ctx.shared.borrow().final_id;
                 while let Some(ev) = aligner.next(fe, last) {
                     match ev {
                         Aligned::Stashed(c, mut data) => {
-                            if cap.is_none() {
-                                cap = Some(c);
-                            }
+                            caps.entry(aligner.epoch()).or_insert(c);
                             pending.append(&mut data);
                             oldest.get_or_insert_with(Instant::now);
                         }
-                        Aligned::Close(e) => step(&mut pending, &mut cap, &mut oldest, &mut busy, true, Some(e)),
+                        Aligned::Close(e) => step(&mut pending, &mut caps, &mut oldest, &mut in_flight, e, true, Some(e)),
                     }
                 }
-                if busy {
+                if in_flight.is_some() {
                     activator.activate_after(POLL_INTERVAL);
                 } else if !pending.is_empty() {
                     activator.activate_after(max_latency);
@@ -535,19 +546,19 @@ fn barrier_us(ctx: &JobCtx, epoch: u64) -> u64 {
 }
 
 /// Make a file name part out of an operator or state name.
-fn sanitize(name: &str) -> String {
+pub(crate) fn sanitize(name: &str) -> String {
     name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
 }
 
 /// What the batching operator hands its handler.
 enum BatchEvent<'a, T, U> {
-    /// A batch of records of the open epoch (drain it) and the output buffer: start its work
-    /// (its output may come now or at a later `Poll`).
-    Batch(&'a mut Vec<T>, &'a mut Vec<U>),
-    /// Emit finished work into `out` (with `block`, wait for all of it); set `busy` while work
-    /// is still in flight.
-    Poll { out: &'a mut Vec<U>, block: bool, busy: &'a mut bool },
-    /// Epoch `n` closed at this operator, after its last batch.
+    /// A batch of records of epoch `e` (drain it), and the output buffer: start its work; its
+    /// output (tagged with its epoch) may come now or at a later `Poll`.
+    Batch(u64, &'a mut Vec<T>, &'a mut Vec<(u64, U)>),
+    /// Emit finished work into `out`, tagged with its epoch, without waiting; set `oldest` to
+    /// the oldest epoch with work still in flight.
+    Poll { out: &'a mut Vec<(u64, U)>, oldest: &'a mut Option<u64> },
+    /// Epoch `n` closed at this operator, after its last batch was handed over.
     Close(u64),
 }
 
@@ -599,17 +610,17 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
         let name_owned = name.to_string();
         let stream = self.stream.unary_frontier::<CapacityContainerBuilder<Vec<O>>, _, _, _>(exchange, name, move |_, _| {
             move |(input, frontier), output| {
-                let mut run = |data: &mut Vec<T>, tables: &mut StateTables<K>, out: &mut Vec<O>| {
+                let mut run = |data: &mut Vec<T>, tables: &mut StateTables<K>, out: &mut Vec<O>, epoch: u64| {
                     for x in data.drain(..) {
                         let k = key(&x);
-                        let mut kc = KeyedContext { key: &k, tables };
+                        let mut kc = KeyedContext { key: &k, tables, epoch };
                         func.process(&mut kc, x, out);
                     }
                 };
                 input.for_each(|cap, data| {
                     let e = epoch_of(*cap.least().expect("records carry a time"));
                     if e <= aligner.epoch() {
-                        run(data, &mut tables, &mut out);
+                        run(data, &mut tables, &mut out, e);
                         if !out.is_empty() {
                             output.session(&cap).give_container(&mut out);
                             out.clear();
@@ -624,13 +635,13 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
                 while let Some(ev) = aligner.next(fe, last) {
                     match ev {
                         Aligned::Stashed(cap, mut data) => {
-                            run(&mut data, &mut tables, &mut out);
+                            run(&mut data, &mut tables, &mut out, aligner.epoch());
                             if !out.is_empty() {
                                 output.session(&cap).give_container(&mut out);
                                 out.clear();
                             }
                         }
-                        Aligned::Close(e) => snapshot_tables(&ctx, &tables, e, task, &name_owned, &file_prefix),
+                        Aligned::Close(e) => snapshot_tables(&ctx, &tables, e, task, &name_owned, &file_prefix, None),
                     }
                 }
             }
@@ -641,29 +652,48 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
     /// Run a keyed batch function (for GPU operators): records are collected per key and handed
     /// over in batches of up to `weir.gpu.batch.max-records` (or after
     /// `weir.gpu.batch.max-latency`, or when the epoch closes), so one kernel launch serves many
-    /// records. The operator holds the epoch's capability until its batches are processed, so
-    /// epochs and checkpoints stay exact.
+    /// records and keys. At an epoch's close the host states are forked (copy-on-write) and the
+    /// function's device-resident state is copied on the device after the epoch's kernels; the
+    /// worker goes on with the next epoch at once, and the snapshot writer acknowledges the
+    /// checkpoint when both are durable.
     pub fn process_batches<O: Data, P: KeyedBatchFunction<K, T, O>>(self, name: &str, mut func: P) -> DataStream<'s, O> {
         let ctx = self.ctx.clone();
         let KeyedSetup { task, mut tables, file_prefix } = self.setup(name, |t| func.open(t));
+        let owner = format!("operator '{name}' ({}) subtask {}", ctx.uid_of(task.operator), ctx.index);
+        if let Some(arena) = func.resident() {
+            arena.attach(&ctx, task.operator, &owner, &file_prefix);
+            if !ctx.build_failed() {
+                if let Err(e) = arena.restore(&ctx, task.operator) {
+                    ctx.fail_build(format!("operator '{name}': {e}"));
+                }
+            }
+        }
         let exchange = self.exchange();
         let key = self.key;
         let mut groups: HashMap<K, Vec<T>> = HashMap::new();
+        let mut ready: Vec<O> = Vec::new();
         let name_owned = name.to_string();
         DataStream { stream: self.stream, ctx: self.ctx, uid: None }.batched(exchange, name, move |ev: BatchEvent<'_, T, O>| match ev {
-            BatchEvent::Batch(items, out) => {
+            BatchEvent::Batch(epoch, items, out) => {
                 for x in items.drain(..) {
                     groups.entry(key(&x)).or_default().push(x);
                 }
                 for (k, batch) in groups.iter_mut().filter(|(_, b)| !b.is_empty()) {
-                    func.process_batch(&mut KeyedContext { key: k, tables: &mut tables }, batch, out);
+                    func.process_batch(&mut KeyedContext { key: k, tables: &mut tables, epoch }, batch, &mut ready);
                     batch.clear();
                 }
+                func.flush(&mut tables, epoch);
+                out.extend(ready.drain(..).map(|o| (epoch, o)));
             }
-            BatchEvent::Poll { out, block, busy } => *busy = func.poll(&mut tables, out, block),
+            BatchEvent::Poll { out, oldest } => *oldest = func.poll(&mut tables, out),
             BatchEvent::Close(e) => {
                 groups.clear();
-                snapshot_tables(&ctx, &tables, e, task, &name_owned, &file_prefix);
+                // Checkpointing off: nothing is persisted, and the device state is not copied.
+                let resident = match (ctx.storage.is_some(), func.resident()) {
+                    (true, Some(arena)) => Some(arena.snapshot(e)),
+                    _ => None,
+                };
+                snapshot_tables(&ctx, &tables, e, task, &name_owned, &file_prefix, resident);
             }
         })
     }
@@ -726,7 +756,15 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
 
 /// The synchronous part of a keyed snapshot (freeze the copy-on-write maps), then the
 /// asynchronous part on the snapshot pool: serialise, write, ack.
-fn snapshot_tables<K: Key>(ctx: &Rc<JobCtx>, tables: &StateTables<K>, epoch: u64, task: TaskId, name: &str, prefix: &str) {
+fn snapshot_tables<K: Key>(
+    ctx: &Rc<JobCtx>,
+    tables: &StateTables<K>,
+    epoch: u64,
+    task: TaskId,
+    name: &str,
+    prefix: &str,
+    resident: Option<Result<crate::ops::resident::ResidentJob, String>>,
+) {
     let barrier_us = barrier_us(ctx, epoch);
     let t0 = Instant::now();
     let uid = ctx.uid_of(task.operator);
@@ -745,6 +783,13 @@ fn snapshot_tables<K: Key>(ctx: &Rc<JobCtx>, tables: &StateTables<K>, epoch: u64
     let jobs: Vec<_> = tables.tables.iter().map(|t| (t.name().to_string(), t.snapshot())).collect();
     let entries = tables.entries() as u64;
     let sync_us = t0.elapsed().as_micros() as u64;
+    let resident = match resident.transpose() {
+        Ok(r) => r,
+        Err(reason) => {
+            ctx.shared.borrow_mut().outbox.push(AckMsg::Decline { id: epoch, task, reason });
+            return;
+        }
+    };
     let tx = ctx.ack_tx.clone();
     let name = name.to_string();
     let prefix = prefix.to_string();
@@ -763,6 +808,20 @@ fn snapshot_tables<K: Key>(ctx: &Rc<JobCtx>, tables: &StateTables<K>, epoch: u64
                 Ok(h) => {
                     bytes += h.size;
                     files.push(h);
+                }
+                Err(reason) => {
+                    let _ = tx.send(AckMsg::Decline { id: epoch, task, reason });
+                    return;
+                }
+            }
+        }
+        let mut entries = entries;
+        if let Some(job) = resident {
+            match job(&storage) {
+                Ok(w) => {
+                    bytes += w.bytes;
+                    entries += w.entries;
+                    files.extend(w.files);
                 }
                 Err(reason) => {
                     let _ = tx.send(AckMsg::Decline { id: epoch, task, reason });
@@ -790,7 +849,7 @@ fn restore_tables<K: Key>(ctx: &JobCtx, op: u32, tables: &mut StateTables<K>) ->
         }
     }
     for sub in ctx.restored_subtasks(op) {
-        for f in &sub.state_files {
+        for f in sub.state_files.iter().filter(|f| !tables.resident.contains(&f.state)) {
             let Some(table) = tables.tables.iter_mut().find(|t| t.name() == f.state) else {
                 return Err(format!("checkpoint holds state '{}' that the operator does not register", f.state));
             };

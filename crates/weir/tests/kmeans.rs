@@ -7,7 +7,7 @@ use weir::sink::CollectSink;
 use weir::source::BlobSource;
 use weir::{JobConfig, Row, StreamEnv, Value};
 
-fn learned(gpu: &str) -> (HashMap<(i64, i64), Vec<f32>>, BlobSource) {
+fn learned(gpu: &str) -> (HashMap<(i64, i64), (i64, Vec<f32>)>, BlobSource) {
     let blobs = BlobSource { count: 200_000, centers: 8, dim: 8, sigma: 1.0, keys: 2, seed: 11 };
     let dir = std::env::temp_dir().join(format!("weir-kmeans-{gpu}-{}", std::process::id()));
     let config = JobConfig::from_pairs([
@@ -36,8 +36,8 @@ fn learned(gpu: &str) -> (HashMap<(i64, i64), Vec<f32>>, BlobSource) {
     std::fs::remove_dir_all(dir).ok();
     let mut last = HashMap::new();
     for r in sink.take() {
-        let (Value::Int(k), Value::Int(c), Value::Vector(v)) = (r.get(0), r.get(1), r.get(2)) else { panic!("{r:?}") };
-        last.insert((*k, *c), v.to_vec());
+        let (Value::Int(k), Value::Int(c), Value::Int(n), Value::Vector(v)) = (r.get(0), r.get(1), r.get(2), r.get(3)) else { panic!("{r:?}") };
+        last.insert((*k, *c), (*n, v.to_vec()));
     }
     (last, blobs)
 }
@@ -45,12 +45,14 @@ fn learned(gpu: &str) -> (HashMap<(i64, i64), Vec<f32>>, BlobSource) {
 fn check(gpu: &str) {
     let (model, blobs) = learned(gpu);
     assert_eq!(model.len(), 16, "8 centroids for each of 2 keys");
+    let absorbed: i64 = model.values().map(|(n, _)| n).sum();
+    assert_eq!(absorbed, blobs.count as i64, "the final models' counts add up to every point, once (path {gpu})");
     for key in 0..2u64 {
         for c in 0..8 {
             let truth = blobs.center(key, c);
             let best = (0..8)
                 .map(|j| {
-                    let m = &model[&(key as i64, j)];
+                    let m = &model[&(key as i64, j)].1;
                     m.iter().zip(&truth).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt()
                 })
                 .fold(f32::MAX, f32::min);

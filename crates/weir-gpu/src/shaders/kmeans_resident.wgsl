@@ -3,17 +3,24 @@
 //   [d, k, 0, 0] | k × d centroids (f32 bits) | k counts (u32)
 // `assign`: one invocation per point finds the nearest centroid of its key's model
 // (squared Euclidean distance, lowest index on ties).
-// `update`: one invocation per (key, centroid) counts and sums its points and moves the centroid
-// toward their mean by count / (seen + count) (Sculley's per-centre rate), in place; it marks the
-// chunks it writes in the dirty map and copies the updated centroid and count to `out`.
+// `partial`: one invocation per (chunk of at most 256 points of one key, centroid, value) sums
+// the chunk's points of that centroid (value d counts them).
+// `update`: one invocation per (key, centroid) adds up its chunks' partial sums and moves the
+// centroid toward their mean by count / (seen + count) (Sculley's per-centre rate), in place; it
+// marks the chunks of the arena it writes in the dirty map and copies the updated centroid and
+// count to `out`.
+// No invocation loops over more than a chunk of points: loops stay far below the 65,535
+// iterations after which Mesa's llvmpipe (lavapipe) stops a loop.
 
 @group(0) @binding(0) var<storage, read_write> points: array<f32>;   // n × d, grouped by key
-@group(0) @binding(1) var<storage, read_write> segs: array<u32>;     // per key: slot word, first point, points, 0; then per point: its key
-@group(0) @binding(2) var<storage, read_write> labels: array<u32>;   // n
+@group(0) @binding(1) var<storage, read_write> segs: array<u32>;     // per key: slot word, first point, points, first chunk; per point: its key; per chunk: key, first point, points, 0
+@group(0) @binding(2) var<storage, read_write> scratch: array<u32>;  // n labels, then chunks × k × (d + 1) partial sums (f32 bits)
 @group(0) @binding(3) var<storage, read_write> arena: array<u32>;    // the state arena (resident)
-@group(0) @binding(4) var<storage, read_write> dirty: array<u32>;    // one word per chunk (resident)
+@group(0) @binding(4) var<storage, read_write> dirty: array<u32>;    // one word per chunk of the arena (resident)
 @group(0) @binding(5) var<storage, read_write> out: array<u32>;      // per key, per centroid: count, d values
-@group(0) @binding(6) var<storage, read_write> dims: array<u32, 8>;  // keys, n, k, d, chunk words
+@group(0) @binding(6) var<storage, read_write> dims: array<u32, 8>;  // keys, n, k, d, arena chunk words, point chunks
+
+const CHUNK: u32 = 256u;
 
 fn flat(gid: vec3<u32>) -> u32 { return gid.x + gid.y * 65535u * 64u; }
 
@@ -34,22 +41,40 @@ fn assign(@builtin(global_invocation_id) gid: vec3<u32>) {
         }
         if (dist < best_dist) { best_dist = dist; best = c; }
     }
-    labels[p] = best;
+    scratch[p] = best;
+}
+
+@compute @workgroup_size(64)
+fn partial(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let keys = dims[0]; let n = dims[1]; let k = dims[2]; let d = dims[3]; let chunks = dims[5];
+    let id = flat(gid);
+    if (id >= chunks * k * (d + 1u)) { return; }
+    let q = id / (k * (d + 1u)); let c = (id / (d + 1u)) % k; let x = id % (d + 1u);
+    let at = keys * 4u + n + q * 4u;
+    let first = segs[at + 1u]; let len = segs[at + 2u];
+    var s = 0.0;
+    for (var p = first; p < first + len; p++) {
+        if (scratch[p] == c) {
+            if (x == d) { s += 1.0; } else { s += points[p * d + x]; }
+        }
+    }
+    scratch[n + id] = bitcast<u32>(s);
 }
 
 @compute @workgroup_size(64)
 fn update(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let keys = dims[0]; let k = dims[2]; let d = dims[3]; let chunk = dims[4];
+    let keys = dims[0]; let n = dims[1]; let k = dims[2]; let d = dims[3]; let chunk = dims[4];
     let id = flat(gid);
     if (id >= keys * k) { return; }
     let j = id / k; let c = id % k;
-    let base = segs[j * 4u]; let first = segs[j * 4u + 1u]; let len = segs[j * 4u + 2u];
+    let base = segs[j * 4u]; let len = segs[j * 4u + 2u]; let q0 = segs[j * 4u + 3u];
+    let qn = (len + CHUNK - 1u) / CHUNK;
     let cent = base + 4u + c * d;
     let count_at = base + 4u + k * d + c;
     let o = id * (d + 1u);
     var cnt = 0u;
-    for (var p = first; p < first + len; p++) {
-        if (labels[p] == c) { cnt += 1u; }
+    for (var q = q0; q < q0 + qn; q++) {
+        cnt += u32(bitcast<f32>(scratch[n + (q * k + c) * (d + 1u) + d]));
     }
     if (cnt == 0u) {
         out[o] = arena[count_at];
@@ -60,8 +85,8 @@ fn update(@builtin(global_invocation_id) gid: vec3<u32>) {
     let eta = f32(cnt) / f32(seen);
     for (var x = 0u; x < d; x++) {
         var s = 0.0;
-        for (var p = first; p < first + len; p++) {
-            if (labels[p] == c) { s += points[p * d + x]; }
+        for (var q = q0; q < q0 + qn; q++) {
+            s += bitcast<f32>(scratch[n + (q * k + c) * (d + 1u) + x]);
         }
         let mean = s / f32(cnt);
         let old = bitcast<f32>(arena[cent + x]);

@@ -90,36 +90,58 @@ pub fn step(arena: &mut StateArena, shape: KmeansShape, slots: &[u32], starts: &
     }
     let Some((kernels, places)) = arena.device() else { unreachable!("an arena is on the host or on the device") };
     let keys = slots.len();
-    let mut segs: Vec<u32> = Vec::with_capacity(keys * 4 + n);
+    let chunks = chunk_count(starts);
+    let mut segs: Vec<u32> = Vec::with_capacity(keys * 4 + n + chunks * 4);
+    let mut q = 0u32;
     for j in 0..keys {
-        segs.extend_from_slice(&[bases[j], starts[j], starts[j + 1] - starts[j], 0]);
+        let len = starts[j + 1] - starts[j];
+        segs.extend_from_slice(&[bases[j], starts[j], len, q]);
+        q += len.div_ceil(POINT_CHUNK);
     }
     for j in 0..keys {
         segs.extend(std::iter::repeat_n(j as u32, (starts[j + 1] - starts[j]) as usize));
     }
-    let dims = [keys as u32, n as u32, k as u32, d as u32, chunk as u32, 0, 0, 0];
+    for j in 0..keys {
+        let mut p = starts[j];
+        while p < starts[j + 1] {
+            let len = POINT_CHUNK.min(starts[j + 1] - p);
+            segs.extend_from_slice(&[j as u32, p, len, 0]);
+            p += len;
+        }
+    }
+    let dims = [keys as u32, n as u32, k as u32, d as u32, chunk as u32, chunks as u32, 0, 0];
     let out_words = keys * k * (d + 1);
     let assign = kernels.pipeline("kmeans_resident_assign", SHADER, "assign", 7);
+    let partial = kernels.pipeline("kmeans_resident_partial", SHADER, "partial", 7);
     let update = kernels.pipeline("kmeans_resident_update", SHADER, "update", 7);
     let (ax, ay) = crate::kernels::gpu::grid(n);
+    let (px, py) = crate::kernels::gpu::grid(chunks * k * (d + 1));
     let (ux, uy) = crate::kernels::gpu::grid(keys * k);
     kernels.engine.submit(
         &[
             Bind::In(bytemuck::cast_slice(points)),
             Bind::In(bytemuck::cast_slice(&segs)),
-            Bind::Out((n * 4) as u64),
+            Bind::Out(((n + chunks * k * (d + 1)) * 4) as u64),
             Bind::Resident(places.arena.0, places.arena.1, places.arena.2),
             Bind::Resident(places.dirty.0, places.dirty.1, places.dirty.2),
             Bind::Out((out_words * 4) as u64),
             Bind::In(bytemuck::cast_slice(&dims)),
         ],
-        &[(assign, ax, ay), (update, ux, uy)],
+        &[(assign, ax, ay), (partial, px, py), (update, ux, uy)],
         5,
         move |bytes| Ok(KmeansModels { shape, words: bytemuck::pod_collect_to_vec(&bytes[..out_words * 4]) }),
     )
 }
 
-/// The CPU twin of the two passes, on the host arena (same arithmetic, same order).
+/// Points per partial sum: no kernel invocation loops over more (Mesa's llvmpipe stops a loop
+/// after 65,535 iterations).
+const POINT_CHUNK: u32 = 256;
+
+fn chunk_count(starts: &[u32]) -> usize {
+    starts.windows(2).map(|w| (w[1] - w[0]).div_ceil(POINT_CHUNK) as usize).sum()
+}
+
+/// The CPU twin of the three passes, on the host arena (same arithmetic, same order).
 fn cpu_step(arena: &mut [u32], dirty: &mut [u32], chunk: usize, shape: KmeansShape, bases: &[u32], starts: &[u32], points: &[f32]) -> KmeansModels {
     let (k, d) = (shape.k, shape.d);
     let n = points.len() / d;
@@ -143,13 +165,34 @@ fn cpu_step(arena: &mut [u32], dirty: &mut [u32], chunk: usize, shape: KmeansSha
         }
     }
     let mut out = vec![0u32; bases.len() * k * (d + 1)];
+    let mut partial = vec![0f32; d + 1];
+    let mut sums = vec![0f32; d + 1];
     for (j, &base) in bases.iter().enumerate() {
         let (first, last) = (starts[j] as usize, starts[j + 1] as usize);
         for c in 0..k {
             let cent = base as usize + HEADER + c * d;
             let count_at = base as usize + HEADER + k * d + c;
             let o = (j * k + c) * (d + 1);
-            let cnt = (first..last).filter(|&p| labels[p] == c as u32).count() as u32;
+            // Per chunk of points, then over chunks: the GPU's order of additions.
+            sums.fill(0.0);
+            let mut p0 = first;
+            while p0 < last {
+                let p1 = (p0 + POINT_CHUNK as usize).min(last);
+                partial.fill(0.0);
+                for p in p0..p1 {
+                    if labels[p] == c as u32 {
+                        for x in 0..d {
+                            partial[x] += points[p * d + x];
+                        }
+                        partial[d] += 1.0;
+                    }
+                }
+                for (s, v) in sums.iter_mut().zip(&partial) {
+                    *s += v;
+                }
+                p0 = p1;
+            }
+            let cnt = sums[d] as u32;
             if cnt == 0 {
                 out[o] = arena[count_at];
                 out[o + 1..o + 1 + d].copy_from_slice(&arena[cent..cent + d]);
@@ -158,13 +201,7 @@ fn cpu_step(arena: &mut [u32], dirty: &mut [u32], chunk: usize, shape: KmeansSha
             let seen = arena[count_at] + cnt;
             let eta = cnt as f32 / seen as f32;
             for x in 0..d {
-                let mut s = 0.0f32;
-                for p in first..last {
-                    if labels[p] == c as u32 {
-                        s += points[p * d + x];
-                    }
-                }
-                let mean = s / cnt as f32;
+                let mean = sums[x] / cnt as f32;
                 let old = f32::from_bits(arena[cent + x]);
                 let v = old + eta * (mean - old);
                 arena[cent + x] = v.to_bits();

@@ -416,6 +416,16 @@ pub struct VramSnapshot {
 }
 
 impl VramSnapshot {
+    /// The slot layout.
+    pub fn layout(&self) -> ArenaLayout {
+        self.layout
+    }
+
+    /// Slots (keys) in the copy.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
     /// Bytes of device memory it holds.
     pub fn bytes(&self) -> u64 {
         self.area.block.size

@@ -183,3 +183,80 @@ fn state_beyond_the_budget_is_a_typed_error_naming_keys_and_bytes() {
     }
     assert!(matches!(err, Some(GpuError::StateTooLarge { .. })), "growth past the budget is refused: {err:?}");
 }
+
+#[test]
+fn the_paths_agree_over_many_large_batches_of_two_keys() {
+    let Some(g) = gpu() else { return };
+    let shape = KmeansShape { k: 8, d: 8 };
+    let mut host = StateArena::new(ArenaLayout::new(shape.words()), None, "h").unwrap();
+    let mut dev = StateArena::new(ArenaLayout::new(shape.words()), Some(g), "d").unwrap();
+    let mut x = 99u64;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % 2000) as f32 / 100.0
+    };
+    for _ in 0..2 {
+        let init: Vec<f32> = (0..64).map(|_| rnd()).collect();
+        host.alloc_slot(&shape.init_slot(&init)).unwrap();
+        dev.alloc_slot(&shape.init_slot(&init)).unwrap();
+    }
+    let mut pend = Vec::new();
+    let mut hs = Vec::new();
+    for i in 0..20 {
+        // Batches that grow and shrink: the transfer ring's buffers grow with them.
+        let n = [300, 4096, 1000, 9000, 16400][i % 5];
+        let points: Vec<f32> = (0..n * 8).map(|_| rnd()).collect();
+        let starts = [0, n as u32 / 3, n as u32];
+        hs.push(models(&mut host, shape, &[1, 0], &starts, &points));
+        pend.push(step(&mut dev, shape, &[1, 0], &starts, &points));
+        if pend.len() > 2 {
+            pend.remove(0).wait().unwrap();
+        }
+    }
+    let last = pend.pop().unwrap().wait().unwrap();
+    let h = hs.last().unwrap();
+    for j in 0..2 {
+        for c in 0..8 {
+            let (n, v) = last.centroid(j, c);
+            assert_eq!(n, h[j][c].0);
+            for (a, b) in v.zip(&h[j][c].1) {
+                assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+            }
+        }
+    }
+}
+
+#[test]
+fn one_large_launch_matches_the_host() {
+    let Some(g) = gpu() else { return };
+    let shape = KmeansShape { k: 8, d: 8 };
+    let mut x = 7u64;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % 2000) as f32 / 100.0
+    };
+    let staged = GpuKernels::with_transfer(Arc::clone(g.context()), crate::TransferMode::Staged, 2).unwrap();
+    for (n, g) in [(20000usize, &staged), (9000, g), (20000, g), (70000, g)] {
+        let mut host = StateArena::new(ArenaLayout::new(shape.words()), None, "h").unwrap();
+        let mut dev = StateArena::new(ArenaLayout::new(shape.words()), Some(g), "d").unwrap();
+        for _ in 0..2 {
+            let init: Vec<f32> = (0..64).map(|_| rnd()).collect();
+            host.alloc_slot(&shape.init_slot(&init)).unwrap();
+            dev.alloc_slot(&shape.init_slot(&init)).unwrap();
+        }
+        let points: Vec<f32> = (0..n * 8).map(|_| rnd()).collect();
+        let starts = [0, n as u32 / 2, n as u32];
+        let h = models(&mut host, shape, &[0, 1], &starts, &points);
+        let d = models(&mut dev, shape, &[0, 1], &starts, &points);
+        for (a, b) in h.iter().flatten().zip(d.iter().flatten()) {
+            assert_eq!(a.0, b.0, "n = {n} direct {}: counts", g.direct());
+            for (u, v) in a.1.iter().zip(&b.1) {
+                assert!((u - v).abs() <= 1e-3, "n = {n} direct {}: {u} vs {v}: {:?} vs {:?}", g.direct(), a.1, b.1);
+            }
+        }
+    }
+}

@@ -214,7 +214,7 @@ impl JobPlan {
                                 return Err(format!("pipeline[{j}].kmeans.k: must be at least 1"));
                             }
                             steps.push(PlanStep::KeyKmeans { key, field: field(f, &schema)?, k: *kk, uid });
-                            schema = vec![schema[key].clone(), "centroid".into(), "vector".into()];
+                            schema = vec![schema[key].clone(), "centroid".into(), "count".into(), "vector".into()];
                             ints = vec![ints[key], true, false];
                             non_numeric = vec![non_numeric[key], None, Some("vector")];
                             origin = vec![None; 3];

@@ -1,71 +1,88 @@
 //! Streaming mini-batch K-means (Sculley 2010), one model per key, on the GPU path or the CPU
-//! path of `weir-gpu`'s kernels. The model is keyed state: it is checkpointed (copied to the
-//! host at the barrier: it lives on the host between batches) and restored at any parallelism.
+//! path of `weir-gpu`'s kernels.
+//!
+//! The models are device-resident keyed state ([`KeyedArena`]): assignment, per-centre sums and
+//! the centre update run where the models live, one launch for every key of a batch; nothing of
+//! a model is uploaded per batch. Only the updated centroids come back, as the operator's
+//! output. A key's first points are held in host state until there are enough to seed its
+//! model (k-means++ on the host), then its model gets a slot.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-use weir_gpu::kernels::{apply_step, Kernels, KmeansStep};
+use weir_gpu::kernels::Kernels;
+use weir_gpu::state::kmeans::{step, KmeansModels, KmeansShape};
 use weir_gpu::Pending;
 
+use crate::ops::resident::KeyedArena;
 use crate::row::{Row, Value};
 use crate::state::{KeyedBatchFunction, KeyedContext, StateTables, ValueState};
 
-/// One key's model.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct KMeansModel {
-    /// Dimensions.
-    pub dim: usize,
-    /// `k × dim` centroids (empty until `k` points have been seen).
-    pub centroids: Vec<f32>,
-    /// Points assigned to each centroid so far.
-    pub seen: Vec<u64>,
-    /// Points held until there are `k` to seed the model with.
-    pub pending: Vec<f32>,
-}
-
 /// The `kmeans` operator: input rows carry a vector field; after each batch it emits one row
-/// `(key, centroid, vector)` per centroid.
+/// `(key, centroid, count, vector)` per centroid of each key in the batch, `count` being the
+/// points the centroid has absorbed so far.
 ///
-/// A batch's step is submitted and applied when it comes back: batches of other keys are
-/// gathered and uploaded meanwhile. A key's next batch waits for its previous step (it needs
-/// the updated centres), and at most `max_in_flight` steps run at once.
+/// A batch's launch is submitted and its output emitted when it comes back; up to
+/// `max_in_flight` launches run at once. A key in two launches in flight needs no wait: the
+/// device runs them in submission order, on the model where it lives.
 pub struct StreamingKMeans {
     k: usize,
     field: usize,
     kernels: Arc<dyn Kernels>,
-    state: Option<ValueState<KMeansModel>>,
-    points: Vec<f32>,
-    in_flight: VecDeque<(Value, Pending<KmeansStep>)>,
+    seeds: Option<ValueState<Vec<f32>>>,
+    models: KeyedArena<Value>,
+    dim: Option<usize>,
+    launch: Launch,
+    in_flight: VecDeque<(u64, Vec<Value>, Pending<KmeansModels>)>,
+    /// Launches waited for to make room (back-pressure), emitted at the next poll.
+    done: VecDeque<(u64, Vec<Value>, KmeansModels)>,
     max_in_flight: usize,
+}
+
+/// The keys and points gathered for one launch.
+#[derive(Default)]
+struct Launch {
+    keys: Vec<Value>,
+    slots: Vec<u32>,
+    starts: Vec<u32>,
+    points: Vec<f32>,
 }
 
 impl StreamingKMeans {
     /// `k` centroids over the vectors in field `field`, computed by `kernels`.
     pub fn new(k: usize, field: usize, kernels: Arc<dyn Kernels>) -> Self {
-        Self { k, field, kernels, state: None, points: Vec::new(), in_flight: VecDeque::new(), max_in_flight: 2 }
+        let models = KeyedArena::new("kmeans-models", kernels.as_ref());
+        Self {
+            k,
+            field,
+            kernels,
+            seeds: None,
+            models,
+            dim: None,
+            launch: Launch::default(),
+            in_flight: VecDeque::new(),
+            done: VecDeque::new(),
+            max_in_flight: 2,
+        }
     }
 
-    /// Steps in flight at once (`weir.gpu.max-inflight-batches`; 1 = one at a time).
+    /// Launches in flight at once (`weir.gpu.max-inflight-batches`).
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.max_in_flight = n.max(1);
         self
     }
 
-    /// Apply the oldest step in flight (waiting for it if `block`); false if none was ready.
-    fn complete_front(&mut self, tables: &mut StateTables<Value>, out: &mut Vec<Row>, block: bool) -> bool {
-        let Some(r) = self.in_flight.front_mut().and_then(|(_, p)| p.poll(block)) else { return false };
-        let (key, _) = self.in_flight.pop_front().expect("non-empty");
-        let step = r.unwrap_or_else(|e| panic!("kmeans on {}: key {key}: {e}", self.kernels.name()));
-        let mut ctx = KeyedContext::new(&key, tables);
-        let model = self.state.as_ref().expect("opened").get_or_insert_with(&mut ctx, KMeansModel::default);
-        let (k, d) = (self.k, model.dim);
-        apply_step(&mut model.centroids, &mut model.seen, &step, d);
-        for c in 0..k {
-            out.push(Row::new([key.clone(), Value::Int(c as i64), Value::Vector(Arc::new(model.centroids[c * d..(c + 1) * d].to_vec()))]));
+    fn shape(&self, d: usize) -> KmeansShape {
+        KmeansShape { k: self.k, d }
+    }
+
+    fn emit(&self, epoch: u64, keys: &[Value], m: &KmeansModels, out: &mut Vec<(u64, Row)>) {
+        for (j, key) in keys.iter().enumerate() {
+            for c in 0..self.k {
+                let (count, x) = m.centroid(j, c);
+                out.push((epoch, Row::new([key.clone(), Value::Int(c as i64), Value::Int(count as i64), Value::Vector(Arc::new(x.collect()))])));
+            }
         }
-        true
     }
 }
 
@@ -118,53 +135,97 @@ fn seed_centroids(points: &[f32], d: usize, k: usize, seed: u64) -> Vec<f32> {
 
 impl KeyedBatchFunction<Value, Row, Row> for StreamingKMeans {
     fn open(&mut self, states: &mut StateTables<Value>) {
-        self.state = Some(states.value_state("kmeans-model"));
+        self.seeds = Some(states.value_state("kmeans-seed-points"));
+        self.models.register(states);
     }
 
-    fn process_batch(&mut self, ctx: &mut KeyedContext<'_, Value>, batch: &mut Vec<Row>, out: &mut Vec<Row>) {
-        // This key's previous step first (its centres), and room in the window.
-        if let Some(i) = self.in_flight.iter().position(|(k, _)| k == ctx.key()) {
-            for _ in 0..=i {
-                self.complete_front(ctx.tables, out, true);
-            }
-        }
-        while self.in_flight.len() >= self.max_in_flight {
-            self.complete_front(ctx.tables, out, true);
-        }
+    fn process_batch(&mut self, ctx: &mut KeyedContext<'_, Value>, batch: &mut Vec<Row>, _out: &mut Vec<Row>) {
         let key = ctx.key().clone();
-        let state = self.state.as_ref().expect("opened");
-        let k = self.k;
-        let model = state.get_or_insert_with(ctx, KMeansModel::default);
-        self.points.clear();
+        if self.dim.is_none() {
+            // A restored arena knows its models' dimension: words = 4 + k·d + k.
+            self.dim = self.models.state_words().map(|w| (w - 4 - self.k) / self.k);
+        }
+        let start = self.launch.points.len();
         for r in batch.iter() {
             let Value::Vector(v) = r.get(self.field) else {
                 panic!("kmeans: key {key}: field {} is a {}, not a vector", self.field, r.get(self.field).type_name());
             };
-            if model.dim == 0 {
-                model.dim = v.len();
+            let d = *self.dim.get_or_insert(v.len());
+            if v.len() != d {
+                panic!("kmeans: key {key}: a {}-dimensional point for {d}-dimensional models", v.len());
             }
-            if v.len() != model.dim {
-                panic!("kmeans: key {key}: a {}-dimensional point for a {}-dimensional model", v.len(), model.dim);
-            }
-            self.points.extend_from_slice(v);
+            self.launch.points.extend_from_slice(v);
         }
-        let d = model.dim;
-        if model.centroids.is_empty() {
-            model.pending.extend_from_slice(&self.points);
-            if model.pending.len() / d < k * SEED_POINTS_PER_CENTROID {
-                return;
+        let d = self.dim.expect("set by the first point");
+        let slot = match self.models.slot(&key) {
+            Some(s) => s,
+            None => {
+                // Not seeded yet: hold the points until there are enough for k-means++.
+                let seeds = self.seeds.as_ref().expect("opened");
+                let held = seeds.get_or_insert_with(ctx, Vec::new);
+                held.extend_from_slice(&self.launch.points[start..]);
+                self.launch.points.truncate(start);
+                if held.len() / d < self.k * SEED_POINTS_PER_CENTROID {
+                    return;
+                }
+                let held = std::mem::take(held);
+                seeds.clear(ctx);
+                let seed = weir_state::keygroup::StableHasher::hash_one(&key);
+                let shape = self.shape(d);
+                let init = shape.init_slot(&seed_centroids(&held, d, self.k, seed));
+                let owner = format!("kmeans: key {key}");
+                if let Err(e) = self.models.ensure(shape.words()) {
+                    panic!("{owner}: {e}");
+                }
+                let slot = self.models.insert(key.clone(), &init).unwrap_or_else(|e| panic!("{owner}: {e}"));
+                self.launch.points.extend_from_slice(&held);
+                slot
             }
-            let seed = weir_state::keygroup::StableHasher::hash_one(&key);
-            model.centroids = seed_centroids(&model.pending, d, k, seed);
-            model.seen = vec![0; k];
-            self.points = std::mem::take(&mut model.pending);
+        };
+        let l = &mut self.launch;
+        if l.starts.is_empty() {
+            l.starts.push(0);
         }
-        let step = self.kernels.kmeans_step_async(&self.points, &model.centroids, d);
-        self.in_flight.push_back((key, step));
+        l.keys.push(key);
+        l.slots.push(slot);
+        l.starts.push((l.points.len() / d) as u32);
     }
 
-    fn poll(&mut self, tables: &mut StateTables<Value>, out: &mut Vec<Row>, block: bool) -> bool {
-        while self.complete_front(tables, out, block) {}
-        !self.in_flight.is_empty()
+    fn flush(&mut self, _tables: &mut StateTables<Value>, epoch: u64) {
+        if self.launch.keys.is_empty() {
+            self.launch.points.clear();
+            return;
+        }
+        while self.in_flight.len() >= self.max_in_flight {
+            let (e, keys, p) = self.in_flight.pop_front().expect("non-empty");
+            let m = p.wait().unwrap_or_else(|err| panic!("kmeans on {}: {err}", self.kernels.name()));
+            self.done.push_back((e, keys, m));
+        }
+        let shape = self.shape(self.dim.expect("points seen"));
+        let l = std::mem::take(&mut self.launch);
+        let arena = self.models.arena().expect("a key has a slot");
+        let pending = step(arena, shape, &l.slots, &l.starts, &l.points);
+        self.in_flight.push_back((epoch, l.keys, pending));
+        // Keep the buffers' capacity for the next launch.
+        self.launch = Launch { keys: Vec::new(), slots: l.slots, starts: l.starts, points: l.points };
+        self.launch.slots.clear();
+        self.launch.starts.clear();
+        self.launch.points.clear();
+    }
+
+    fn poll(&mut self, _tables: &mut StateTables<Value>, out: &mut Vec<(u64, Row)>) -> Option<u64> {
+        while let Some((e, keys, m)) = self.done.pop_front() {
+            self.emit(e, &keys, &m, out);
+        }
+        while let Some(r) = self.in_flight.front_mut().and_then(|(_, _, p)| p.poll(false)) {
+            let (e, keys, _) = self.in_flight.pop_front().expect("non-empty");
+            let m = r.unwrap_or_else(|err| panic!("kmeans on {}: {err}", self.kernels.name()));
+            self.emit(e, &keys, &m, out);
+        }
+        self.in_flight.front().map(|(e, _, _)| *e)
+    }
+
+    fn resident(&mut self) -> Option<&mut KeyedArena<Value>> {
+        Some(&mut self.models)
     }
 }

@@ -5,9 +5,11 @@
 //! - [`gemm`]: rows × a fixed matrix.
 //! - [`cnn`]: CNN inference.
 //! - [`image`]: image resize and filters.
+//! - [`resident`]: the GPU state store (device-resident keyed state, incremental snapshots).
 
 pub mod cnn;
 pub mod gemm;
 pub mod image;
 pub mod kmeans;
+pub mod resident;
 pub mod export;
