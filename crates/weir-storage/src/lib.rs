@@ -438,8 +438,54 @@ impl CheckpointStorage {
             block_on(self.store.delete(&f.location)).map_err(io("delete", self.display(f.location.as_ref())))?;
         }
         std::fs::remove_dir_all(self.local.join(&dir)).ok();
+        self.collect_shared(id)
+    }
+
+    /// Delete the files under `shared/` that checkpoint `upto` or an older one wrote and that no
+    /// completed checkpoint still lists (incremental state: a checkpoint lists files written by
+    /// the checkpoints before it). Files of newer checkpoints are left alone: one still being
+    /// written may list them. Their names start with `shared/chk<N>-`.
+    pub fn collect_shared(&self, upto: CheckpointId) -> Result<(), StorageError> {
+        let prefix = Path::from(SHARED_DIR);
+        let files: Vec<_> = match block_on(self.store.list(Some(&prefix)).try_collect::<Vec<_>>()) {
+            Ok(f) => f,
+            Err(object_store::Error::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(io("list", self.display(SHARED_DIR))(e)),
+        };
+        let old: Vec<_> = files
+            .into_iter()
+            .filter(|f| shared_file_checkpoint(f.location.as_ref()).is_some_and(|n| n <= upto))
+            .collect();
+        if old.is_empty() {
+            return Ok(());
+        }
+        let mut listed = std::collections::HashSet::new();
+        for id in self.completed_checkpoints()? {
+            // A checkpoint that cannot be read lists nothing we could keep alive for it: it is
+            // not restorable anyway. (A transient error stops the collection instead.)
+            match self.load_metadata(id) {
+                Ok(m) => listed.extend(m.subtasks.iter().flat_map(|(_, s)| s.state_files.iter().map(|f| f.path.clone()))),
+                Err(e) if e.is_corruption() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for f in old.into_iter().filter(|f| !listed.contains(f.location.as_ref())) {
+            match block_on(self.store.delete(&f.location)) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(io("delete", self.display(f.location.as_ref()))(e)),
+            }
+        }
         Ok(())
     }
+}
+
+/// The directory of files that several checkpoints may list (incremental state).
+pub const SHARED_DIR: &str = "shared";
+
+/// The checkpoint that wrote a shared file: `shared/chk<N>-…`.
+fn shared_file_checkpoint(path: &str) -> Option<CheckpointId> {
+    let rest = path.strip_prefix(SHARED_DIR)?.strip_prefix("/chk")?;
+    rest.split('-').next()?.parse().ok()
 }
 
 #[cfg(test)]
@@ -450,6 +496,51 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("weir-storage-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         (CheckpointStorage::open(dir.to_str().unwrap(), "job").unwrap(), dir)
+    }
+
+    #[test]
+    fn shared_files_go_when_no_completed_checkpoint_lists_them() {
+        let (s, dir) = storage("shared");
+        let meta = |id: u64, files: &[&str]| {
+            let snapshot = weir_checkpoint::SubtaskSnapshot {
+                operator_name: "op".into(),
+                uid: "op".into(),
+                state_files: files
+                    .iter()
+                    .map(|p| weir_checkpoint::StateFileHandle { state: "s".into(), path: p.to_string(), size: 1, crc32c: 0, key_groups: vec![] })
+                    .collect(),
+                splits: vec![],
+                stats: Default::default(),
+            };
+            CheckpointMetadata {
+                version: METADATA_VERSION,
+                job: "job".into(),
+                id,
+                triggered_ms: 0,
+                completed_ms: 1,
+                parallelism: 1,
+                max_parallelism: 128,
+                is_final: false,
+                subtasks: vec![(weir_checkpoint::TaskId::new(0, 0), snapshot)],
+            }
+        };
+        for f in ["shared/chk1-op-s-0-full.state", "shared/chk2-op-s-0-delta.state", "shared/chk3-op-s-0-full.state", "shared/chk4-op-s-0-delta.state"] {
+            s.put(f, vec![1]).unwrap();
+        }
+        s.commit_metadata(&meta(1, &["shared/chk1-op-s-0-full.state"])).unwrap();
+        s.commit_metadata(&meta(2, &["shared/chk1-op-s-0-full.state", "shared/chk2-op-s-0-delta.state"])).unwrap();
+        s.commit_metadata(&meta(3, &["shared/chk3-op-s-0-full.state"])).unwrap();
+        // Checkpoint 1 leaves: its file is still listed by 2.
+        s.discard(1).unwrap();
+        assert!(dir.join("job/shared/chk1-op-s-0-full.state").exists(), "listed by checkpoint 2");
+        // Checkpoint 2 leaves: 3 starts a new chain, so 1's and 2's files go; the file of
+        // checkpoint 4 (not completed yet: it may still be listed) stays.
+        s.discard(2).unwrap();
+        assert!(!dir.join("job/shared/chk1-op-s-0-full.state").exists());
+        assert!(!dir.join("job/shared/chk2-op-s-0-delta.state").exists());
+        assert!(dir.join("job/shared/chk3-op-s-0-full.state").exists());
+        assert!(dir.join("job/shared/chk4-op-s-0-delta.state").exists());
+        std::fs::remove_dir_all(dir).ok();
     }
 
     #[test]
