@@ -221,6 +221,15 @@ struct AttemptEnv {
 }
 
 /// Run a job to completion, restarting per the restart strategy.
+/// Drops the VRAM tier's snapshots of a job directory when the run ends.
+struct ForgetVram(String);
+
+impl Drop for ForgetVram {
+    fn drop(&mut self) {
+        weir_gpu::state::VramTier::global().forget(&self.0);
+    }
+}
+
 pub(crate) fn run_job(
     job: &str,
     config: JobConfig,
@@ -245,6 +254,8 @@ pub(crate) fn run_job(
     } else {
         None
     };
+    // Snapshots kept in device memory serve restarts of this run only.
+    let _vram = storage.as_ref().map(|s| ForgetVram(format!("{}|", s.display(""))));
     let mut restarts = 0;
     // What a restart restores: the run's own restore point until its lineage is fixed (then
     // `latest` of the job directory can only find the restore point or the run's own
