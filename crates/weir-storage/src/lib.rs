@@ -249,7 +249,14 @@ impl CheckpointStorage {
                 a.pop_first();
             }
         }
-        self.discard(id)
+        self.delete_checkpoint_dir(id)?;
+        // Shared files written for an aborted checkpoint may still be listed by a later one (a
+        // delta chain goes on across an abort): collect only what the newest completed
+        // checkpoint has superseded.
+        match self.completed_checkpoints()?.last() {
+            Some(&newest) => self.collect_shared(newest.min(id)),
+            None => Ok(()),
+        }
     }
 
     /// Read a whole file.
@@ -423,8 +430,14 @@ impl CheckpointStorage {
         }
     }
 
-    /// Delete checkpoint `id`: `_metadata` first, so a half-deleted checkpoint never looks valid.
+    /// Delete completed checkpoint `id` (it left retention): `_metadata` first, so a half-deleted
+    /// checkpoint never looks valid; then the shared files no completed checkpoint lists any more.
     pub fn discard(&self, id: CheckpointId) -> Result<(), StorageError> {
+        self.delete_checkpoint_dir(id)?;
+        self.collect_shared(id)
+    }
+
+    fn delete_checkpoint_dir(&self, id: CheckpointId) -> Result<(), StorageError> {
         let dir = checkpoint_dir_name(id);
         let meta = Path::from(format!("{dir}/_metadata"));
         match block_on(self.store.delete(&meta)) {
@@ -438,7 +451,7 @@ impl CheckpointStorage {
             block_on(self.store.delete(&f.location)).map_err(io("delete", self.display(f.location.as_ref())))?;
         }
         std::fs::remove_dir_all(self.local.join(&dir)).ok();
-        self.collect_shared(id)
+        Ok(())
     }
 
     /// Delete the files under `shared/` that checkpoint `upto` or an older one wrote and that no
@@ -540,6 +553,14 @@ mod tests {
         assert!(!dir.join("job/shared/chk2-op-s-0-delta.state").exists());
         assert!(dir.join("job/shared/chk3-op-s-0-full.state").exists());
         assert!(dir.join("job/shared/chk4-op-s-0-delta.state").exists());
+        // Checkpoint 4 is aborted, but a later checkpoint may list its delta (the chain goes on
+        // across an abort): it stays until a completed checkpoint supersedes it.
+        s.abort(4).unwrap();
+        assert!(dir.join("job/shared/chk4-op-s-0-delta.state").exists(), "an abort collects nothing newer than the newest completed checkpoint");
+        s.put("shared/chk5-op-s-0-delta.state", vec![1]).unwrap();
+        s.commit_metadata(&meta(5, &["shared/chk3-op-s-0-full.state", "shared/chk4-op-s-0-delta.state", "shared/chk5-op-s-0-delta.state"])).unwrap();
+        s.discard(3).unwrap();
+        assert!(dir.join("job/shared/chk3-op-s-0-full.state").exists() && dir.join("job/shared/chk4-op-s-0-delta.state").exists(), "listed by 5");
         std::fs::remove_dir_all(dir).ok();
     }
 
