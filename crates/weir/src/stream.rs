@@ -817,7 +817,7 @@ fn snapshot_tables<K: Key>(
         }
         let mut entries = entries;
         if let Some(job) = resident {
-            match job(&storage) {
+            match job.run(&storage) {
                 Ok(w) => {
                     bytes += w.bytes;
                     entries += w.entries;

@@ -34,8 +34,30 @@ use crate::Key;
 type SlotChunks = Vec<(u32, Vec<u32>)>;
 
 /// The background half of a snapshot: reads the device copy, writes the file, says what the
-/// checkpoint holds of this state.
-pub(crate) type ResidentJob = Box<dyn FnOnce(&CheckpointStorage) -> Result<ResidentWritten, String> + Send>;
+/// checkpoint holds of this state. Dropped without running (a failed write of the operator's
+/// host state before it, a panic), it passes its turn on and makes the instance's next snapshot
+/// a full one: the dirty map it took is lost with it.
+pub(crate) struct ResidentJob {
+    run: Option<Box<dyn FnOnce(&CheckpointStorage) -> Result<ResidentWritten, String> + Send>>,
+    chain: Arc<Chain>,
+    seq: u64,
+}
+
+impl ResidentJob {
+    /// Run it (on the snapshot writer).
+    pub(crate) fn run(mut self, storage: &CheckpointStorage) -> Result<ResidentWritten, String> {
+        let f = self.run.take().expect("a job runs once");
+        f(storage)
+    }
+}
+
+impl Drop for ResidentJob {
+    fn drop(&mut self) {
+        if self.run.is_some() {
+            self.chain.cancel(self.seq);
+        }
+    }
+}
 
 /// What a resident snapshot wrote.
 pub(crate) struct ResidentWritten {
@@ -54,9 +76,18 @@ struct ChainState {
     files: Vec<StateFileHandle>,
     base_bytes: u64,
     delta_bytes: u64,
-    broken: bool,
+    /// The newest snapshot whose file was not written: every later one must be full.
+    broken_at: Option<u64>,
     issued: u64,
     turn: u64,
+    /// Snapshots dropped before their turn: skipped when it comes.
+    cancelled: std::collections::BTreeSet<u64>,
+}
+
+impl ChainState {
+    fn break_at(&mut self, seq: u64) {
+        self.broken_at = Some(self.broken_at.map_or(seq, |b| b.max(seq)));
+    }
 }
 
 #[derive(Default)]
@@ -69,15 +100,57 @@ impl Chain {
     fn lock(&self) -> MutexGuard<'_, ChainState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Wait until it is snapshot `seq`'s turn.
+    fn wait_turn(&self, seq: u64) {
+        let mut c = self.lock();
+        while c.turn < seq {
+            c = self.turn.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// The current snapshot is done: the next one that was not dropped goes.
+    fn pass(&self) {
+        let mut c = self.lock();
+        c.turn += 1;
+        loop {
+            let t = c.turn;
+            if !c.cancelled.remove(&t) {
+                break;
+            }
+            c.turn += 1;
+        }
+        drop(c);
+        self.turn.notify_all();
+    }
+
+    /// Snapshot `seq` will never run.
+    fn cancel(&self, seq: u64) {
+        let mut c = self.lock();
+        c.break_at(seq);
+        if c.turn == seq {
+            drop(c);
+            self.pass();
+        } else {
+            c.cancelled.insert(seq);
+        }
+    }
 }
 
-/// Passes the turn to the next snapshot when dropped (also on an error or a panic).
-struct Turn<'a>(&'a Chain);
+/// Passes the turn to the next snapshot when dropped (also on an error or a panic); unless the
+/// snapshot succeeded, the next one must be full.
+struct Turn<'a> {
+    chain: &'a Chain,
+    seq: u64,
+    ok: bool,
+}
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        self.0.lock().turn += 1;
-        self.0.turn.notify_all();
+        if !self.ok {
+            self.chain.lock().break_at(self.seq);
+        }
+        self.chain.pass();
     }
 }
 
@@ -286,21 +359,22 @@ impl<K: Key> KeyedArena<K> {
         let at = self.attached.clone();
         let name = self.name.clone();
         let chunk_words = self.arena.as_ref().map_or(1, |a| a.layout().chunk_words) as u32;
-        Ok(Box::new(move |storage: &CheckpointStorage| {
+        let job_chain = chain.clone();
+        let run = Box::new(move |storage: &CheckpointStorage| {
             // Snapshots of one instance are written in checkpoint order: each delta follows the
             // file before it.
-            let mut c = chain.lock();
-            while c.turn < seq {
-                c = chain.turn.wait(c).unwrap_or_else(|p| p.into_inner());
-            }
-            drop(c);
-            let _turn = Turn(&chain);
+            chain.wait_turn(seq);
+            let mut turn = Turn { chain: &chain, seq, ok: false };
             let Some(snap) = snap else {
+                turn.ok = true;
                 return Ok(ResidentWritten { files: Vec::new(), bytes: 0, entries: 0 });
             };
             let full = {
                 let c = chain.lock();
-                c.broken || c.files.is_empty() || c.files.len() as u32 >= at.full_every || c.delta_bytes as f64 > at.max_delta_share * c.base_bytes as f64
+                c.broken_at.is_some_and(|b| b < seq)
+                    || c.files.is_empty()
+                    || c.files.len() as u32 >= at.full_every
+                    || c.delta_bytes as f64 > at.max_delta_share * c.base_bytes as f64
             };
             let vram = at.vram.as_ref().and_then(|_| snap.vram());
             let written = (|| -> Result<(StateFileHandle, u64), String> {
@@ -326,14 +400,17 @@ impl<K: Key> KeyedArena<K> {
                 Ok(x) => x,
                 Err(e) => {
                     // The next snapshot cannot be a delta on top of a file that was not written.
-                    c.broken = true;
+                    c.break_at(seq);
                     return Err(e);
                 }
             };
             let size = handle.size;
             if full {
                 c.files = vec![handle];
-                (c.base_bytes, c.delta_bytes, c.broken) = (size, 0, false);
+                (c.base_bytes, c.delta_bytes) = (size, 0);
+                if c.broken_at.is_some_and(|b| b < seq) {
+                    c.broken_at = None;
+                }
             } else {
                 c.files.push(handle);
                 c.delta_bytes += size;
@@ -344,8 +421,10 @@ impl<K: Key> KeyedArena<K> {
                 let keys = keys.lock().unwrap_or_else(|p| p.into_inner())[..v.slots()].to_vec();
                 VramTier::global().keep(name, epoch, v, Arc::new(VramIndex { keys, files: files.clone() }));
             }
+            turn.ok = true;
             Ok(ResidentWritten { files, bytes: size, entries: n })
-        }))
+        });
+        Ok(ResidentJob { run: Some(run), chain: job_chain, seq })
     }
 }
 
@@ -353,4 +432,81 @@ impl<K: Key> KeyedArena<K> {
 /// state (a copy is only ever restored by the same instance of the same job).
 fn vram_name(storage: &CheckpointStorage, uid: &str, subtask: usize, peers: usize, state: &str) -> String {
     format!("{}|{uid}|{subtask}/{peers}|{state}", storage.display(""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_gpu::kernels::cpu::CpuKernels;
+
+    fn arena(keys: u64) -> KeyedArena<u64> {
+        let mut a: KeyedArena<u64> = KeyedArena::new("s", &CpuKernels::new(1));
+        a.attached.max_parallelism = 128;
+        a.ensure(4).unwrap();
+        for k in 0..keys {
+            a.insert(k, &[k as u32; 4]).unwrap();
+        }
+        a
+    }
+
+    fn storage(tag: &str) -> (CheckpointStorage, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("weir-resident-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        (CheckpointStorage::open(dir.to_str().unwrap(), "job").unwrap(), dir)
+    }
+
+    fn touch(a: &mut KeyedArena<u64>, key: u64, v: u32) {
+        let slot = a.slot(&key).unwrap();
+        let arena = a.arena().unwrap();
+        let at = arena.slot_word(slot) as usize;
+        let (words, dirty) = arena.host_mut().unwrap();
+        words[at] = v;
+        dirty[slot as usize] = 1;
+    }
+
+    #[test]
+    fn deltas_hold_only_changed_keys_and_the_chain_restarts_after_a_dropped_snapshot() {
+        let (st, dir) = storage("chain");
+        let mut a = arena(10);
+        let s1 = a.snapshot(1).unwrap();
+        touch(&mut a, 3, 33);
+        let s2 = a.snapshot(2).unwrap();
+        touch(&mut a, 4, 44);
+        let s3 = a.snapshot(3).unwrap();
+        touch(&mut a, 5, 55);
+        let s4 = a.snapshot(4).unwrap();
+        // Snapshot 4 is run first, on another thread: it waits for its turn.
+        let st4 = st.clone();
+        let later = std::thread::spawn(move || s4.run(&st4));
+        let w1 = s1.run(&st).unwrap();
+        assert_eq!((w1.files.len(), w1.entries), (1, 10), "the first snapshot is full");
+        let w2 = s2.run(&st).unwrap();
+        assert_eq!((w2.files.len(), w2.entries), (2, 1), "a delta of the one changed key");
+        assert!(w2.files[1].path.ends_with("-delta.state") && w2.bytes < w1.bytes, "{:?}", w2.files);
+        // Snapshot 3 never runs (its host state failed to write): its changes (key 4) are only in
+        // the arena, so snapshot 4 must not be a delta on top of snapshot 2.
+        drop(s3);
+        let w4 = later.join().unwrap().unwrap();
+        assert_eq!((w4.files.len(), w4.entries), (1, 10), "full after a dropped snapshot: {:?}", w4.files);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn a_failed_write_makes_the_next_snapshot_full() {
+        let (st, dir) = storage("fail");
+        let mut a = arena(4);
+        a.snapshot(1).unwrap().run(&st).unwrap();
+        touch(&mut a, 1, 11);
+        let s2 = a.snapshot(2).unwrap();
+        // The shared directory cannot be written (a file stands where it should be).
+        let shared = dir.join("job/shared");
+        std::fs::remove_dir_all(&shared).unwrap();
+        std::fs::write(&shared, b"in the way").unwrap();
+        assert!(s2.run(&st).is_err());
+        std::fs::remove_file(&shared).unwrap();
+        touch(&mut a, 2, 22);
+        let w3 = a.snapshot(3).unwrap().run(&st).unwrap();
+        assert_eq!((w3.files.len(), w3.entries), (1, 4), "{:?}", w3.files);
+        std::fs::remove_dir_all(dir).ok();
+    }
 }

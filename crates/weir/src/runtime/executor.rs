@@ -31,7 +31,13 @@ impl SnapshotExecutor {
                         // One lock per snapshot job, never per record.
                         let job = rx.lock().map(|r| r.recv());
                         match job {
-                            Ok(Ok(job)) => job(),
+                            // A panicking job must not take the thread with it: later writes
+                            // (and the checkpoints waiting for them) still need it.
+                            Ok(Ok(job)) => {
+                                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                                    tracing::error!("a snapshot job panicked; its checkpoint will not complete");
+                                }
+                            }
                             _ => return,
                         }
                     })
