@@ -78,13 +78,19 @@ impl PoolBlock {
     fn alloc(ctx: &Arc<GpuContext>, bytes: u64) -> Result<PoolBlock, GpuError> {
         let size = bytes.max(4).next_multiple_of(crate::pool::MIN_BLOCK);
         ctx.pool.lock().unwrap_or_else(|p| p.into_inner()).reserve_external(size, 0)?;
-        let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        let desc = wgpu::BufferDescriptor {
             label: Some("weir-state"),
             size,
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
-        });
-        Ok(PoolBlock { ctx: ctx.clone(), buffer, block: Placed { offset: 0, size } })
+        };
+        match crate::pool::create_buffer(&ctx.device, &desc, "a state buffer") {
+            Ok(buffer) => Ok(PoolBlock { ctx: ctx.clone(), buffer, block: Placed { offset: 0, size } }),
+            Err(e) => {
+                ctx.pool.lock().unwrap_or_else(|p| p.into_inner()).release_external(size);
+                Err(e)
+            }
+        }
     }
 
     /// The block's buffer and offset (for a binding or a copy).
@@ -110,6 +116,8 @@ pub struct StateArena {
     layout: ArenaLayout,
     slots: usize,
     capacity: usize,
+    /// Arena-sized snapshot areas that may live beside the arena (1; 2 with the VRAM tier).
+    snapshot_areas: u64,
     backing: Backing,
     /// Which operator, for error messages.
     owner: String,
@@ -129,7 +137,14 @@ impl StateArena {
     /// memory. `owner` names the operator in errors. The device arena and a snapshot area of the
     /// same size must fit the budget; a state that does not is a typed error naming keys × bytes.
     pub fn new(layout: ArenaLayout, gpu: Option<&GpuKernels>, owner: &str) -> Result<StateArena, GpuError> {
-        let mut a = StateArena { layout, slots: 0, capacity: 0, backing: Backing::Host { words: Vec::new(), dirty: Vec::new() }, owner: owner.to_string() };
+        let mut a = StateArena {
+            layout,
+            slots: 0,
+            capacity: 0,
+            snapshot_areas: 1,
+            backing: Backing::Host { words: Vec::new(), dirty: Vec::new() },
+            owner: owner.to_string(),
+        };
         if let Some(k) = gpu {
             let (arena, dirty) = a.device_blocks(k.context(), INITIAL_SLOTS)?;
             let buffers = (arena.place().0, dirty.place().0);
@@ -142,6 +157,12 @@ impl StateArena {
     /// The layout.
     pub fn layout(&self) -> ArenaLayout {
         self.layout
+    }
+
+    /// Arena-sized snapshot areas to admit beside the arena when it grows: 1, or 2 when the VRAM
+    /// tier keeps the last snapshot while the next one is taken.
+    pub fn set_snapshot_areas(&mut self, n: u64) {
+        self.snapshot_areas = n.max(1);
     }
 
     /// Slots in use (keys).
@@ -164,13 +185,14 @@ impl StateArena {
         let chunk_bytes = (capacity * self.layout.chunks_per_slot()) as u64 * 4;
         let budget = ctx.pool.lock().unwrap_or_else(|p| p.into_inner()).budget();
         let max_binding = ctx.adapter.max_storage_binding;
-        // The arena, its dirty map and a snapshot area of the same size live side by side.
-        if 2 * (bytes + chunk_bytes) > budget || bytes > max_binding {
+        // The arena, its dirty map and its snapshot areas of the same size live side by side.
+        let copies = 1 + self.snapshot_areas;
+        if copies * (bytes + chunk_bytes) > budget || bytes > max_binding {
             return Err(GpuError::StateTooLarge {
                 owner: self.owner.clone(),
                 keys: capacity as u64,
                 slot_bytes: self.layout.slot_bytes(),
-                limit: (budget / 2).min(max_binding),
+                limit: (budget / copies).min(max_binding),
             });
         }
         let arena = PoolBlock::alloc(ctx, bytes).map_err(|e| self.too_large(capacity, e))?;
@@ -180,9 +202,12 @@ impl StateArena {
 
     fn too_large(&self, keys: usize, e: GpuError) -> GpuError {
         match e {
-            GpuError::OutOfMemory { budget, .. } => {
-                GpuError::StateTooLarge { owner: self.owner.clone(), keys: keys as u64, slot_bytes: self.layout.slot_bytes(), limit: budget / 2 }
-            }
+            GpuError::OutOfMemory { budget, .. } => GpuError::StateTooLarge {
+                owner: self.owner.clone(),
+                keys: keys as u64,
+                slot_bytes: self.layout.slot_bytes(),
+                limit: budget / (1 + self.snapshot_areas),
+            },
             e => e,
         }
     }
@@ -334,12 +359,16 @@ impl StateArena {
                 let area = PoolBlock::alloc(&ctx, used).map_err(|e| GpuError::Device(format!("{}: no room for the snapshot area: {e}", self.owner)))?;
                 let (ab, ao) = area.place();
                 let dirty_bytes = (chunks as u64 * 4).max(4);
-                let flags = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("weir-state-dirty-readback"),
-                    size: dirty_bytes.next_multiple_of(4),
-                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                });
+                let flags = crate::pool::create_buffer(
+                    &ctx.device,
+                    &wgpu::BufferDescriptor {
+                        label: Some("weir-state-dirty-readback"),
+                        size: dirty_bytes.next_multiple_of(4),
+                        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                        mapped_at_creation: false,
+                    },
+                    "a dirty-map read-back buffer",
+                )?;
                 let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("weir-state-snapshot") });
                 if used > 0 {
                     enc.copy_buffer_to_buffer(&buffers.0, arena.block.offset, &ab, ao, used);
@@ -432,6 +461,45 @@ impl VramSnapshot {
     }
 }
 
+/// The largest read-back buffer of a snapshot.
+const DOWNLOAD_PIECE: u64 = 32 << 20;
+
+/// Copy `chunks` of the snapshot area (`ab` at `ao`) into a mappable buffer, wait, and hand each
+/// chunk's words to `each` (in order).
+fn read_piece(ctx: &GpuContext, ab: &wgpu::Buffer, ao: u64, chunks: &[usize], chunk_bytes: u64, mut each: impl FnMut(usize, &[u32])) -> Result<(), GpuError> {
+    let len = chunks.len() as u64 * chunk_bytes;
+    let down = crate::pool::create_buffer(
+        &ctx.device,
+        &wgpu::BufferDescriptor { label: Some("weir-state-readback"), size: len, usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST, mapped_at_creation: false },
+        "a snapshot read-back buffer",
+    )?;
+    let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("weir-state-download") });
+    // Coalesce runs of consecutive chunks into one copy each.
+    let mut at = 0u64;
+    let mut i = 0;
+    while i < chunks.len() {
+        let n = (i + 1..chunks.len()).take_while(|&j| chunks[j] == chunks[j - 1] + 1).count() + 1;
+        enc.copy_buffer_to_buffer(ab, ao + chunks[i] as u64 * chunk_bytes, &down, at, n as u64 * chunk_bytes);
+        at += n as u64 * chunk_bytes;
+        i += n;
+    }
+    let done = Arc::new(AtomicU8::new(0));
+    let d = done.clone();
+    enc.map_buffer_on_submit(&down, wgpu::MapMode::Read, .., move |r| d.store(if r.is_ok() { 1 } else { 2 }, Ordering::Release));
+    let index = ctx.queue.submit([enc.finish()]);
+    wait_mapped(ctx, &index, &done)?;
+    {
+        let view = down.slice(..).get_mapped_range().map_err(|e| GpuError::Device(e.to_string()))?;
+        let words: &[u32] = bytemuck::cast_slice(&view);
+        let per = (chunk_bytes / 4) as usize;
+        for i in 0..chunks.len() {
+            each(i, &words[i * per..(i + 1) * per]);
+        }
+    }
+    down.unmap();
+    Ok(())
+}
+
 fn wait_mapped(ctx: &GpuContext, index: &wgpu::SubmissionIndex, mapped: &AtomicU8) -> Result<(), GpuError> {
     ctx.device.poll(wgpu::PollType::Wait { submission_index: Some(index.clone()), timeout: None }).map_err(|e| GpuError::Device(e.to_string()))?;
     // The map callback runs in a poll after the submission is done.
@@ -500,43 +568,20 @@ impl ArenaSnapshot {
                 if chosen.is_empty() {
                     return Ok(SnapshotChunks { slots: self.slots, full, entries, bytes_down: chunks as u64 * 4 });
                 }
-                // Coalesce runs of chunks into one copy each.
-                let mut runs: Vec<(usize, usize)> = Vec::new();
-                for &c in &chosen {
-                    match runs.last_mut() {
-                        Some((s, n)) if *s + *n == c => *n += 1,
-                        _ => runs.push((c, 1)),
-                    }
-                }
-                let bytes = chosen.len() as u64 * l.chunk_words as u64 * 4;
-                let down = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("weir-state-readback"),
-                    size: bytes,
-                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                });
+                // Download in pieces of at most DOWNLOAD_PIECE bytes (counted against the budget
+                // while they live), each a few copies of coalesced runs of chunks.
+                let chunk_bytes = l.chunk_words as u64 * 4;
+                let per_piece = (DOWNLOAD_PIECE / chunk_bytes).max(1) as usize;
                 let (ab, ao) = area.place();
-                let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("weir-state-download") });
-                let mut at = 0u64;
-                for &(s, n) in &runs {
-                    let len = n as u64 * l.chunk_words as u64 * 4;
-                    enc.copy_buffer_to_buffer(&ab, ao + s as u64 * l.chunk_words as u64 * 4, &down, at, len);
-                    at += len;
+                let mut bytes = 0u64;
+                for piece in chosen.chunks(per_piece) {
+                    let len = piece.len() as u64 * chunk_bytes;
+                    ctx.pool.lock().unwrap_or_else(|p| p.into_inner()).reserve_external(len, 0)?;
+                    let got = read_piece(&ctx, &ab, ao, piece, chunk_bytes, |i, words| push(piece[i], &words[..chunk_len(piece[i])]));
+                    ctx.pool.lock().unwrap_or_else(|p| p.into_inner()).release_external(len);
+                    got?;
+                    bytes += len;
                 }
-                let done = Arc::new(AtomicU8::new(0));
-                let d = done.clone();
-                enc.map_buffer_on_submit(&down, wgpu::MapMode::Read, .., move |r| d.store(if r.is_ok() { 1 } else { 2 }, Ordering::Release));
-                let index = ctx.queue.submit([enc.finish()]);
-                wait_mapped(&ctx, &index, &done)?;
-                {
-                    let view = down.slice(..).get_mapped_range().map_err(|e| GpuError::Device(e.to_string()))?;
-                    let words: &[u32] = bytemuck::cast_slice(&view);
-                    for (i, &c) in chosen.iter().enumerate() {
-                        let at = i * l.chunk_words;
-                        push(c, &words[at..at + chunk_len(c)]);
-                    }
-                }
-                down.unmap();
                 Ok(SnapshotChunks { slots: self.slots, full, entries, bytes_down: bytes + chunks as u64 * 4 })
             }
         }

@@ -225,7 +225,10 @@ impl<K: Key> KeyedArena<K> {
             }
         }
         if self.arena.is_none() {
-            self.arena = Some(StateArena::new(ArenaLayout::new(state_words), self.gpu.as_ref(), &self.attached.owner)?);
+            let mut arena = StateArena::new(ArenaLayout::new(state_words), self.gpu.as_ref(), &self.attached.owner)?;
+            // The VRAM tier keeps the last snapshot while the next one is taken.
+            arena.set_snapshot_areas(if self.attached.vram.is_some() { 2 } else { 1 });
+            self.arena = Some(arena);
         }
         Ok(self.arena.as_mut().expect("created"))
     }
