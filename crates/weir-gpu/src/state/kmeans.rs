@@ -88,8 +88,55 @@ pub fn step(arena: &mut StateArena, shape: KmeansShape, slots: &[u32], starts: &
     if let Some((words, dirty)) = arena.host_mut() {
         return Pending::ready(Ok(cpu_step(words, dirty, chunk, shape, &bases, starts, points)));
     }
-    let Some((kernels, places)) = arena.device() else { unreachable!("an arena is on the host or on the device") };
-    let keys = slots.len();
+    let Some((kernels, _)) = arena.device() else { unreachable!("an arena is on the host or on the device") };
+    // Keep every binding of a launch within the device's largest storage binding: split the
+    // keys into launches (they run in submission order, like one).
+    let max = kernels.engine.limits().max_binding;
+    let bytes = |j: usize| -> [u64; 4] {
+        let (len, q) = ((starts[j + 1] - starts[j]) as u64, (starts[j + 1] - starts[j]).div_ceil(POINT_CHUNK) as u64);
+        let (k, d) = (k as u64, d as u64);
+        [len * d * 4, (4 + len + 4 * q) * 4, (len + q * k * (d + 1)) * 4, k * (d + 1) * 4]
+    };
+    let mut groups: Vec<(usize, usize)> = Vec::new();
+    let (mut from, mut sum) = (0usize, [0u64; 4]);
+    for j in 0..slots.len() {
+        let b = bytes(j);
+        if b.iter().any(|&x| x > max) {
+            return Pending::ready(Err(GpuError::Input(format!(
+                "kmeans step: key {j} of the batch has {} points of {d} dimensions: its launch needs a binding of {} bytes, beyond the device's largest storage binding ({max} bytes); lower weir.gpu.batch.max-records",
+                starts[j + 1] - starts[j],
+                b.iter().max().copied().unwrap_or(0)
+            ))));
+        }
+        if j > from && sum.iter().zip(&b).any(|(s, x)| s + x > max) {
+            groups.push((from, j));
+            (from, sum) = (j, [0; 4]);
+        }
+        for (s, x) in sum.iter_mut().zip(&b) {
+            *s += x;
+        }
+    }
+    groups.push((from, slots.len()));
+    if groups.len() == 1 {
+        return launch(arena, shape, &bases, starts, points);
+    }
+    let parts: Vec<Pending<KmeansModels>> = groups
+        .iter()
+        .map(|&(a, b)| {
+            let rebased: Vec<u32> = starts[a..=b].iter().map(|&x| x - starts[a]).collect();
+            launch(arena, shape, &bases[a..b], &rebased, &points[starts[a] as usize * d..starts[b] as usize * d])
+        })
+        .collect();
+    Pending::all(parts).map(move |ms: Vec<KmeansModels>| KmeansModels { shape, words: ms.into_iter().flat_map(|m| m.words).collect() })
+}
+
+/// One launch on the device for the keys at `bases` (slot words).
+fn launch(arena: &StateArena, shape: KmeansShape, bases: &[u32], starts: &[u32], points: &[f32]) -> Pending<KmeansModels> {
+    let (k, d) = (shape.k, shape.d);
+    let n = points.len() / d;
+    let chunk = arena.layout().chunk_words;
+    let Some((kernels, places)) = arena.device() else { unreachable!("launch is for the device") };
+    let keys = bases.len();
     let chunks = chunk_count(starts);
     let mut segs: Vec<u32> = Vec::with_capacity(keys * 4 + n + chunks * 4);
     let mut q = 0u32;

@@ -260,3 +260,26 @@ fn one_large_launch_matches_the_host() {
         }
     }
 }
+
+#[test]
+fn launches_beyond_the_largest_binding_are_split_by_keys() {
+    let Some(g) = gpu() else { return };
+    let limits = crate::transfer::Limits { max_binding: 4096, max_groups: 65_535 };
+    let small = GpuKernels::with_limits(Arc::clone(g.context()), crate::TransferMode::Auto, 2, limits).unwrap();
+    let shape = KmeansShape { k: 2, d: 2 };
+    let mut host = StateArena::new(ArenaLayout::new(shape.words()), None, "h").unwrap();
+    let mut dev = StateArena::new(ArenaLayout::new(shape.words()), Some(&small), "d").unwrap();
+    for j in 0..3 {
+        let init = [j as f32, 0.0, 10.0 + j as f32, 10.0];
+        host.alloc_slot(&shape.init_slot(&init)).unwrap();
+        dev.alloc_slot(&shape.init_slot(&init)).unwrap();
+    }
+    // 3 keys × 200 points × 2 dimensions: 4,800 bytes of points, more than one binding holds.
+    let points: Vec<f32> = (0..1200).map(|i| ((i * 7919) % 1000) as f32 / 50.0).collect();
+    let starts = [0, 200, 400, 600];
+    assert_eq!(models(&mut dev, shape, &[0, 1, 2], &starts, &points), models(&mut host, shape, &[0, 1, 2], &starts, &points));
+    // One key alone beyond the limit is refused, naming the setting to lower.
+    let big: Vec<f32> = vec![1.0; 2 * 600];
+    let e = step(&mut dev, shape, &[0], &[0, 600], &big).wait().unwrap_err();
+    assert!(e.to_string().contains("weir.gpu.batch.max-records"), "{e}");
+}
