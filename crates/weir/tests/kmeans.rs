@@ -71,3 +71,33 @@ fn recovers_centres_on_the_gpu_path() {
     // CI sets WEIR_REQUIRE_GPU=1 and runs this on lavapipe; elsewhere `true` needs a GPU too.
     check("true");
 }
+
+/// A checkpoint of models with another k is refused at restore, naming the state and the shapes
+/// (the words of a slot would otherwise be read with the wrong layout).
+#[test]
+fn a_restore_with_another_k_is_refused() {
+    let dir = std::env::temp_dir().join(format!("weir-kmeans-k-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = |k: usize, restore: weir::Restore| {
+        let config = JobConfig::from_pairs([
+            ("parallelism.default", "1".to_string()),
+            ("execution.checkpointing.interval", "1h".into()),
+            ("execution.checkpointing.dir", dir.display().to_string()),
+            ("weir.gpu.enabled", "false".into()),
+            ("restart-strategy.type", "none".into()),
+        ])
+        .unwrap();
+        let kernels = weir_gpu::kernels::shared_kernels(&config.gpu).unwrap();
+        let blobs = BlobSource { count: 5_000, centers: 4, dim: 2, sigma: 1.0, keys: 1, seed: 5 };
+        StreamEnv::new("kmeans-k", config).restore(restore).execute(move |job| {
+            job.source("blobs", blobs.clone())
+                .key_by(|r: &Row| r.get(0).clone())
+                .process_batches("kmeans", weir::ops::kmeans::StreamingKMeans::new(k, 1, kernels.clone()))
+                .sink("collect", CollectSink::new());
+        })
+    };
+    run(4, weir::Restore::None).unwrap();
+    let err = run(3, weir::Restore::Latest).unwrap_err().to_string();
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(err.contains("kmeans-models") && err.contains("k = 4") && err.contains("k = 3"), "{err}");
+}

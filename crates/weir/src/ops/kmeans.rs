@@ -137,13 +137,19 @@ impl KeyedBatchFunction<Value, Row, Row> for StreamingKMeans {
     fn open(&mut self, states: &mut StateTables<Value>) {
         self.seeds = Some(states.value_state("kmeans-seed-points"));
         self.models.register(states);
+        let k = self.k;
+        self.models.validate_restored(move |w| match w {
+            [d, kk, ..] if *kk as usize == k && w.len() == 4 + k * *d as usize + k => Ok(()),
+            [d, kk, ..] => Err(format!("a model of k = {kk}, d = {d} in {} words where the job has k = {k}", w.len())),
+            _ => Err(format!("a model of {} words", w.len())),
+        });
     }
 
     fn process_batch(&mut self, ctx: &mut KeyedContext<'_, Value>, batch: &mut Vec<Row>, _out: &mut Vec<Row>) {
         let key = ctx.key().clone();
         if self.dim.is_none() {
             // A restored arena knows its models' dimension: words = 4 + k·d + k.
-            self.dim = self.models.state_words().map(|w| (w - 4 - self.k) / self.k);
+            self.dim = self.models.state_words().map(|w| w.saturating_sub(4 + self.k) / self.k);
         }
         let start = self.launch.points.len();
         for r in batch.iter() {

@@ -184,6 +184,8 @@ pub struct KeyedArena<K: Key> {
     keys: Arc<Mutex<Vec<K>>>,
     chain: Arc<Chain>,
     attached: Attached,
+    /// Checks each restored key's words (a model of another shape is refused at restore).
+    validate: Option<Box<dyn Fn(&[u32]) -> Result<(), String>>>,
 }
 
 impl<K: Key> KeyedArena<K> {
@@ -198,7 +200,13 @@ impl<K: Key> KeyedArena<K> {
             keys: Arc::default(),
             chain: Arc::default(),
             attached: Attached { owner: name.to_string(), full_every: 10, max_delta_share: 0.5, ..Attached::default() },
+            validate: None,
         }
+    }
+
+    /// Check every key's restored words with `f` (an error names the key and fails the restore).
+    pub fn validate_restored(&mut self, f: impl Fn(&[u32]) -> Result<(), String> + 'static) {
+        self.validate = Some(Box::new(f));
     }
 
     /// Tell the operator's host states that `name` is restored here, not there.
@@ -335,6 +343,11 @@ impl<K: Key> KeyedArena<K> {
         }
         if order.is_empty() {
             return Ok(());
+        }
+        if let Some(check) = &self.validate {
+            for k in &order {
+                check(&image[k]).map_err(|e| format!("restoring state '{}' of key {}: {e}", self.name, serde_json::to_string(k).unwrap_or_default()))?;
+            }
         }
         let words = image.values().map(Vec::len).max().unwrap_or(0);
         let inits: Vec<&[u32]> = order.iter().map(|k| &image[k][..]).collect();
