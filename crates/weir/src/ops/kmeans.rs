@@ -198,6 +198,9 @@ impl KeyedBatchFunction<Value, Row, Row> for StreamingKMeans {
     }
 
     fn flush(&mut self, _tables: &mut StateTables<Value>, epoch: u64) {
+        // Tests make a launch panic here (an operator failure that leaves the process and its
+        // device alive) or slow the job down; nothing without the `failpoints` feature.
+        fail::fail_point!("kmeans-flush");
         if self.launch.keys.is_empty() {
             self.launch.points.clear();
             return;
