@@ -445,7 +445,12 @@ impl JobPlan {
                     stream
                         .uid(&uid)
                         .key_by(move |r: &Row| r.get(key).clone())
-                        .process_batches(&format!("kmeans-{i}"), crate::ops::kmeans::StreamingKMeans::new(k, field, kernels).max_in_flight(self.config.gpu_max_inflight))
+                        .process_batches(
+                            &format!("kmeans-{i}"),
+                            crate::ops::kmeans::StreamingKMeans::new(k, field, kernels)
+                                .max_in_flight(self.config.gpu_max_inflight)
+                                .fail_through(job.input_error_handle()),
+                        )
                 }
             };
         }

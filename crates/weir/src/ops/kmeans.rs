@@ -37,6 +37,10 @@ pub struct StreamingKMeans {
     /// Launches waited for to make room (back-pressure), emitted at the next poll.
     done: VecDeque<(u64, Vec<Value>, KmeansModels)>,
     max_in_flight: usize,
+    /// Where bad input and state beyond the GPU budget end the job without a restart (YAML
+    /// jobs); without it they panic (and the restart strategy decides).
+    fatal: Option<crate::stream::InputErrorHandle>,
+    failed: bool,
 }
 
 /// The keys and points gathered for one launch.
@@ -63,6 +67,27 @@ impl StreamingKMeans {
             in_flight: VecDeque::new(),
             done: VecDeque::new(),
             max_in_flight: 2,
+            fatal: None,
+            failed: false,
+        }
+    }
+
+    /// End the job through `handle` (no restart) on bad input or state beyond the budget: a
+    /// restart would meet them again.
+    pub(crate) fn fail_through(mut self, handle: crate::stream::InputErrorHandle) -> Self {
+        self.fatal = Some(handle);
+        self
+    }
+
+    /// Bad input or a state that cannot fit: deterministic, so a restart would not help.
+    fn fail(&mut self, message: String) {
+        match &self.fatal {
+            Some(h) => {
+                tracing::error!("{message}");
+                h.fail(message);
+                self.failed = true;
+            }
+            None => panic!("{message}"),
         }
     }
 
@@ -146,6 +171,9 @@ impl KeyedBatchFunction<Value, Row, Row> for StreamingKMeans {
     }
 
     fn process_batch(&mut self, ctx: &mut KeyedContext<'_, Value>, batch: &mut Vec<Row>, _out: &mut Vec<Row>) {
+        if self.failed {
+            return;
+        }
         let key = ctx.key().clone();
         if self.dim.is_none() {
             // A restored arena knows its models' dimension: words = 4 + k·d + k.
@@ -153,13 +181,19 @@ impl KeyedBatchFunction<Value, Row, Row> for StreamingKMeans {
         }
         let start = self.launch.points.len();
         for r in batch.iter() {
-            let Value::Vector(v) = r.get(self.field) else {
-                panic!("kmeans: key {key}: field {} is a {}, not a vector", self.field, r.get(self.field).type_name());
+            // Checked before anything changes: a bad row leaves no partial update.
+            let bad = match r.get(self.field) {
+                Value::Vector(v) if self.dim.is_none_or(|d| v.len() == d) => None,
+                Value::Vector(v) => Some(format!("a {}-dimensional point for {}-dimensional models", v.len(), self.dim.unwrap_or(0))),
+                other => Some(format!("field {} is a {}, not a vector", self.field, other.type_name())),
             };
-            let d = *self.dim.get_or_insert(v.len());
-            if v.len() != d {
-                panic!("kmeans: key {key}: a {}-dimensional point for {d}-dimensional models", v.len());
+            if let Some(why) = bad {
+                self.launch.points.truncate(start);
+                self.fail(format!("kmeans: key {key}: {why}"));
+                return;
             }
+            let Value::Vector(v) = r.get(self.field) else { unreachable!("checked") };
+            self.dim.get_or_insert(v.len());
             self.launch.points.extend_from_slice(v);
         }
         let d = self.dim.expect("set by the first point");
@@ -179,11 +213,14 @@ impl KeyedBatchFunction<Value, Row, Row> for StreamingKMeans {
                 let seed = weir_state::keygroup::StableHasher::hash_one(&key);
                 let shape = self.shape(d);
                 let init = shape.init_slot(&seed_centroids(&held, d, self.k, seed));
-                let owner = format!("kmeans: key {key}");
-                if let Err(e) = self.models.ensure(shape.words()) {
-                    panic!("{owner}: {e}");
-                }
-                let slot = self.models.insert(key.clone(), &init).unwrap_or_else(|e| panic!("{owner}: {e}"));
+                let slot = match self.models.ensure(shape.words()).map(|_| ()).and_then(|()| self.models.insert(key.clone(), &init)) {
+                    Ok(slot) => slot,
+                    Err(e) => {
+                        self.launch.points.truncate(start);
+                        self.fail(format!("kmeans: key {key}: {e}"));
+                        return;
+                    }
+                };
                 self.launch.points.extend_from_slice(&held);
                 slot
             }
