@@ -10,6 +10,14 @@
 //! the batch's *mean* loss (max-pool backward goes to the first maximum of each window, as the
 //! forward argmax), then one Adam update of every parameter.
 //!
+//! A *windowed* slot ([`CnnShape::windowed_slot_words`]) keeps [`WINDOW_WORDS`] more words after
+//! the model: a running window of the steps' statistics and the samples trained in all. Its steps
+//! ([`train_step_windowed_cpu`], [`GpuKernels::cnn_train_step_windowed_async`]) add each batch
+//! to the window and, once it holds `report_every` samples or more, return its totals and empty
+//! it, in the same queue-ordered update as the model. A device-side snapshot of the slot thus
+//! holds the window exactly as of its place in the queue: a stream's running reports are
+//! exactly-once with the model, although their results come back after the barrier.
+//!
 //! ```
 //! use weir_gpu::train::{train_step_cpu, Adam, CnnShape};
 //! let shape = CnnShape { in_c: 1, h: 4, w: 4, conv_c: 2, classes: 3 };
@@ -57,6 +65,39 @@ pub struct TrainStats {
     pub loss_sum: f32,
     /// Images whose first largest logit is their label.
     pub correct: u32,
+}
+
+/// Words after a model slot that hold its window (a windowed slot): the window's loss sum, hits
+/// and samples, then the samples trained in all as `lo + hi · 2^20` in two words. Every word is an
+/// f32 holding an exact integer (but the loss sum): an f32 counts exactly only up to 2^24.
+pub const WINDOW_WORDS: usize = 5;
+
+/// The largest `report_every` and batch of a windowed step: the window's sample count stays an
+/// exact f32 integer (below 2^24).
+pub const MAX_REPORT_EVERY: u32 = 1 << 23;
+
+/// The unit of the high word of the samples trained in all.
+const TOTAL_UNIT: f32 = (1u32 << 20) as f32;
+
+/// A closed window: its statistics, and the samples trained in all when it closed.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct WindowReport {
+    /// The window's samples, summed loss and hits (`samples >= report_every`).
+    pub window: TrainStats,
+    /// Samples trained on this slot in all, this window's included.
+    pub total: u64,
+}
+
+/// What a windowed step saw: its batch, the window it closed (if it did), and the samples trained
+/// in all after it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct WindowedStats {
+    /// The batch's statistics, before the update.
+    pub batch: TrainStats,
+    /// The window this step closed.
+    pub report: Option<WindowReport>,
+    /// Samples trained on this slot in all, this batch's included.
+    pub total: u64,
 }
 
 /// The trainable CNN's shape (the family of [`SmallCnn`]) and the layout of a model slot in
@@ -111,6 +152,18 @@ impl CnnShape {
     /// The word of a slot that holds the step count `t`.
     pub fn step_word(&self) -> usize {
         3 * self.param_len()
+    }
+
+    /// Words of a windowed slot: the slot, then its [`WINDOW_WORDS`] (zero in a fresh one).
+    pub fn windowed_slot_words(&self) -> usize {
+        self.slot_words() + WINDOW_WORDS
+    }
+
+    /// The window of a windowed `slot` as it stands (an open window) and the samples trained in
+    /// all; `None` if `slot` is not a windowed slot of this shape.
+    pub fn window_of(&self, slot: &[f32]) -> Option<(TrainStats, u64)> {
+        let w = slot.get(self.slot_words()..).filter(|w| w.len() == WINDOW_WORDS)?;
+        Some((TrainStats { samples: w[2] as u32, loss_sum: w[0], correct: w[1] as u32 }, total_of(w[3], w[4])))
     }
 
     fn conv_w_len(&self) -> usize {
@@ -250,6 +303,51 @@ pub fn train_step_cpu(shape: &CnnShape, opt: &Adam, slot: &mut [f32], images: &[
     }
     rest[0] = t;
     Ok(stats)
+}
+
+/// One mini-batch step on a windowed slot (`shape.windowed_slot_words()` words) in place: the
+/// step of [`train_step_cpu`] on the model, then the batch added to the window, which is
+/// returned and emptied once it holds `report_every` samples or more (the CPU twin of
+/// [`GpuKernels::cnn_train_step_windowed_async`]).
+pub fn train_step_windowed_cpu(shape: &CnnShape, opt: &Adam, slot: &mut [f32], images: &[f32], labels: &[u32], report_every: u32) -> Result<WindowedStats, GpuError> {
+    check_window(labels.len(), report_every)?;
+    if slot.len() != shape.windowed_slot_words() {
+        return Err(input(format!("windowed slot of {} words for {shape:?} ({} expected)", slot.len(), shape.windowed_slot_words())));
+    }
+    let (model, window) = slot.split_at_mut(shape.slot_words());
+    let batch = train_step_cpu(shape, opt, model, images, labels)?;
+    Ok(add_to_window(window, batch, report_every))
+}
+
+fn check_window(n: usize, report_every: u32) -> Result<(), GpuError> {
+    if report_every == 0 || report_every > MAX_REPORT_EVERY || n > MAX_REPORT_EVERY as usize {
+        return Err(input(format!("report every {report_every} samples with batches of {n}: both must be 1 to {MAX_REPORT_EVERY}")));
+    }
+    Ok(())
+}
+
+fn total_of(lo: f32, hi: f32) -> u64 {
+    hi as u64 * TOTAL_UNIT as u64 + lo as u64
+}
+
+/// The window update of the shader's `batch_stats`, in the same f32 operations.
+fn add_to_window(w: &mut [f32], batch: TrainStats, report_every: u32) -> WindowedStats {
+    let n = batch.samples as f32;
+    let (mut loss, mut correct, mut samples) = (w[0] + batch.loss_sum, w[1] + batch.correct as f32, w[2] + n);
+    let (mut lo, mut hi) = (w[3] + n, w[4]);
+    if lo >= TOTAL_UNIT {
+        let k = (lo / TOTAL_UNIT).floor();
+        lo -= k * TOTAL_UNIT;
+        hi += k;
+    }
+    let total = total_of(lo, hi);
+    let mut report = None;
+    if samples >= report_every as f32 {
+        report = Some(WindowReport { window: TrainStats { samples: samples as u32, loss_sum: loss, correct: correct as u32 }, total });
+        (loss, correct, samples) = (0.0, 0.0, 0.0);
+    }
+    w.copy_from_slice(&[loss, correct, samples, lo, hi]);
+    WindowedStats { batch, report, total }
 }
 
 /// The gradient of the batch's mean loss with respect to every parameter of `slot`, written to
@@ -414,6 +512,8 @@ impl Scratch {
 /// What a GPU step reads back: the batch's statistics, or (tests) its whole scratch.
 enum Readback {
     Stats,
+    // Only the tests read the scratch back.
+    #[cfg_attr(not(test), allow(dead_code))]
     Scratch,
 }
 
@@ -452,11 +552,30 @@ impl GpuKernels {
         images: &[f32],
         labels: &[u32],
     ) -> Pending<TrainStats> {
-        let n = labels.len() as u32;
-        self.train_submit(shape, opt, arena, slot_word, dirty, chunk_words, images, labels, Readback::Stats).map(move |bytes| {
-            let s: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
-            TrainStats { samples: n, loss_sum: s[1], correct: s[2] as u32 }
-        })
+        self.train_submit(shape, opt, arena, slot_word, dirty, chunk_words, images, labels, 0, Readback::Stats).map(|bytes| stats_of(&bytes).batch)
+    }
+
+    /// [`GpuKernels::cnn_train_step_async`] on a windowed slot (`shape.windowed_slot_words()`
+    /// words at `slot_word`; the GPU twin of [`train_step_windowed_cpu`]): the same submission
+    /// also adds the batch to the slot's window and, once it holds `report_every` samples or
+    /// more, copies the window to the read-back and empties it; its words are marked dirty too.
+    /// A step queued behind another on the same slot sees the window that one left.
+    pub fn cnn_train_step_windowed_async(
+        &self,
+        shape: &CnnShape,
+        opt: &Adam,
+        arena: (&wgpu::Buffer, u64, u64),
+        slot_word: u32,
+        dirty: (&wgpu::Buffer, u64, u64),
+        chunk_words: u32,
+        images: &[f32],
+        labels: &[u32],
+        report_every: u32,
+    ) -> Pending<WindowedStats> {
+        if let Err(e) = check_window(labels.len(), report_every) {
+            return Pending::ready(Err(e));
+        }
+        self.train_submit(shape, opt, arena, slot_word, dirty, chunk_words, images, labels, report_every, Readback::Stats).map(|bytes| stats_of(&bytes))
     }
 
     /// [`GpuKernels::cnn_train_step_async`] reading back its scratch ([`Scratch`]) instead of
@@ -473,7 +592,7 @@ impl GpuKernels {
         images: &[f32],
         labels: &[u32],
     ) -> Result<Vec<f32>, GpuError> {
-        let bytes = self.train_submit(shape, opt, arena, slot_word, dirty, chunk_words, images, labels, Readback::Scratch).wait()?;
+        let bytes = self.train_submit(shape, opt, arena, slot_word, dirty, chunk_words, images, labels, 0, Readback::Scratch).wait()?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
@@ -487,9 +606,12 @@ impl GpuKernels {
         chunk_words: u32,
         images: &[f32],
         labels: &[u32],
+        report_every: u32,
         readback: Readback,
     ) -> Pending<Vec<u8>> {
-        let n = match shape.check_batch(shape.slot_words(), images, labels).and_then(|n| check_resident(shape, n, arena, slot_word, dirty, chunk_words)) {
+        // `report_every` 0: a plain slot, no window.
+        let words = if report_every == 0 { shape.slot_words() } else { shape.windowed_slot_words() };
+        let n = match shape.check_batch(shape.slot_words(), images, labels).and_then(|n| check_resident(shape, n, words, arena, slot_word, dirty, chunk_words)) {
             Ok(n) => n,
             Err(e) => return Pending::ready(Err(e)),
         };
@@ -497,7 +619,7 @@ impl GpuKernels {
         let (cb, dw, db) = shape.offsets();
         let u = |x: usize| x as u32;
         let mut dims = [0u32; 32];
-        dims[..28].copy_from_slice(&[
+        dims[..30].copy_from_slice(&[
             u(n),
             u(shape.in_c),
             u(shape.h),
@@ -526,6 +648,8 @@ impl GpuKernels {
             u(db),
             u(shape.param_len()),
             u(shape.features()),
+            report_every,
+            u(shape.slot_words()),
         ]);
         let conv_len = n * shape.conv_c * shape.h * shape.w;
         let nf = n * shape.features();
@@ -550,7 +674,7 @@ impl GpuKernels {
             })
             .collect();
         let (read, read_len) = match readback {
-            Readback::Stats => (5, 16),
+            Readback::Stats => (5, STATS_BYTES),
             Readback::Scratch => (4, s.len * 4),
         };
         self.engine.submit(
@@ -560,7 +684,7 @@ impl GpuKernels {
                 Bind::In(bytemuck::cast_slice(images)),
                 Bind::In(bytemuck::cast_slice(labels)),
                 Bind::Out((s.len * 4) as u64),
-                Bind::Out(16),
+                Bind::Out(STATS_BYTES as u64),
                 Bind::In(bytemuck::cast_slice(&dims)),
             ],
             &passes,
@@ -570,17 +694,30 @@ impl GpuKernels {
     }
 }
 
-/// The batch size `n` once the resident bindings hold the slot and its dirty chunks, and every
-/// index of the step fits the shader's 32-bit arithmetic.
-fn check_resident(shape: &CnnShape, n: usize, arena: (&wgpu::Buffer, u64, u64), slot_word: u32, dirty: (&wgpu::Buffer, u64, u64), chunk_words: u32) -> Result<usize, GpuError> {
+/// Bytes of a step's statistics: the batch's samples, loss and hits; whether it closed the window,
+/// then the window's samples, loss and hits; the samples in all (low, high word); padding.
+const STATS_BYTES: usize = 48;
+
+/// A step's read-back statistics.
+fn stats_of(bytes: &[u8]) -> WindowedStats {
+    let s: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes[..STATS_BYTES]);
+    let batch = TrainStats { samples: s[0] as u32, loss_sum: s[1], correct: s[2] as u32 };
+    let total = total_of(s[7], s[8]);
+    let report = (s[3] != 0.0).then(|| WindowReport { window: TrainStats { samples: s[4] as u32, loss_sum: s[5], correct: s[6] as u32 }, total });
+    WindowedStats { batch, report, total }
+}
+
+/// The batch size `n` once the resident bindings hold the slot (`words` words) and its dirty
+/// chunks, and every index of the step fits the shader's 32-bit arithmetic.
+fn check_resident(shape: &CnnShape, n: usize, words: usize, arena: (&wgpu::Buffer, u64, u64), slot_word: u32, dirty: (&wgpu::Buffer, u64, u64), chunk_words: u32) -> Result<usize, GpuError> {
     for (name, (buf, off, len)) in [("arena", arena), ("dirty map", dirty)] {
         if !off.is_multiple_of(256) || off.checked_add(len).is_none_or(|end| end > buf.size()) {
             return Err(input(format!("{name} binding {off}+{len} bytes: offset not aligned to 256 or beyond its {}-byte buffer", buf.size())));
         }
     }
-    let end = slot_word as u64 + shape.slot_words() as u64;
+    let end = slot_word as u64 + words as u64;
     if end * 4 > arena.2 {
-        return Err(input(format!("slot at word {slot_word} of {} words is beyond the {}-byte arena binding", shape.slot_words(), arena.2)));
+        return Err(input(format!("slot at word {slot_word} of {words} words is beyond the {}-byte arena binding", arena.2)));
     }
     if chunk_words == 0 || (end - 1) / chunk_words as u64 * 4 + 4 > dirty.2 {
         return Err(input(format!(

@@ -2,16 +2,23 @@
 // 2x2 -> dense + bias; softmax cross-entropy; Adam) on a model slot that lives in device memory.
 // The passes run in this order, one invocation per output value (weight gradients: one per
 // weight, looping over the batch): conv_relu, max_pool, logits, softmax, batch_stats,
-// grad_dense, grad_pool, grad_conv_out, grad_conv_params, adam. Only `adam` writes the slot, so
-// every earlier pass sees the parameters of before the step.
+// grad_dense, grad_pool, grad_conv_out, grad_conv_params, adam. Only `adam` writes the model, so
+// every earlier pass sees the parameters of before the step (`batch_stats` writes the window
+// words after the model, which no pass reads).
 //
 // Slot (32-bit words from arena[dims[6]]): params [conv_w | conv_b | dense_w | dense_b] (P
-// words), Adam m (P), Adam v (P), step count t (f32). See crates/weir-gpu/src/train.rs.
+// words), Adam m (P), Adam v (P), step count t (f32), padding; a windowed slot then has, from
+// word dims[29], the window's loss sum, hits and samples and the samples in all (lo + hi * 2^20),
+// all f32. See crates/weir-gpu/src/train.rs.
 //
 // dims: 0 n, 1 in_c, 2 h, 3 w, 4 conv_c, 5 classes, 6 slot_word, 7 chunk_words,
 //       8..11 lr, beta1, beta2, eps (f32 bits),
 //       12..22 scratch offsets: conv, pool, arg, logits, g, loss, correct, gpool, gconv, grad, t,
-//       23 conv_b offset in params, 24 dense_w offset, 25 dense_b offset, 26 P, 27 features.
+//       23 conv_b offset in params, 24 dense_w offset, 25 dense_b offset, 26 P, 27 features,
+//       28 report_every (0: no window), 29 the window's first word in the slot.
+//
+// stats: 0 n, 1 loss sum, 2 hits; 3 1.0 if this step closed the window, then 4..6 the window's
+//        samples, loss sum and hits; 7, 8 the samples in all (lo, hi).
 
 @group(0) @binding(0) var<storage, read_write> arena: array<f32>;
 // Atomic only so that invocations marking the same chunk do not race (they all store 1).
@@ -103,8 +110,9 @@ fn softmax(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
 }
 
-// One invocation: the batch's totals, and the step count after this step (read here, before
-// `adam` runs, so that no invocation of `adam` reads t while another writes it).
+// One invocation: the batch's totals, the window (a windowed slot), and the step count after
+// this step (read here, before `adam` runs, so that no invocation of `adam` reads t while another
+// writes it). The window's f32 operations are those of `add_to_window` in train.rs.
 @compute @workgroup_size(64)
 fn batch_stats(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (item(gid) != 0u) { return; }
@@ -115,7 +123,39 @@ fn batch_stats(@builtin(global_invocation_id) gid: vec3<u32>) {
     stats[0] = f32(n);
     stats[1] = loss;
     stats[2] = correct;
+    for (var i = 3u; i < 9u; i++) { stats[i] = 0.0; }
     scratch[dims[22]] = param(3u * dims[26]) + 1.0;
+    let every = dims[28];
+    if (every == 0u) { return; }
+    let wb = dims[6] + dims[29];
+    var wl = arena[wb] + loss;
+    var wc = arena[wb + 1u] + correct;
+    var ws = arena[wb + 2u] + f32(n);
+    var lo = arena[wb + 3u] + f32(n);
+    var hi = arena[wb + 4u];
+    let unit = 1048576.0;
+    if (lo >= unit) {
+        let k = floor(lo / unit);
+        lo -= k * unit;
+        hi += k;
+    }
+    stats[7] = lo;
+    stats[8] = hi;
+    if (ws >= f32(every)) {
+        stats[3] = 1.0;
+        stats[4] = ws;
+        stats[5] = wl;
+        stats[6] = wc;
+        wl = 0.0;
+        wc = 0.0;
+        ws = 0.0;
+    }
+    arena[wb] = wl;
+    arena[wb + 1u] = wc;
+    arena[wb + 2u] = ws;
+    arena[wb + 3u] = lo;
+    arena[wb + 4u] = hi;
+    for (var i = 0u; i < 5u; i++) { mark(dims[29] + i); }
 }
 
 @compute @workgroup_size(64)

@@ -472,3 +472,87 @@ fn gpu_path_learns_the_digits_and_tracks_the_cpu_twin() {
     let acc = held_out_accuracy(&slot[..DIGITS.slot_words()]);
     assert!(acc >= 0.95, "held-out accuracy {acc}");
 }
+
+/// The window of a windowed slot: batches add up in it; the step that brings it to
+/// `report_every` samples or more returns its totals and empties it; the samples in all carry
+/// over 2^20 exactly; the model trains as a plain slot does. The GPU step does the same in the
+/// same submission, on a slot in place (its window words marked dirty).
+#[test]
+fn windowed_steps_report_and_empty_the_window_on_both_paths() {
+    let shape = CnnShape { in_c: 1, h: 4, w: 4, conv_c: 3, classes: 4 };
+    let opt = Adam::default();
+    let batches: Vec<(Vec<f32>, Vec<u32>)> = (0..7)
+        .map(|k| (lcg(10 + k, 32 * 16), lcg(50 + k, 32).iter().map(|&x| (x * 4.0) as u32).collect()))
+        .collect();
+    let every = 70; // three batches of 32 close a window: 96 samples
+    let mut plain = shape.init_slot(3);
+    let mut slot = plain.clone();
+    slot.resize(shape.windowed_slot_words(), 0.0);
+    let mut cpu = Vec::new();
+    let (mut open_loss, mut open_correct) = (0.0f32, 0u32);
+    for (k, (images, labels)) in batches.iter().enumerate() {
+        let want = train_step_cpu(&shape, &opt, &mut plain, images, labels).unwrap();
+        let got = train_step_windowed_cpu(&shape, &opt, &mut slot, images, labels, every).unwrap();
+        assert_eq!(got.batch, want, "step {k}: the batch's statistics");
+        assert_eq!(slot[..shape.slot_words()], plain[..], "step {k}: the model trains as a plain slot");
+        assert_eq!(got.total, 32 * (k as u64 + 1));
+        open_loss += want.loss_sum;
+        open_correct += want.correct;
+        if k % 3 == 2 {
+            let r = got.report.unwrap_or_else(|| panic!("step {k} closes a window"));
+            assert_eq!(r, WindowReport { window: TrainStats { samples: 96, loss_sum: open_loss, correct: open_correct }, total: got.total });
+            (open_loss, open_correct) = (0.0, 0);
+            assert_eq!(shape.window_of(&slot).unwrap(), (TrainStats::default(), got.total), "emptied");
+        } else {
+            assert_eq!(got.report, None, "step {k}");
+            assert_eq!(shape.window_of(&slot).unwrap().0.samples, 32 * (k as u32 % 3 + 1));
+        }
+        cpu.push(got);
+    }
+    // The samples in all cross 2^20 exactly (a single f32 word would stop counting at 2^24).
+    let mut high = slot.clone();
+    high[shape.slot_words() + 3] = (1 << 20) as f32 - 10.0;
+    high[shape.slot_words() + 4] = 5.0;
+    let got = train_step_windowed_cpu(&shape, &opt, &mut high, &batches[0].0, &batches[0].1, every).unwrap();
+    assert_eq!(got.total, 6 * (1 << 20) + 22);
+    assert_eq!(shape.window_of(&high).unwrap().1, 6 * (1 << 20) + 22);
+    // Refused: no window size, one beyond exact counting, a plain slot.
+    let err = |r: Result<WindowedStats, GpuError>| r.unwrap_err().to_string();
+    assert!(err(train_step_windowed_cpu(&shape, &opt, &mut slot.clone(), &batches[0].0, &batches[0].1, 0)).contains("report every 0"));
+    assert!(err(train_step_windowed_cpu(&shape, &opt, &mut slot.clone(), &batches[0].0, &batches[0].1, MAX_REPORT_EVERY + 1)).contains("report every"));
+    assert!(err(train_step_windowed_cpu(&shape, &opt, &mut shape.init_slot(3), &batches[0].0, &batches[0].1, every)).contains("windowed slot of"));
+
+    for g in gpu_paths() {
+        // The window's words start a chunk of their own: only marking them marks it.
+        let chunk_words = 8u32;
+        let slot_word = 8usize;
+        assert_eq!((slot_word + shape.slot_words()) % chunk_words as usize, 0);
+        let window_chunk = (slot_word + shape.slot_words()) / chunk_words as usize;
+        let mut arena = vec![-1.0f32; slot_word + shape.windowed_slot_words() + 6];
+        let mut fresh = shape.init_slot(3);
+        fresh.resize(shape.windowed_slot_words(), 0.0);
+        arena[slot_word..slot_word + fresh.len()].copy_from_slice(&fresh);
+        let dev = OnDevice::new(g, &arena, chunk_words);
+        let (a, d) = dev.bindings();
+        let pending: Vec<_> = batches.iter().map(|(images, labels)| g.cnn_train_step_windowed_async(&shape, &opt, a, slot_word as u32, d, chunk_words, images, labels, every)).collect();
+        let got = Pending::all(pending).wait().unwrap();
+        for (k, (got, want)) in got.iter().zip(&cpu).enumerate() {
+            assert_eq!((got.batch.samples, got.batch.correct, got.total), (want.batch.samples, want.batch.correct, want.total), "gpu step {k}");
+            assert_eq!(got.report.map(|r| (r.window.samples, r.window.correct, r.total)), want.report.map(|r| (r.window.samples, r.window.correct, r.total)), "gpu step {k}");
+            if let (Some(gr), Some(wr)) = (got.report, want.report) {
+                assert_close(&[gr.window.loss_sum], &[wr.window.loss_sum as f64], 1e-5, 0.0, "window loss");
+            }
+        }
+        let after = dev.arena(g);
+        let window = shape.window_of(&after[slot_word..slot_word + shape.windowed_slot_words()]).unwrap();
+        assert_eq!((window.0.samples, window.0.correct, window.1), (32, cpu[6].batch.correct, 7 * 32), "the open window on the device");
+        assert_eq!(after[slot_word + shape.windowed_slot_words()..arena.len()], arena[slot_word + shape.windowed_slot_words()..], "words after the windowed slot");
+        for (c, &dirty) in dev.dirty(g).iter().enumerate() {
+            assert_eq!(dirty, (1..=window_chunk).contains(&c) as u32, "dirty[{c}] (the slot's chunks 1..={window_chunk})");
+        }
+        assert!(g.cnn_train_step_windowed_async(&shape, &opt, a, slot_word as u32, d, chunk_words, &batches[0].0, &batches[0].1, 0).wait().is_err());
+        // A windowed slot must fit the binding: the last word one past it is refused.
+        let past = (a.2 / 4) as u32 - shape.windowed_slot_words() as u32 + 1;
+        assert!(g.cnn_train_step_windowed_async(&shape, &opt, a, past, d, chunk_words, &batches[0].0, &batches[0].1, every).wait().unwrap_err().to_string().contains("beyond the"));
+    }
+}
