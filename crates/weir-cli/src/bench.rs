@@ -14,10 +14,14 @@ use weir::source::GeneratorSource;
 use weir::StreamEnv;
 use weir_checkpoint::CheckpointMetadata;
 
+mod gpu_state;
+
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// What to benchmark: `engine` (the keyed-sum job) or `gpu` (the kernels).
-    #[arg(default_value = "engine", value_parser = ["engine", "gpu"])]
+    /// What to benchmark: `engine` (the keyed-sum job), `gpu` (the kernels) or `gpu-state`
+    /// (device-resident state: the naive blocking barrier against asynchronous incremental
+    /// snapshots).
+    #[arg(default_value = "engine", value_parser = ["engine", "gpu", "gpu-state"])]
     what: String,
     /// GPU to benchmark (`weir.gpu.device`: index or name substring).
     #[arg(long)]
@@ -34,12 +38,32 @@ pub struct BenchArgs {
     /// Checkpoint intervals to compare with checkpointing off.
     #[arg(long, value_delimiter = ',', default_value = "2s,1s,200ms")]
     intervals: Vec<String>,
-    /// Runs of each configuration; the median run (by throughput) is reported.
-    #[arg(long, default_value_t = 3)]
-    repeat: usize,
+    /// Runs of each configuration; the median run (by throughput) is reported (default 3;
+    /// `gpu-state`: 1).
+    #[arg(long)]
+    repeat: Option<usize>,
     /// Checkpoint directory (each run uses a fresh job directory inside it).
     #[arg(long, default_value = "target/weir-bench")]
     dir: String,
+    /// `gpu-state`: points per run of the kmeans job.
+    #[arg(long, default_value_t = 8_000_000)]
+    points: u64,
+    /// `gpu-state`: keys (models) of the kmeans job; a key gets its model after 32 × k points.
+    #[arg(long, default_value_t = 10_000)]
+    model_keys: u64,
+    /// `gpu-state`: keys of the bare state arena (bytes per checkpoint, restore times).
+    #[arg(long, default_value_t = 100_000)]
+    state_keys: u64,
+    /// `gpu-state`: centroids per model.
+    #[arg(long, default_value_t = 8)]
+    k: usize,
+    /// `gpu-state`: dimensions.
+    #[arg(long, default_value_t = 8)]
+    dim: usize,
+    /// `gpu-state`: device memory for the process (`taskmanager.gpu.memory`; half of it is the
+    /// budget). Raise it with the keys on a real GPU.
+    #[arg(long, default_value = "8 gb")]
+    gpu_memory: String,
 }
 
 struct Run {
@@ -142,12 +166,16 @@ pub fn main(args: BenchArgs) -> Result<()> {
     if args.what == "gpu" {
         return crate::gpu::bench(args.device.clone());
     }
+    if args.what == "gpu-state" {
+        return gpu_state::bench(&args);
+    }
+    let repeat = args.repeat.unwrap_or(3).max(1);
     println!(
         "keyed sum: {} records, {} keys, parallelism {}, blackhole sink, heap state backend; median of {} runs each",
         args.records,
         args.keys,
         args.parallelism,
-        args.repeat.max(1)
+        repeat
     );
     let bare = bare_timely(&args);
     let bare_rate = args.records as f64 / bare;
@@ -155,7 +183,7 @@ pub fn main(args: BenchArgs) -> Result<()> {
     // Interleave the configurations so that a slow moment of the machine hits all of them.
     let configs: Vec<Option<&str>> = std::iter::once(None).chain(args.intervals.iter().map(|s| Some(s.as_str()))).collect();
     let mut all: Vec<Vec<Run>> = configs.iter().map(|_| Vec::new()).collect();
-    for rep in 0..args.repeat.max(1) {
+    for rep in 0..repeat {
         for (i, c) in configs.iter().enumerate() {
             all[i].push(run_job(&args, *c, rep * configs.len() + i)?);
         }

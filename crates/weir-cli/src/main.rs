@@ -27,8 +27,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: checkpoints::CheckpointCmd,
     },
-    /// Benchmark: `weir bench` (the engine: keyed sum with checkpointing off and on) or
-    /// `weir bench gpu` (every kernel on the GPU against the CPU path).
+    /// Benchmark: `weir bench` (the engine: keyed sum with checkpointing off and on),
+    /// `weir bench gpu` (every kernel on the GPU against the CPU path) or `weir bench gpu-state`
+    /// (device-resident state: the naive blocking barrier against asynchronous snapshots).
     Bench(bench::BenchArgs),
     /// GPU devices.
     Gpu {

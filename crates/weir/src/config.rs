@@ -101,6 +101,11 @@ pub struct JobConfig {
     /// Keep the latest snapshot of device-resident state in device memory for a restart inside
     /// the process (`weir.gpu.state.snapshot-tier: vram`), or not (`host`).
     pub gpu_state_vram_tier: bool,
+    /// The naive baseline for benchmarks (`weir.gpu.state.snapshot-mode: blocking`): at a
+    /// barrier the operator drains its batches in flight, then reads its whole device state back
+    /// on the worker thread before going on; only the file write is left to the background.
+    /// The default (`async`) copies the state on the device and reads back dirty chunks later.
+    pub gpu_state_blocking_snapshots: bool,
     /// A file holding the cluster's shared secret (`cluster.secret-file`); see `runtime::cluster`.
     pub cluster_secret_file: Option<String>,
     /// Restore even where the checkpoint holds state that no operator of the job claims by its
@@ -189,6 +194,8 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("weir.gpu.state.full-every", Kind::Int { min: 1, max: 1 << 20 }, "10"),
     ("weir.gpu.state.max-delta-share", Kind::Fraction, "0.5"),
     ("weir.gpu.state.snapshot-tier", Kind::Enum(&["vram", "host"]), "vram"),
+    // `blocking`: the naive baseline for benchmarks (drain, then a full read-back on the worker).
+    ("weir.gpu.state.snapshot-mode", Kind::Enum(&["async", "blocking"]), "async"),
     ("taskmanager.gpu.fraction", Kind::Fraction, "0.5"),
     ("taskmanager.gpu.memory", Kind::Bytes, "1 gb"),
     ("external-resource.gpu.amount", Kind::Int { min: 0, max: 64 }, "1"),
@@ -326,6 +333,7 @@ impl JobConfig {
             gpu_state_full_every: int("weir.gpu.state.full-every") as u32,
             gpu_state_max_delta_share: get("weir.gpu.state.max-delta-share").parse().expect("checked"),
             gpu_state_vram_tier: get("weir.gpu.state.snapshot-tier") == "vram",
+            gpu_state_blocking_snapshots: get("weir.gpu.state.snapshot-mode") == "blocking",
             cluster_secret_file: Some(get("cluster.secret-file")).filter(|f| !f.is_empty()),
             allow_non_restored_state: get("execution.state-recovery.ignore-unclaimed-state") == "true",
         })

@@ -641,7 +641,7 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
                                 out.clear();
                             }
                         }
-                        Aligned::Close(e) => snapshot_tables(&ctx, &tables, e, task, &name_owned, &file_prefix, None),
+                        Aligned::Close(e) => snapshot_tables(&ctx, &tables, e, task, &name_owned, &file_prefix, None, Instant::now()),
                     }
                 }
             }
@@ -672,6 +672,9 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
         let key = self.key;
         let mut groups: HashMap<K, Vec<T>> = HashMap::new();
         let mut ready: Vec<O> = Vec::new();
+        // Output of batches a blocking snapshot waited for, emitted at the next poll (their
+        // epochs' capabilities are held until then).
+        let mut drained: Vec<(u64, O)> = Vec::new();
         let name_owned = name.to_string();
         DataStream { stream: self.stream, ctx: self.ctx, uid: None }.batched(exchange, name, move |ev: BatchEvent<'_, T, O>| match ev {
             BatchEvent::Batch(epoch, items, out) => {
@@ -685,15 +688,26 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
                 func.flush(&mut tables, epoch);
                 out.extend(ready.drain(..).map(|o| (epoch, o)));
             }
-            BatchEvent::Poll { out, oldest } => *oldest = func.poll(&mut tables, out),
+            BatchEvent::Poll { out, oldest } => {
+                out.append(&mut drained);
+                *oldest = func.poll(&mut tables, out);
+            }
             BatchEvent::Close(e) => {
                 groups.clear();
+                let started = Instant::now();
+                // The naive baseline (`weir.gpu.state.snapshot-mode: blocking`) first waits for
+                // every batch in flight; its snapshot then reads the whole state back here.
+                if ctx.storage.is_some() && ctx.config.gpu_state_blocking_snapshots && func.resident().is_some() {
+                    while func.poll(&mut tables, &mut drained).is_some() {
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
+                }
                 // Checkpointing off: nothing is persisted, and the device state is not copied.
                 let resident = match (ctx.storage.is_some(), func.resident()) {
                     (true, Some(arena)) => Some(arena.snapshot(e)),
                     _ => None,
                 };
-                snapshot_tables(&ctx, &tables, e, task, &name_owned, &file_prefix, resident);
+                snapshot_tables(&ctx, &tables, e, task, &name_owned, &file_prefix, resident, started);
             }
         })
     }
@@ -755,7 +769,9 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
 }
 
 /// The synchronous part of a keyed snapshot (freeze the copy-on-write maps), then the
-/// asynchronous part on the snapshot pool: serialise, write, ack.
+/// asynchronous part on the snapshot pool: serialise, write, ack. `started`: when the worker's
+/// pause for this barrier began (before a device-state snapshot it took), so `sync_us` holds all of it.
+#[allow(clippy::too_many_arguments)]
 fn snapshot_tables<K: Key>(
     ctx: &Rc<JobCtx>,
     tables: &StateTables<K>,
@@ -764,9 +780,10 @@ fn snapshot_tables<K: Key>(
     name: &str,
     prefix: &str,
     resident: Option<Result<crate::ops::resident::ResidentJob, String>>,
+    started: Instant,
 ) {
-    let barrier_us = barrier_us(ctx, epoch);
-    let t0 = Instant::now();
+    let t0 = started;
+    let barrier_us = barrier_us(ctx, epoch).saturating_sub(t0.elapsed().as_micros() as u64);
     let uid = ctx.uid_of(task.operator);
     let Some(storage) = ctx.storage.clone() else {
         // Checkpointing off: only the final barrier passes, and nothing is persisted.

@@ -20,7 +20,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use weir_checkpoint::StateFileHandle;
 use weir_gpu::kernels::gpu::GpuKernels;
 use weir_gpu::kernels::Kernels;
-use weir_gpu::state::{ArenaLayout, StateArena, VramTier};
+use weir_gpu::state::{ArenaLayout, ArenaSnapshot, SnapshotChunks, StateArena, VramSnapshot, VramTier};
 use weir_gpu::GpuError;
 use weir_state::format::{corrupt_error, decode_block, write_entries};
 use weir_state::keygroup::{key_group, KeyGroupRange};
@@ -165,6 +165,8 @@ struct Attached {
     max_delta_share: f64,
     /// The VRAM tier's name of this instance (`None`: tier `host`, or the CPU path).
     vram: Option<String>,
+    /// `weir.gpu.state.snapshot-mode: blocking`: read the whole state back at the barrier.
+    blocking: bool,
 }
 
 /// What the VRAM tier keeps beside a device copy: the key of each slot and the files that
@@ -284,7 +286,18 @@ impl<K: Key> KeyedArena<K> {
             full_every: c.gpu_state_full_every.max(1),
             max_delta_share: c.gpu_state_max_delta_share,
             vram,
+            blocking: false,
         };
+        self.set_blocking(c.gpu_state_blocking_snapshots);
+    }
+
+    /// The naive baseline for benchmarks: every snapshot full, read back on the worker at the
+    /// barrier (see [`KeyedArena::snapshot`]).
+    fn set_blocking(&mut self, blocking: bool) {
+        self.attached.blocking = blocking;
+        if blocking {
+            self.attached.full_every = 1;
+        }
     }
 
     /// Restore this instance's key groups of the restored checkpoint: from the VRAM tier when it
@@ -362,9 +375,14 @@ impl<K: Key> KeyedArena<K> {
     }
 
     /// The synchronous part of a snapshot at the barrier of `epoch`: enqueue the device-side
-    /// copy and return the background part. Never waits for the device.
+    /// copy and return the background part. Never waits for the device, except in the naive
+    /// baseline (`weir.gpu.state.snapshot-mode: blocking`), which reads the whole copy back here.
     pub(crate) fn snapshot(&mut self, epoch: u64) -> Result<ResidentJob, String> {
         let snap = self.arena.as_mut().map(|a| a.snapshot()).transpose().map_err(|e| e.to_string())?;
+        let snap = match snap {
+            Some(s) if self.attached.blocking => Some(Taken::read_now(s, &self.attached.owner, epoch)?),
+            s => s.map(Taken::Copied),
+        };
         let chain = self.chain.clone();
         let seq = {
             let mut c = chain.lock();
@@ -441,6 +459,38 @@ impl<K: Key> KeyedArena<K> {
             Ok(ResidentWritten { files, bytes: size, entries: n })
         });
         Ok(ResidentJob { run: Some(run), chain: job_chain, seq })
+    }
+}
+
+/// A snapshot as the background job gets it: the device copy to read, or (blocking mode) what
+/// the worker already read of it.
+enum Taken {
+    Copied(ArenaSnapshot),
+    Read(SnapshotChunks, Option<VramSnapshot>),
+}
+
+impl Taken {
+    /// Every chunk of `snap`, read back now on the calling (worker) thread.
+    fn read_now(snap: ArenaSnapshot, owner: &str, epoch: u64) -> Result<Taken, String> {
+        let vram = snap.vram();
+        let chunks = snap.read(true).map_err(|e| format!("{owner}: reading the snapshot of checkpoint {epoch} at the barrier: {e}"))?;
+        Ok(Taken::Read(chunks, vram))
+    }
+
+    fn vram(&self) -> Option<VramSnapshot> {
+        match self {
+            Taken::Copied(s) => s.vram(),
+            Taken::Read(_, v) => v.clone(),
+        }
+    }
+
+    /// The chunks to write; a snapshot read at the barrier was read whole (and the chain makes
+    /// every snapshot of a blocking instance full).
+    fn read(self, full: bool) -> Result<SnapshotChunks, GpuError> {
+        match self {
+            Taken::Copied(s) => s.read(full),
+            Taken::Read(c, _) => Ok(c),
+        }
     }
 }
 
@@ -526,3 +576,6 @@ mod tests {
         std::fs::remove_dir_all(dir).ok();
     }
 }
+
+#[cfg(test)]
+mod snapshot_mode_tests;
