@@ -32,10 +32,107 @@ pub(super) enum PlanStep {
     /// `at`: the pipeline index of the `aggregate` step; `calls`: its functions as written.
     KeyAgg { key: usize, aggs: Vec<(AggFn, usize)>, ints: bool, at: usize, calls: Vec<String>, uid: String },
     KeyKmeans { key: usize, field: usize, k: usize, uid: String },
+    KeyCnnTrain { key: usize, train: Arc<CnnTrainPlan>, uid: String },
     Resize { idx: usize, width: usize, height: Option<usize> },
     Cnn { idx: usize, model: Arc<weir_gpu::cnn::SmallCnn> },
     Gemm { idx: usize, k: usize, n: usize, b: Arc<Vec<f32>> },
     Filter2d { idx: usize, kind: FilterKind, sigma: f32 },
+}
+
+/// A checked `cnn_train` step.
+#[derive(Debug)]
+pub(super) struct CnnTrainPlan {
+    /// `pipeline[j].cnn_train`, for messages and config keys.
+    at: String,
+    shape: weir_gpu::train::CnnShape,
+    field: (usize, String),
+    label: (usize, String),
+    batch: usize,
+    learning_rate: f32,
+    report_every: u32,
+    seed: u64,
+    init: Option<weir_gpu::cnn::SmallCnn>,
+    export: Option<String>,
+}
+
+/// The largest `cnn_train.batch_size`.
+const MAX_TRAIN_BATCH: usize = 65_536;
+
+/// Check a `cnn_train` step at `pipeline[j]` over `schema` (`non_numeric`: what each field is
+/// known to hold that is no number).
+fn check_cnn_train(j: usize, t: &CnnTrainSpec, schema: &[String], non_numeric: &[Option<&'static str>], config: &JobConfig) -> Result<CnnTrainPlan, String> {
+    let at = format!("pipeline[{j}].cnn_train");
+    let field = |what: &str, name: &str| {
+        schema.iter().position(|f| f == name).map(|i| (i, name.to_string())).ok_or_else(|| format!("{at}.{what}: no field '{name}' here (fields: {})", schema.join(", ")))
+    };
+    let (pixels, label) = (field("field", &t.field)?, field("label", &t.label)?);
+    if pixels.0 == label.0 {
+        return Err(format!("{at}.label: '{}' is the image field too", t.label));
+    }
+    if let Some(kind) = non_numeric[pixels.0].filter(|k| *k != "vector") {
+        return Err(format!("{at}.field: '{}' holds a {kind}, the images must be vectors of numbers", t.field));
+    }
+    if let Some(kind) = non_numeric[label.0] {
+        return Err(format!("{at}.label: '{}' holds a {kind}, a class is an integer", t.label));
+    }
+    for (name, v) in [("height", t.height), ("width", t.width)] {
+        if v < 2 || v % 2 != 0 {
+            return Err(format!("{at}.{name}: must be an even number of at least 2 (the model pools 2×2), not {v}"));
+        }
+    }
+    for (name, v, min) in [("channels", t.channels, 1), ("filters", t.filters, 1), ("classes", t.classes, 2)] {
+        if v < min {
+            return Err(format!("{at}.{name}: must be at least {min}, not {v}"));
+        }
+    }
+    if !(1..=MAX_TRAIN_BATCH).contains(&t.batch_size) {
+        return Err(format!("{at}.batch_size: must be 1 to {MAX_TRAIN_BATCH}, not {}", t.batch_size));
+    }
+    // The GPU step indexes its scratch (batch × filters × pixels, twice) with 32-bit integers.
+    let scratch = t.batch_size.checked_mul(t.filters).and_then(|x| x.checked_mul(t.height)).and_then(|x| x.checked_mul(t.width)).and_then(|x| x.checked_mul(2));
+    if scratch.is_none_or(|x| x >= 1 << 31) {
+        return Err(format!("{at}.batch_size: {} images of {}×{} through {} filters exceed the training step's 2^31 values; use a smaller batch", t.batch_size, t.height, t.width, t.filters));
+    }
+    if !(t.learning_rate.is_finite() && t.learning_rate > 0.0 && t.learning_rate <= 1.0) {
+        return Err(format!("{at}.learning_rate: must be above 0 and at most 1, not {}", t.learning_rate));
+    }
+    let max_report = weir_gpu::train::MAX_REPORT_EVERY as u64;
+    if !(1..=max_report).contains(&t.report_every) {
+        return Err(format!("{at}.report_every: must be 1 to {max_report} samples, not {}", t.report_every));
+    }
+    let shape = weir_gpu::train::CnnShape { in_c: t.channels, h: t.height, w: t.width, conv_c: t.filters, classes: t.classes };
+    let init = match &t.init {
+        Some(path) => {
+            let m = weir_gpu::cnn::SmallCnn::load(Path::new(path), t.height, t.width).map_err(|e| format!("{at}.init: {e}"))?;
+            if weir_gpu::train::CnnShape::of(&m) != shape {
+                return Err(format!(
+                    "{at}.init: {path} has {} channel(s), {} filters and {} classes; the step says channels: {}, filters: {}, classes: {}",
+                    m.in_c, m.conv_c, m.classes, t.channels, t.filters, t.classes
+                ));
+            }
+            Some(m)
+        }
+        None => None,
+    };
+    if let Some(template) = &t.export {
+        if config.checkpoint.interval.is_none() {
+            return Err(format!("{at}.export: models are exported when a checkpoint completes; set execution.checkpointing.interval"));
+        }
+        let ctx = crate::ops::export::ExportContext { subtask: 0, parallelism: 1, max_parallelism: config.max_parallelism, newest_checkpoint: None };
+        crate::ops::export::ModelExport::new(&format!("{at}.export"), template, ctx).map_err(|e| e.to_string())?;
+    }
+    Ok(CnnTrainPlan {
+        at,
+        shape,
+        field: pixels,
+        label,
+        batch: t.batch_size,
+        learning_rate: t.learning_rate as f32,
+        report_every: t.report_every as u32,
+        seed: t.seed,
+        init,
+        export: t.export.clone(),
+    })
 }
 
 /// A checked job, ready to run on every worker.
@@ -220,7 +317,17 @@ impl JobPlan {
                             origin = vec![None; 3];
                             continue;
                         }
-                        _ => return Err(format!("pipeline[{i}]: key_by must be followed by aggregate or kmeans")),
+                        Some((j, WithUid { uid, spec: Step::CnnTrain(t) })) => {
+                            let uid = uids.claim(format!("pipeline[{j}]"), uid.as_deref(), "cnn_train")?;
+                            let train = check_cnn_train(j, t, &schema, &non_numeric, &config)?;
+                            steps.push(PlanStep::KeyCnnTrain { key, train: Arc::new(train), uid });
+                            schema = vec![schema[key].clone(), "samples".into(), "loss".into(), "accuracy".into()];
+                            ints = vec![ints[key], true, false, false];
+                            non_numeric = vec![non_numeric[key], None, None, None];
+                            origin = vec![None; 4];
+                            continue;
+                        }
+                        _ => return Err(format!("pipeline[{i}]: key_by must be followed by aggregate, kmeans or cnn_train")),
                     };
                     let mut aggs = Vec::new();
                     let mut calls = Vec::new();
@@ -308,6 +415,7 @@ impl JobPlan {
                 }
                 Step::Aggregate(_) => return Err(format!("pipeline[{i}]: aggregate needs a key_by before it")),
                 Step::Kmeans { .. } => return Err(format!("pipeline[{i}]: kmeans needs a key_by before it")),
+                Step::CnnTrain(_) => return Err(format!("pipeline[{i}]: cnn_train needs a key_by before it")),
             }
         }
         let sink_uid = uids.claim("sink".into(), spec.sink.uid.as_deref(), spec.sink.spec.kind())?;
@@ -318,7 +426,7 @@ impl JobPlan {
             }
             _ => None,
         };
-        if steps.iter().any(|s| matches!(s, PlanStep::KeyKmeans { .. } | PlanStep::Resize { .. } | PlanStep::Filter2d { .. } | PlanStep::Cnn { .. } | PlanStep::Gemm { .. })) {
+        if steps.iter().any(|s| matches!(s, PlanStep::KeyKmeans { .. } | PlanStep::KeyCnnTrain { .. } | PlanStep::Resize { .. } | PlanStep::Filter2d { .. } | PlanStep::Cnn { .. } | PlanStep::Gemm { .. })) {
             // Open the device now: `weir.gpu.enabled: true` without a usable GPU is refused at
             // start, not discovered by a worker.
             weir_gpu::kernels::shared_kernels(&config.gpu).map_err(|e| e.to_string())?;
@@ -451,6 +559,32 @@ impl JobPlan {
                                 .max_in_flight(self.config.gpu_max_inflight)
                                 .fail_through(job.input_error_handle()),
                         )
+                }
+                PlanStep::KeyCnnTrain { key, train: t, uid } => {
+                    let Some(kernels) = self.kernels(job, i) else { return };
+                    let op = crate::ops::train::StreamingCnnTraining::new(t.shape, t.field.0, t.label.0, kernels)
+                        .batch_size(t.batch)
+                        .adam(weir_gpu::train::Adam { lr: t.learning_rate, ..Default::default() })
+                        .report_every(t.report_every)
+                        .seed(t.seed)
+                        .max_in_flight(self.config.gpu_max_inflight)
+                        .in_job(&t.at, &format!("field '{}'", t.field.1), &format!("label '{}'", t.label.1), job.input_error_handle());
+                    let op = match &t.init {
+                        // Checked at plan time: the shapes match.
+                        Some(m) => match op.init_model(m) {
+                            Ok(op) => op,
+                            Err(e) => {
+                                job.fail(e.to_string());
+                                return;
+                            }
+                        },
+                        None => op,
+                    };
+                    let op = match &t.export {
+                        Some(template) => op.export(&format!("{}.export", t.at), template),
+                        None => op,
+                    };
+                    stream.uid(&uid).key_by(move |r: &Row| r.get(key).clone()).process_batches(&format!("cnn_train-{i}"), op)
                 }
             };
         }
@@ -752,7 +886,7 @@ mod tests {
     /// The uids of a plan: source, stateful steps (by pipeline index), sink.
     fn uids(p: &JobPlan) -> Vec<String> {
         let steps = p.steps.iter().filter_map(|s| match s {
-            PlanStep::KeyAgg { uid, .. } | PlanStep::KeyKmeans { uid, .. } => Some(uid.clone()),
+            PlanStep::KeyAgg { uid, .. } | PlanStep::KeyKmeans { uid, .. } | PlanStep::KeyCnnTrain { uid, .. } => Some(uid.clone()),
             _ => None,
         });
         std::iter::once(p.source_uid.clone()).chain(steps).chain([p.sink_uid.clone()]).collect()
@@ -840,5 +974,50 @@ mod tests {
         let p = plan(&format!("{json}  - map: {{field: v, op: add, value: 1}}\n  - key_by: k\n  - aggregate: [sum(v)]\n")).unwrap();
         assert!(p.source_numbers.is_empty());
     }
-}
 
+    #[test]
+    fn cnn_train_is_checked_naming_the_config_key() {
+        let job = |step: &str, config: &str| {
+            plan(&format!(
+                "name: t\nconfig: {{{config}}}\nsource: {{type: file, path: x, format: json, fields: [tenant, label, pixels]}}\npipeline:\n  - key_by: tenant\n  - cnn_train: {{{step}}}\nsink: {{type: blackhole}}\n"
+            ))
+        };
+        let base = "field: pixels, label: label, height: 8, width: 8, classes: 10";
+        let p = job(base, "").unwrap();
+        assert_eq!(p.output_schema, ["tenant", "samples", "loss", "accuracy"]);
+        let PlanStep::KeyCnnTrain { train, uid, .. } = &p.steps[0] else { panic!("{:?}", p.steps) };
+        assert_eq!(uid, "pipeline[1]:cnn_train");
+        assert_eq!((train.batch, train.report_every, train.learning_rate, train.shape.conv_c, train.shape.in_c), (32, 1000, 0.01, 8, 1));
+        let with = |over: &str| format!("{base}, {over}").replacen("height: 8, ", "", over.contains("height") as usize);
+        let checkpoints = "execution.checkpointing.interval: 1s";
+        let model = "../../models/digits_cnn.safetensors";
+        for (step, config, want) in [
+            (with("height: 7"), "", "pipeline[1].cnn_train.height: must be an even number of at least 2"),
+            (base.replace("width: 8", "width: 0"), "", "pipeline[1].cnn_train.width: must be an even number"),
+            (base.replace("classes: 10", "classes: 1"), "", "pipeline[1].cnn_train.classes: must be at least 2, not 1"),
+            (with("filters: 0"), "", "pipeline[1].cnn_train.filters: must be at least 1"),
+            (with("batch_size: 0"), "", "pipeline[1].cnn_train.batch_size: must be 1 to 65536, not 0"),
+            (with("batch_size: 65536, filters: 64, height: 64"), "", "pipeline[1].cnn_train.batch_size: 65536 images of 64×8 through 64 filters exceed"),
+            (with("learning_rate: 0"), "", "pipeline[1].cnn_train.learning_rate: must be above 0"),
+            (with("learning_rate: 2"), "", "pipeline[1].cnn_train.learning_rate: must be above 0 and at most 1, not 2"),
+            (with("report_every: 0"), "", "pipeline[1].cnn_train.report_every: must be 1 to 8388608 samples, not 0"),
+            (base.replace("field: pixels", "field: pics"), "", "pipeline[1].cnn_train.field: no field 'pics' here (fields: tenant, label, pixels)"),
+            (base.replace("label: label", "label: pixels"), "", "pipeline[1].cnn_train.label: 'pixels' is the image field too"),
+            (with("batch_size: many"), "", "pipeline[1].cnn_train.batch_size: invalid type"),
+            (with("lr: 0.1"), "", "pipeline[1].cnn_train.lr: unknown field `lr`, expected one of `field`"),
+            (with("export: 'out/m-{key}.safetensors'"), "", "pipeline[1].cnn_train.export: models are exported when a checkpoint completes"),
+            (with("export: 'out/{key}/m.safetensors'"), checkpoints, "pipeline[1].cnn_train.export: out/{key}/m.safetensors: {key} may only stand in the file name"),
+            (with("init: no/such.safetensors"), "", "pipeline[1].cnn_train.init: "),
+            (format!("{base}, init: {model}").replace("classes: 10", "classes: 9"), "", "pipeline[1].cnn_train.init: ../../models/digits_cnn.safetensors has 1 channel(s), 8 filters and 10 classes; the step says channels: 1, filters: 8, classes: 9"),
+        ] {
+            let e = job(&step, config).err().unwrap_or_else(|| panic!("{step} is refused"));
+            assert!(e.starts_with(want), "{step}: {e}\nwanted: {want}");
+        }
+        // What passes: an initial model of the step's shape, an export with checkpoints.
+        let p = job(&format!("{base}, init: {model}, export: 'out/m-{{key}}.safetensors'"), checkpoints).unwrap();
+        let PlanStep::KeyCnnTrain { train, .. } = &p.steps[0] else { panic!() };
+        assert!(train.init.is_some() && train.export.as_deref() == Some("out/m-{key}.safetensors"));
+        let e = plan("name: t\nsource: {type: file, path: x, format: json, fields: [l, p]}\npipeline:\n  - cnn_train: {field: p, label: l, height: 2, width: 2, classes: 2}\nsink: {type: blackhole}\n").unwrap_err();
+        assert_eq!(e, "pipeline[0]: cnn_train needs a key_by before it");
+    }
+}

@@ -328,6 +328,53 @@ pub enum Step {
     /// Per-key running aggregates: `sum(f)`, `count`, `min(f)`, `max(f)`; emits
     /// `(key, aggregates…)` on every update.
     Aggregate(Vec<String>),
+    /// Train a small CNN per key (see [`CnnTrainSpec`]); must follow `key_by`.
+    CnnTrain(CnnTrainSpec),
+}
+
+/// `cnn_train`: a small CNN per key (conv 3×3 + ReLU → max-pool 2×2 → dense, the family of
+/// `cnn_infer`'s models) trained on an image field and a class field in mini-batches, with
+/// softmax cross-entropy and Adam, where the models live (GPU, or the CPU path). Emits
+/// `(key, samples, loss, accuracy)` every `report_every` samples of a key; with `export`, writes
+/// each key's model as safetensors when a checkpoint completes, exactly once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CnnTrainSpec {
+    /// The image field: a vector of `channels × height × width` values (NCHW).
+    pub field: String,
+    /// The class field: an integer in `0..classes`.
+    pub label: String,
+    /// Image height (even: max-pool 2×2).
+    pub height: usize,
+    /// Image width (even).
+    pub width: usize,
+    /// Image channels.
+    #[serde(default = "one_usize")]
+    pub channels: usize,
+    /// Convolution filters (output channels).
+    #[serde(default = "eight")]
+    pub filters: usize,
+    /// Classes.
+    pub classes: usize,
+    /// Samples per mini-batch (one Adam step each).
+    #[serde(default = "thirty_two")]
+    pub batch_size: usize,
+    /// Adam's learning rate.
+    #[serde(default = "learning_rate")]
+    pub learning_rate: f64,
+    /// A report row every this many samples of a key (rounded up to whole mini-batches).
+    #[serde(default = "thousand")]
+    pub report_every: u64,
+    /// Seed of new models' initial weights.
+    #[serde(default)]
+    pub seed: u64,
+    /// A safetensors model that new keys start from (fine-tuning) instead of seeded weights.
+    #[serde(default)]
+    pub init: Option<String>,
+    /// Where each key's model is written when a checkpoint completes: a path whose file name
+    /// holds `{key}` (e.g. `models/digits-{key}.safetensors`; without it, one key only).
+    #[serde(default)]
+    pub export: Option<String>,
 }
 
 impl SourceSpec {
@@ -368,6 +415,7 @@ impl Step {
             Step::CnnInfer { .. } => "cnn_infer",
             Step::Kmeans { .. } => "kmeans",
             Step::Aggregate(_) => "aggregate",
+            Step::CnnTrain(_) => "cnn_train",
         }
     }
 }
@@ -421,6 +469,26 @@ pub(super) fn one_u64() -> u64 {
 
 pub(super) fn one_u32() -> u32 {
     1
+}
+
+pub(super) fn one_usize() -> usize {
+    1
+}
+
+pub(super) fn eight() -> usize {
+    8
+}
+
+pub(super) fn thirty_two() -> usize {
+    32
+}
+
+pub(super) fn learning_rate() -> f64 {
+    0.01
+}
+
+pub(super) fn thousand() -> u64 {
+    1000
 }
 
 /// A count of at least 1 (the file source's `repeat`). The tagged source enum loses the field's

@@ -530,8 +530,6 @@ impl ModelExport {
     /// completed checkpoint. `None` when the attempt will not run: the failure is reported to
     /// the job (a template or a used directory ends it at once; I/O restarts it), and an
     /// attempt that failed already leaves the directory as it is.
-    // Its caller is the `cnn_train` operator (being written alongside).
-    #[allow(dead_code)]
     pub(crate) fn attach(ctx: &JobCtx, operator: &str, config_key: &str, template: &str) -> Option<Arc<ModelExport>> {
         if ctx.build_failed() {
             return None;

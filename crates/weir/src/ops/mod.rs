@@ -4,6 +4,7 @@
 //! - [`kmeans`]: streaming mini-batch K-means, one model per key (keyed state).
 //! - [`gemm`]: rows × a fixed matrix.
 //! - [`cnn`]: CNN inference.
+//! - [`train`]: CNN training, one model per key (device-resident state, exactly-once export).
 //! - [`image`]: image resize and filters.
 //! - [`resident`]: the GPU state store (device-resident keyed state, incremental snapshots).
 
@@ -13,3 +14,4 @@ pub mod image;
 pub mod kmeans;
 pub mod resident;
 pub mod export;
+pub mod train;

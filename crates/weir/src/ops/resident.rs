@@ -33,6 +33,18 @@ use crate::Key;
 /// One key's entry in a snapshot file: `(word offset in the slot, words)` per written chunk.
 type SlotChunks = Vec<(u32, Vec<u32>)>;
 
+/// Told on the snapshot writer, once a snapshot's file is durable and before the checkpoint is
+/// acknowledged, of the whole slots it wrote: `(checkpoint, [(key, the slot's words)])`. A delta
+/// has the keys whose every chunk changed since the last snapshot (a slot written whole, as a
+/// training step writes it); a full snapshot has every key. An error fails the snapshot, and
+/// the next one is full. (Model export stages each key's model from it: the model as of the
+/// checkpoint, never newer.)
+pub type SlotsWritten<K> = Arc<dyn Fn(u64, &[(K, Vec<u32>)]) -> Result<(), String> + Send + Sync>;
+
+/// Makes the [`SlotsWritten`] hook when the operator starts, from the job's context (`None`: no
+/// hook, e.g. the attempt failed to build).
+type HookOnAttach<K> = Box<dyn FnOnce(&JobCtx) -> Option<SlotsWritten<K>>>;
+
 /// The background half of a snapshot: reads the device copy, writes the file, says what the
 /// checkpoint holds of this state. Dropped without running (a failed write of the operator's
 /// host state before it, a panic), it passes its turn on and makes the instance's next snapshot
@@ -188,6 +200,10 @@ pub struct KeyedArena<K: Key> {
     attached: Attached,
     /// Checks each restored key's words (a model of another shape is refused at restore).
     validate: Option<Box<dyn Fn(&[u32]) -> Result<(), String>>>,
+    /// Told of the whole slots of each durable snapshot.
+    slots_written: Option<SlotsWritten<K>>,
+    /// Makes `slots_written` at attach.
+    hook_on_attach: Option<HookOnAttach<K>>,
 }
 
 impl<K: Key> KeyedArena<K> {
@@ -203,7 +219,20 @@ impl<K: Key> KeyedArena<K> {
             chain: Arc::default(),
             attached: Attached { owner: name.to_string(), full_every: 10, max_delta_share: 0.5, ..Attached::default() },
             validate: None,
+            slots_written: None,
+            hook_on_attach: None,
         }
+    }
+
+    /// Tell `hook` of the whole slots of every durable snapshot (see [`SlotsWritten`]).
+    pub fn on_slots_written(&mut self, hook: SlotsWritten<K>) {
+        self.slots_written = Some(hook);
+    }
+
+    /// Make the [`SlotsWritten`] hook when the operator starts, with the job's context (an
+    /// operator built before it knows where it runs, e.g. a model export).
+    pub(crate) fn on_slots_written_from_job(&mut self, make: impl FnOnce(&JobCtx) -> Option<SlotsWritten<K>> + 'static) {
+        self.hook_on_attach = Some(Box::new(make));
     }
 
     /// Check every key's restored words with `f` (an error names the key and fails the restore).
@@ -289,6 +318,9 @@ impl<K: Key> KeyedArena<K> {
             blocking: false,
         };
         self.set_blocking(c.gpu_state_blocking_snapshots);
+        if let Some(make) = self.hook_on_attach.take() {
+            self.slots_written = make(ctx).or(self.slots_written.take());
+        }
     }
 
     /// The naive baseline for benchmarks: every snapshot full, read back on the worker at the
@@ -393,6 +425,8 @@ impl<K: Key> KeyedArena<K> {
         let at = self.attached.clone();
         let name = self.name.clone();
         let chunk_words = self.arena.as_ref().map_or(1, |a| a.layout().chunk_words) as u32;
+        let state_words = self.arena.as_ref().map_or(0, |a| a.layout().state_words);
+        let hook = self.slots_written.clone();
         let job_chain = chain.clone();
         let run = Box::new(move |storage: &CheckpointStorage| {
             // Snapshots of one instance are written in checkpoint order: each delta follows the
@@ -427,6 +461,12 @@ impl<K: Key> KeyedArena<K> {
                 let path = format!("shared/chk{epoch}-{}-{}-{}-{kind}.state", at.file_prefix, crate::stream::sanitize(&name), at.subtask);
                 let size = w.bytes.len() as u64;
                 storage.put(&path, w.bytes).map_err(|e| e.to_string())?;
+                if let Some(hook) = &hook {
+                    let whole: Vec<(K, Vec<u32>)> = entries.iter().filter_map(|(_, k, cs)| whole_slot(cs, state_words).map(|w| (k.clone(), w))).collect();
+                    if !whole.is_empty() {
+                        hook(epoch, &whole).map_err(|e| format!("{}: checkpoint {epoch}: {e}", at.owner))?;
+                    }
+                }
                 Ok((StateFileHandle { state: name.clone(), path, size, crc32c: w.crc32c, key_groups: w.index }, w.entries))
             })();
             let mut c = chain.lock();
@@ -492,6 +532,18 @@ impl Taken {
             Taken::Read(c, _) => Ok(c),
         }
     }
+}
+
+/// The words of a slot whose chunks (in order) cover all its `words`; `None` for a part.
+fn whole_slot(chunks: &SlotChunks, words: usize) -> Option<Vec<u32>> {
+    let mut out = Vec::with_capacity(words);
+    for (off, w) in chunks {
+        if *off as usize != out.len() {
+            return None;
+        }
+        out.extend_from_slice(w);
+    }
+    (out.len() == words).then_some(out)
 }
 
 /// The VRAM tier's name of an operator instance: job directory, uid, subtask of parallelism,
@@ -579,3 +631,6 @@ mod tests {
 
 #[cfg(test)]
 mod snapshot_mode_tests;
+
+#[cfg(test)]
+mod slots_written_tests;
