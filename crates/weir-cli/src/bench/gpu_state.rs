@@ -279,7 +279,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         }
     }
     println!();
-    println!("{:<40} {:>10} {:>6} {:>16} {:>13} {:>14}", "run", "M pts/s", "chk", "stall µs median", "stall µs max", "MB/checkpoint");
+    println!("{:<40} {:>10} {:>6} {:>16} {:>13} {:>16}", "run", "M pts/s", "chk", "stall µs median", "stall µs max", "MB written/chk");
     let mut medians = Vec::new();
     for r in &runs {
         // Throughput: the median run; stalls: every periodic checkpoint of every run.
@@ -287,12 +287,14 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         secs.sort_by(f64::total_cmp);
         let rate = args.points as f64 / secs[secs.len() / 2];
         let mut stalls: Vec<u64> = r.iter().flat_map(JobRun::stalls).collect();
-        let mut bytes: Vec<u64> = r.iter().flat_map(|x| x.checkpoints.iter().filter(|m| !m.is_final).map(|m| m.bytes())).collect();
+        // Bytes each checkpoint wrote (a delta's checkpoint also lists the full file before it).
+        let written = |m: &CheckpointMetadata| m.subtasks.iter().map(|(_, s)| s.stats.bytes).sum::<u64>();
+        let mut bytes: Vec<u64> = r.iter().flat_map(|x| x.checkpoints.iter().filter(|m| !m.is_final).map(written)).collect();
         let chk = stalls.len();
         let (med, max) = (percentile(&mut stalls, 0.5), percentile(&mut stalls, 1.0));
         let show = |v: u64| if chk == 0 { "-".to_string() } else { v.to_string() };
         println!(
-            "{:<40} {:>10.3} {:>6} {:>16} {:>13} {:>14}",
+            "{:<40} {:>10.3} {:>6} {:>16} {:>13} {:>16}",
             r[0].label,
             rate / 1e6,
             chk,
