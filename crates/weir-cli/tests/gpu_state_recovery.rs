@@ -154,7 +154,7 @@ fn committed_totals(out: &Path, k: usize) -> BTreeMap<i64, u64> {
                 let t: u64 = model.drain(..).sum();
                 assert!(
                     t > *total,
-                    "{at}: key {key}'s model counts {t} points after one that counted {total}: an update applied twice or output committed twice"
+                    "{at}: key {key}'s model counts {t} points after one that counted {total}: an update applied twice, output committed twice, or state restored older than the output"
                 );
                 *total = t;
             }
@@ -164,6 +164,35 @@ fn committed_totals(out: &Path, k: usize) -> BTreeMap<i64, u64> {
         }
     }
     keys.into_iter().map(|(key, (total, ..))| (key, total)).collect()
+}
+
+/// The output check itself catches an epoch committed twice and a lost update.
+#[test]
+fn the_output_check_catches_replayed_output_and_lost_updates() {
+    let tmp = TempDir::new("gpu-state-oracle");
+    let model = |key: u64, counts: [u64; 2]| -> String { counts.iter().enumerate().map(|(c, n)| format!("{key},{c},{n},\"0.5,1\"\n")).collect() };
+    let write = |dir: &Path, files: &[(&str, String)]| {
+        std::fs::create_dir_all(dir).unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+    };
+    let good = tmp.join("good");
+    write(&good, &[("part-00000-000000000001", model(7, [3, 4]) + &model(7, [5, 6])), ("part-00001-000000000002", model(7, [8, 9]))]);
+    assert_eq!(committed_totals(&good, 2), BTreeMap::from([(7, 17)]));
+    // Epoch 1's output again under a later epoch: the totals go back.
+    let replayed = tmp.join("replayed");
+    write(&replayed, &[("part-00000-000000000001", model(7, [3, 4])), ("part-00000-000000000002", model(7, [3, 4]))]);
+    assert!(std::panic::catch_unwind(|| committed_totals(&replayed, 2)).is_err(), "a replayed epoch passes the check");
+    // A model cut off, or a key in two subtasks' files of one epoch.
+    let cut = tmp.join("cut");
+    write(&cut, &[("part-00000-000000000001", model(7, [3, 4])[..12].to_string())]);
+    assert!(std::panic::catch_unwind(|| committed_totals(&cut, 2)).is_err(), "a cut-off model passes the check");
+    let split = tmp.join("split");
+    write(&split, &[("part-00000-000000000001", model(7, [3, 4])), ("part-00001-000000000001", model(7, [5, 6]))]);
+    assert!(std::panic::catch_unwind(|| committed_totals(&split, 2)).is_err(), "a key in two subtasks of one epoch passes the check");
+    // A lost update: the last model counts fewer points than the source has.
+    assert!(std::panic::catch_unwind(|| assert_exact_counts(&good, &BTreeMap::from([(7, 18)]), 2)).is_err());
 }
 
 /// The job ended exactly once: every key's last committed model counts exactly its points, and
@@ -191,16 +220,32 @@ fn log_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// Run until `job_dir` holds a completed checkpoint newer than the one it held, plus a random
-/// pause, then SIGKILL; panics if the job ended first (then nothing was cut).
-fn kill_after_a_checkpoint(cmd: &mut Command, job_dir: &Path, rng: &mut Rng) {
-    let mut child = spawn(cmd);
-    let before = latest_checkpoint(job_dir);
-    let got = wait_for_checkpoint_after(&mut child, job_dir, before, Duration::from_secs(120));
-    std::thread::sleep(Duration::from_millis(rng.range(0, 250)));
-    let running = child.try_wait().unwrap().is_none();
-    kill9(&mut child);
-    assert!(got && running, "the job ended before it was killed:\n{}", stderr_of(&mut child));
+/// Whether checkpoint `id` lists, for every subtask holding models, a full file and deltas.
+fn lists_deltas(job_dir: &Path, id: u64) -> bool {
+    let chains = listed_state_files(job_dir, id);
+    !chains.is_empty() && chains.values().all(|files| files.len() >= 2)
+}
+
+/// Run `cmd(restore)` (fresh first, then restoring `latest`) until the latest completed
+/// checkpoint lists a full file and deltas, then SIGKILL, so that the next restore must apply
+/// deltas. A restart writes a full file first, so this takes one run or a few. Returns the id.
+fn kill_when_the_latest_lists_deltas(job_dir: &Path, mut cmd: impl FnMut(bool) -> Command) -> u64 {
+    for run in 0..5 {
+        let mut child = spawn(&mut cmd(run > 0));
+        while wait_for_checkpoint_after(&mut child, job_dir, latest_checkpoint(job_dir), Duration::from_secs(60)) {
+            if lists_deltas(job_dir, latest_checkpoint(job_dir)) {
+                break;
+            }
+        }
+        let running = child.try_wait().unwrap().is_none();
+        kill9(&mut child);
+        assert!(running, "the job ended before a checkpoint listed deltas:\n{}", stderr_of(&mut child));
+        let latest = latest_checkpoint(job_dir);
+        if lists_deltas(job_dir, latest) {
+            return latest;
+        }
+    }
+    panic!("no checkpoint of {} listed deltas in 5 runs", job_dir.display());
 }
 
 /// 1. SIGKILL at eight random moments of a GPU-path run, each restart restoring `latest`, then
@@ -229,35 +274,46 @@ fn sigkill_on_the_gpu_path_at_eight_random_moments() {
     assert_exact_counts(&out, &expected, K);
 }
 
-/// 2. A checkpoint of the GPU path restored on the CPU path, and the reverse.
+/// 2. A checkpoint of the GPU path (a full file and deltas) restored on the CPU path, and the
+///    reverse.
 #[test]
 fn a_checkpoint_of_one_path_restores_on_the_other() {
     let tmp = TempDir::new("gpu-state-cross");
     let expected = expected_counts();
-    let mut rng = Rng::from_env("gpu_state_cross");
     for (first, then) in [(KernelPath::Gpu, KernelPath::Cpu), (KernelPath::Cpu, KernelPath::Gpu)] {
         let (out, ck) = (tmp.join(&format!("out-{first:?}")), tmp.join(&format!("ck-{first:?}")));
-        let job_dir = ck.join(JOB);
-        kill_after_a_checkpoint(&mut kmeans(&out, &ck, first, &[]), &job_dir, &mut rng);
+        let latest = kill_when_the_latest_lists_deltas(&ck.join(JOB), |restore| {
+            let mut c = kmeans(&out, &ck, first, &[]);
+            if restore {
+                c.args(["--restore", "latest"]);
+            }
+            c
+        });
         let done = run_ok(&mut kmeans(&out, &ck, then, &["--restore", "latest"]));
         let log = log_of(&done);
-        assert!(log.contains("restoring kmeans from checkpoint"), "{first:?} → {then:?}: {log}");
+        assert!(log.contains(&format!("restoring kmeans from checkpoint {latest} ")), "{first:?} → {then:?}: {log}");
         assert!(log.contains("from storage ("), "{first:?} → {then:?}: the models are read from the files:\n{log}");
         assert_exact_counts(&out, &expected, K);
     }
 }
 
-/// 3. Killed at parallelism 2 on the GPU path, restored at parallelism 3.
+/// 3. Killed at parallelism 2 on the GPU path (the latest checkpoint lists deltas), restored
+///    at parallelism 3.
 #[test]
 fn rescale_from_two_to_three_on_the_gpu_path() {
     let tmp = TempDir::new("gpu-state-rescale");
     let expected = expected_counts();
-    let mut rng = Rng::from_env("gpu_state_rescale");
     let (out, ck) = (tmp.join("out"), tmp.join("ck"));
-    kill_after_a_checkpoint(&mut kmeans(&out, &ck, KernelPath::Gpu, &["-D", "parallelism.default=2"]), &ck.join(JOB), &mut rng);
+    let latest = kill_when_the_latest_lists_deltas(&ck.join(JOB), |restore| {
+        let mut c = kmeans(&out, &ck, KernelPath::Gpu, &["-D", "parallelism.default=2"]);
+        if restore {
+            c.args(["--restore", "latest"]);
+        }
+        c
+    });
     let done = run_ok(&mut kmeans(&out, &ck, KernelPath::Gpu, &["-D", "parallelism.default=3", "--restore", "latest"]));
     let log = log_of(&done);
-    assert!(log.contains("(parallelism 2 → 3)"), "{log}");
+    assert!(log.contains(&format!("restoring kmeans from checkpoint {latest} (parallelism 2 → 3)")), "{log}");
     assert!(log.contains("from storage ("), "{log}");
     assert_exact_counts(&out, &expected, K);
 }
@@ -332,22 +388,7 @@ fn incremental_chain_and_a_corrupt_delta() {
     std::fs::write(input.join("b-key-0.jsonl"), json_points(0, TAIL, &mut rng)).unwrap();
     *expected.get_mut(&0).unwrap() += TAIL;
     // Kill once the latest checkpoint lists deltas (a restart writes a full file first).
-    let mut latest = 0;
-    for attempt in 0.. {
-        assert!(attempt < 5, "no checkpoint with a delta after {attempt} runs");
-        let mut child = spawn(&mut run(&["--restore", "latest"]));
-        while wait_for_checkpoint_after(&mut child, &job_dir, latest_checkpoint(&job_dir), Duration::from_secs(60)) {
-            let id = latest_checkpoint(&job_dir);
-            if listed_state_files(&job_dir, id).values().all(|f| f.len() >= 2) {
-                break;
-            }
-        }
-        kill9(&mut child);
-        latest = latest_checkpoint(&job_dir);
-        if listed_state_files(&job_dir, latest).values().all(|f| f.len() >= 2) {
-            break;
-        }
-    }
+    let latest = kill_when_the_latest_lists_deltas(&job_dir, |_| run(&["--restore", "latest"]));
     let chains = listed_state_files(&job_dir, latest);
     assert_eq!(chains.len(), 2, "both subtasks hold models: {chains:?}");
     for (task, files) in &chains {
