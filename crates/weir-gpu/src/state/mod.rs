@@ -116,7 +116,7 @@ pub struct StateArena {
     layout: ArenaLayout,
     slots: usize,
     capacity: usize,
-    /// Arena-sized snapshot areas that may live beside the arena (1; 2 with the VRAM tier).
+    /// Arena-sized snapshot areas that may live beside the arena (1; 3 with the VRAM tier: its two kept snapshots and the next).
     snapshot_areas: u64,
     backing: Backing,
     /// Which operator, for error messages.
@@ -159,8 +159,8 @@ impl StateArena {
         self.layout
     }
 
-    /// Arena-sized snapshot areas to admit beside the arena when it grows: 1, or 2 when the VRAM
-    /// tier keeps the last snapshot while the next one is taken.
+    /// Arena-sized snapshot areas to admit beside the arena when it grows: 1, or 3 when the VRAM
+    /// tier keeps the last two snapshots while the next one is taken.
     pub fn set_snapshot_areas(&mut self, n: u64) {
         self.snapshot_areas = n.max(1);
     }
@@ -601,14 +601,19 @@ impl VramTier {
         &TIER
     }
 
-    /// Keep `snap` (of checkpoint `id`) with its host-side index `index` under `name`,
-    /// replacing an older one of that name.
+    /// Keep `snap` (of checkpoint `id`) with its host-side index `index` under `name`.
+    ///
+    /// The two newest snapshots of a name are kept: the newest is written before its checkpoint
+    /// completes, so a restart in between restores the one before.
     pub fn keep(&self, name: &str, id: u64, snap: VramSnapshot, index: Arc<dyn std::any::Any + Send + Sync>) {
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
-        match kept.iter_mut().find(|(n, ..)| n == name) {
-            Some(e) if e.1 <= id => *e = (name.to_string(), id, snap, index),
-            Some(_) => {}
-            None => kept.push((name.to_string(), id, snap, index)),
+        kept.retain(|(n, i, ..)| n != name || *i != id);
+        kept.push((name.to_string(), id, snap, index));
+        let mut ids: Vec<u64> = kept.iter().filter(|(n, ..)| n == name).map(|e| e.1).collect();
+        if ids.len() > 2 {
+            ids.sort_unstable();
+            let oldest = ids[ids.len() - 3];
+            kept.retain(|(n, i, ..)| n != name || *i > oldest);
         }
     }
 

@@ -265,8 +265,8 @@ impl<K: Key> KeyedArena<K> {
         }
         if self.arena.is_none() {
             let mut arena = StateArena::new(ArenaLayout::new(state_words), self.gpu.as_ref(), &self.attached.owner)?;
-            // The VRAM tier keeps the last snapshot while the next one is taken.
-            arena.set_snapshot_areas(if self.attached.vram.is_some() { 2 } else { 1 });
+            // The VRAM tier keeps the last two snapshots while the next one is taken.
+            arena.set_snapshot_areas(if self.attached.vram.is_some() { 3 } else { 1 });
             self.arena = Some(arena);
         }
         Ok(self.arena.as_mut().expect("created"))
@@ -344,8 +344,13 @@ impl<K: Key> KeyedArena<K> {
         if self.gpu.is_some() && ctx.config.gpu_state_vram_tier {
             let name = vram_name(storage, &ctx.uid_of(op), ctx.index, ctx.peers, &self.name);
             if let Some((snap, index)) = VramTier::global().get(&name, meta.id) {
-                if let Ok(index) = index.downcast::<VramIndex<K>>() {
-                    if index.files == listed {
+                // Only the copy this instance wrote for exactly the restored checkpoint: its own
+                // files (same subtask, same parallelism) must be the ones the checkpoint lists.
+                let own: Option<Vec<StateFileHandle>> = ctx
+                    .restored_instance(op, ctx.index as u32)
+                    .map(|s| s.state_files.iter().filter(|f| f.state == self.name).cloned().collect());
+                if let (Ok(index), Some(own)) = (index.downcast::<VramIndex<K>>(), own) {
+                    if index.files == own {
                         let arena = self.ensure(snap.layout().state_words).map_err(|e| e.to_string())?;
                         arena.restore_from_vram(&snap).map_err(|e| e.to_string())?;
                         for (slot, k) in index.keys.iter().enumerate() {

@@ -162,6 +162,14 @@ impl JobCtx {
             .filter(move |(t, s)| operator_uid::claims(op, &uid, t, s))
             .map(|(_, s)| s)
     }
+
+    /// The snapshot of operator `op`'s subtask `subtask` in the restored checkpoint, if it was
+    /// taken at the current parallelism (the same instance).
+    pub(crate) fn restored_instance(&self, op: u32, subtask: u32) -> Option<&SubtaskSnapshot> {
+        let uid = self.uid_of(op);
+        let m = self.restored.as_ref().filter(|m| m.parallelism == self.peers as u32)?;
+        m.subtasks.iter().find(|(t, s)| t.subtask == subtask && operator_uid::claims(op, &uid, t, s)).map(|(_, s)| s)
+    }
 }
 
 pub(crate) fn now_us() -> u64 {
