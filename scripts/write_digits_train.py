@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Write the training split of scripts/train_digits_cnn.py as examples/data/digits_train.jsonl.
 
+Each training row carries a constant `"tenant": "acme"` first: examples/digits_train.yaml keys the
+stream by it (one model per tenant; the held-out file has no such field).
+
 The split is the one train_digits_cnn.py makes (NumPy default_rng(0), one permutation of the
 1,797 digits, the first 20 % held out), so the streaming trainer learns from exactly the rows that
 the offline model learned from and is scored on models/digits_test.jsonl, which it never sees.
@@ -24,6 +27,10 @@ def row(x, y):
     return json.dumps({"label": int(y), "pixels": [round(float(v), 4) for v in x]})
 
 
+def train_row(x, y):
+    return json.dumps({"tenant": "acme", "label": int(y), "pixels": [round(float(v), 4) for v in x]})
+
+
 def main():
     x, y = load(sys.argv[1])
     rng = np.random.default_rng(0)
@@ -38,7 +45,7 @@ def main():
     assert not set(test) & set(train) and len(set(test) | set(train)) == len(x) == 1797
     with open("examples/data/digits_train.jsonl", "w") as f:
         for i in train:
-            f.write(row(x[i], y[i]) + "\n")
+            f.write(train_row(x[i], y[i]) + "\n")
     print(f"wrote {len(train)} training rows; held-out split matches ({len(test)} rows); {len(x)} in all")
 
 
