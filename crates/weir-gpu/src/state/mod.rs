@@ -44,8 +44,11 @@ impl ArenaLayout {
     /// The layout for `state_words` words of state per key.
     pub fn new(state_words: usize) -> ArenaLayout {
         let state_words = state_words.max(1);
-        let chunk_words = state_words.min(MAX_CHUNK_WORDS);
-        ArenaLayout { state_words, chunk_words, slot_words: state_words.next_multiple_of(chunk_words) }
+        // As few chunks as fit MAX_CHUNK_WORDS, of equal size: a slot is padded by fewer words
+        // than it has chunks (4,116 words are 2 chunks of 2,058, not 2 of 4,096).
+        let chunks = state_words.div_ceil(MAX_CHUNK_WORDS);
+        let chunk_words = state_words.div_ceil(chunks);
+        ArenaLayout { state_words, chunk_words, slot_words: chunk_words * chunks }
     }
 
     /// Chunks per slot.

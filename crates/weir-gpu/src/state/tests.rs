@@ -122,13 +122,16 @@ fn snapshots_hold_exactly_the_state_at_the_barrier_and_only_dirty_slots() {
 #[test]
 fn large_slots_are_tracked_in_chunks() {
     let l = ArenaLayout::new(MAX_CHUNK_WORDS * 2 + 10);
-    assert_eq!((l.chunk_words, l.chunks_per_slot()), (MAX_CHUNK_WORDS, 3));
+    assert_eq!((l.chunk_words, l.chunks_per_slot()), (2734, 3), "three equal chunks");
+    assert!(l.slot_words - l.state_words < 3, "padding below one word per chunk: {l:?}");
+    let small = ArenaLayout::new(4116);
+    assert_eq!((small.chunk_words, small.slot_words), (2058, 4116), "not padded to 2 × 4,096");
     let mut a = StateArena::new(l, None, "big").unwrap();
     let s = a.alloc_slot(&vec![7; l.state_words]).unwrap();
     a.snapshot().unwrap();
     let (words, dirty) = a.host_mut().unwrap();
     words[a_word(s, l) + MAX_CHUNK_WORDS + 1] = 9;
-    dirty[(a_word(s, l) + MAX_CHUNK_WORDS + 1) / MAX_CHUNK_WORDS] = 1;
+    dirty[(a_word(s, l) + MAX_CHUNK_WORDS + 1) / l.chunk_words] = 1;
     let d = a.snapshot().unwrap().read(false).unwrap();
     assert_eq!(d.entries.len(), 1);
     assert_eq!(d.entries[0].1.len(), 1, "one chunk of three");
