@@ -415,9 +415,7 @@ impl<'s, T: Data> DataStream<'s, T> {
                 input.for_each(|c, data| {
                     let e = epoch_of(*c.least().expect("records carry a time"));
                     if e <= aligner.epoch() {
-                        if !caps.contains_key(&e) {
-                            caps.insert(e, c.retain_least(port).expect("records carry a time"));
-                        }
+                        caps.entry(e).or_insert_with(|| c.retain_least(port).expect("records carry a time"));
                         pending.append(data);
                         oldest.get_or_insert_with(Instant::now);
                     } else {

@@ -220,11 +220,11 @@ fn the_paths_agree_over_many_large_batches_of_two_keys() {
     }
     let last = pend.pop().unwrap().wait().unwrap();
     let h = hs.last().unwrap();
-    for j in 0..2 {
-        for c in 0..8 {
+    for (j, hj) in h.iter().enumerate() {
+        for (c, hc) in hj.iter().enumerate() {
             let (n, v) = last.centroid(j, c);
-            assert_eq!(n, h[j][c].0);
-            for (a, b) in v.zip(&h[j][c].1) {
+            assert_eq!(n, hc.0);
+            for (a, b) in v.zip(&hc.1) {
                 assert!((a - b).abs() < 1e-3, "{a} vs {b}");
             }
         }
