@@ -22,6 +22,8 @@ pub mod device;
 pub mod kernels;
 pub mod pool;
 pub mod state;
+#[cfg(test)]
+mod test_device;
 pub mod train;
 pub mod transfer;
 

@@ -10,19 +10,7 @@ use super::gpu::GpuKernels;
 use super::*;
 use crate::device::{GpuConfig, GpuContext, GpuMode};
 
-fn gpu() -> Option<&'static GpuKernels> {
-    static GPU: OnceLock<Option<GpuKernels>> = OnceLock::new();
-    GPU.get_or_init(|| {
-        let required = std::env::var("WEIR_REQUIRE_GPU").is_ok_and(|v| v == "1");
-        let cfg = GpuConfig { mode: if required { GpuMode::On } else { GpuMode::Auto }, ..GpuConfig::default() };
-        let ctx = GpuContext::select(&cfg).expect("WEIR_REQUIRE_GPU=1 but no GPU adapter (install mesa-vulkan-drivers)");
-        if ctx.is_none() {
-            eprintln!("NO GPU ADAPTER: the GPU half of the kernel suite ran on nothing (set WEIR_REQUIRE_GPU=1 to fail)");
-        }
-        ctx.map(|c| GpuKernels::new(Arc::clone(&c)))
-    })
-    .as_ref()
-}
+use crate::test_device::gpu;
 
 /// The same device through the staged transfer path (the default on a discrete GPU; lavapipe
 /// defaults to the direct path).

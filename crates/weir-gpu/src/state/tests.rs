@@ -1,22 +1,13 @@
 //! The state store and resident K-means, on the host arena and on the device (lavapipe in CI;
 //! `WEIR_REQUIRE_GPU=1` makes a missing adapter fail instead of testing the host path only).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use super::kmeans::{step, KmeansShape};
 use super::*;
 use crate::device::{GpuConfig, GpuContext, GpuMode};
 
-fn gpu() -> Option<&'static GpuKernels> {
-    static GPU: OnceLock<Option<GpuKernels>> = OnceLock::new();
-    GPU.get_or_init(|| {
-        let required = std::env::var("WEIR_REQUIRE_GPU").is_ok_and(|v| v == "1");
-        let cfg = GpuConfig { mode: if required { GpuMode::On } else { GpuMode::Auto }, ..GpuConfig::default() };
-        let ctx = GpuContext::select(&cfg).expect("WEIR_REQUIRE_GPU=1 but no GPU adapter (install mesa-vulkan-drivers)");
-        ctx.map(|c| GpuKernels::new(Arc::clone(&c)))
-    })
-    .as_ref()
-}
+use crate::test_device::gpu;
 
 /// A host arena and, where there is a GPU, a device arena.
 fn arenas(words: usize) -> Vec<StateArena> {

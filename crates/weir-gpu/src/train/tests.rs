@@ -7,23 +7,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use super::*;
-use crate::device::{GpuConfig, GpuContext, GpuMode};
 use crate::kernels::cpu::CpuKernels;
 use crate::kernels::Kernels;
 
-fn gpu() -> Option<&'static GpuKernels> {
-    static GPU: OnceLock<Option<GpuKernels>> = OnceLock::new();
-    GPU.get_or_init(|| {
-        let required = std::env::var("WEIR_REQUIRE_GPU").is_ok_and(|v| v == "1");
-        let cfg = GpuConfig { mode: if required { GpuMode::On } else { GpuMode::Auto }, ..GpuConfig::default() };
-        let ctx = GpuContext::select(&cfg).expect("WEIR_REQUIRE_GPU=1 but no GPU adapter (install mesa-vulkan-drivers)");
-        if ctx.is_none() {
-            eprintln!("NO GPU ADAPTER: the GPU half of the training tests ran on nothing (set WEIR_REQUIRE_GPU=1 to fail)");
-        }
-        ctx.map(GpuKernels::new)
-    })
-    .as_ref()
-}
+use crate::test_device::gpu;
 
 /// The GPU's default transfer path and, where that is direct (lavapipe), the staged one too:
 /// resident bindings must work on both.

@@ -15,6 +15,8 @@ type Seen = Arc<Mutex<Vec<(u64, Vec<(u64, Vec<u32>)>)>>>;
 fn arena(keys: u64, fail_at: Option<u64>) -> (KeyedArena<u64>, Seen) {
     let mut a: KeyedArena<u64> = KeyedArena::new("s", &CpuKernels::new(1));
     a.attached.max_parallelism = 128;
+    // Deltas as large as the full file stay deltas here: the test is about the hook.
+    a.attached.max_delta_share = 1.0;
     a.ensure(WORDS).unwrap();
     for k in 0..keys {
         a.insert(k, &vec![k as u32; WORDS]).unwrap();
