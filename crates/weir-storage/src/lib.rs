@@ -218,9 +218,10 @@ impl CheckpointStorage {
             return Err(StorageError::Aborted(id));
         }
         block_on(self.store.put(&Path::from(rel), PutPayload::from(bytes))).map_err(io("write", self.display(rel)))?;
-        // The abort's discard may have listed the directory before this file was published.
+        // The abort's deletion may have listed the directory before this file was published.
+        // (Only the checkpoint's own directory: shared files are the abort's to collect.)
         if let Some(id) = chk.filter(|&id| self.is_aborted(id)) {
-            self.discard(id)?;
+            self.delete_checkpoint_dir(id)?;
             return Err(StorageError::Aborted(id));
         }
         Ok(())

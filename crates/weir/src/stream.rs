@@ -809,45 +809,70 @@ fn snapshot_tables<K: Key>(
     let name = name.to_string();
     let prefix = prefix.to_string();
     ctx.executor.submit(move || {
-        let t1 = Instant::now();
-        let mut files = Vec::new();
-        let mut bytes = 0;
-        for (state, job) in jobs {
-            let path = format!("chk-{epoch}/{prefix}-{}-{}.state", sanitize(&state), task.subtask);
-            let written = job().map_err(|e| e.to_string()).and_then(|w| {
-                let size = w.bytes.len() as u64;
-                storage.put(&path, w.bytes).map_err(|e| e.to_string())?;
-                Ok(StateFileHandle { state, path, size, crc32c: w.crc32c, key_groups: w.index })
-            });
-            match written {
-                Ok(h) => {
-                    bytes += h.size;
-                    files.push(h);
-                }
-                Err(reason) => {
-                    let _ = tx.send(AckMsg::Decline { id: epoch, task, reason });
-                    return;
-                }
-            }
+        // A panic while writing declines the checkpoint at once instead of leaving it to time out.
+        let decline = tx.clone();
+        let wrote = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || write_snapshot_files(storage, jobs, resident, tx, epoch, task, name, uid, prefix, barrier_us, sync_us, entries)));
+        if let Err(panic) = wrote {
+            let what = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            let _ = decline.send(AckMsg::Decline { id: epoch, task, reason: format!("writing the snapshot panicked: {what}") });
         }
-        let mut entries = entries;
-        if let Some(job) = resident {
-            match job.run(&storage) {
-                Ok(w) => {
-                    bytes += w.bytes;
-                    entries += w.entries;
-                    files.extend(w.files);
-                }
-                Err(reason) => {
-                    let _ = tx.send(AckMsg::Decline { id: epoch, task, reason });
-                    return;
-                }
-            }
-        }
-        let stats = SubtaskStats { barrier_us, sync_us, async_us: t1.elapsed().as_micros() as u64, bytes, state_entries: entries };
-        let snapshot = SubtaskSnapshot { operator_name: name, uid, state_files: files, splits: vec![], stats };
-        let _ = tx.send(AckMsg::Ack { id: epoch, task, snapshot });
     });
+}
+
+/// The asynchronous part of a keyed snapshot: write the host states' files, then the
+/// device-resident state's, then ack (or decline) the checkpoint.
+fn write_snapshot_files(
+    storage: weir_storage::CheckpointStorage,
+    jobs: Vec<(String, crate::state::SnapshotJob)>,
+    resident: Option<crate::ops::resident::ResidentJob>,
+    tx: std::sync::mpsc::Sender<AckMsg>,
+    epoch: u64,
+    task: TaskId,
+    name: String,
+    uid: String,
+    prefix: String,
+    barrier_us: u64,
+    sync_us: u64,
+    entries: u64,
+) {
+    let t1 = Instant::now();
+    let mut files = Vec::new();
+    let mut bytes = 0;
+    for (state, job) in jobs {
+        let path = format!("chk-{epoch}/{prefix}-{}-{}.state", sanitize(&state), task.subtask);
+        let written = job().map_err(|e| e.to_string()).and_then(|w| {
+            let size = w.bytes.len() as u64;
+            storage.put(&path, w.bytes).map_err(|e| e.to_string())?;
+            Ok(StateFileHandle { state, path, size, crc32c: w.crc32c, key_groups: w.index })
+        });
+        match written {
+            Ok(h) => {
+                bytes += h.size;
+                files.push(h);
+            }
+            Err(reason) => {
+                let _ = tx.send(AckMsg::Decline { id: epoch, task, reason });
+                return;
+            }
+        }
+    }
+    let mut entries = entries;
+    if let Some(job) = resident {
+        match job.run(&storage) {
+            Ok(w) => {
+                bytes += w.bytes;
+                entries += w.entries;
+                files.extend(w.files);
+            }
+            Err(reason) => {
+                let _ = tx.send(AckMsg::Decline { id: epoch, task, reason });
+                return;
+            }
+        }
+    }
+    let stats = SubtaskStats { barrier_us, sync_us, async_us: t1.elapsed().as_micros() as u64, bytes, state_entries: entries };
+    let snapshot = SubtaskSnapshot { operator_name: name, uid, state_files: files, splits: vec![], stats };
+    let _ = tx.send(AckMsg::Ack { id: epoch, task, snapshot });
 }
 
 /// Load this instance's key groups of operator `op` from every file of the restored checkpoint

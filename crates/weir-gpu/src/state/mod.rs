@@ -190,7 +190,9 @@ impl StateArena {
         let max_binding = ctx.adapter.max_storage_binding;
         // The arena, its dirty map and its snapshot areas of the same size live side by side.
         let copies = 1 + self.snapshot_areas;
-        if copies * (bytes + chunk_bytes) > budget || bytes > max_binding {
+        // Also a read-back piece and the dirty map's read-back while a snapshot is read.
+        let read_back = bytes.min(DOWNLOAD_PIECE) + chunk_bytes;
+        if copies * (bytes + chunk_bytes) + read_back > budget || bytes > max_binding {
             return Err(GpuError::StateTooLarge {
                 owner: self.owner.clone(),
                 keys: capacity as u64,

@@ -88,18 +88,14 @@ struct ChainState {
     files: Vec<StateFileHandle>,
     base_bytes: u64,
     delta_bytes: u64,
-    /// The newest snapshot whose file was not written: every later one must be full.
-    broken_at: Option<u64>,
+    /// The last snapshot whose file joined the chain: a snapshot may be a delta only on top of
+    /// the one right before it (a failed, panicked or dropped one in between took dirty chunks
+    /// with it).
+    joined: Option<u64>,
     issued: u64,
     turn: u64,
     /// Snapshots dropped before their turn: skipped when it comes.
     cancelled: std::collections::BTreeSet<u64>,
-}
-
-impl ChainState {
-    fn break_at(&mut self, seq: u64) {
-        self.broken_at = Some(self.broken_at.map_or(seq, |b| b.max(seq)));
-    }
 }
 
 #[derive(Default)]
@@ -139,7 +135,6 @@ impl Chain {
     /// Snapshot `seq` will never run.
     fn cancel(&self, seq: u64) {
         let mut c = self.lock();
-        c.break_at(seq);
         if c.turn == seq {
             drop(c);
             self.pass();
@@ -149,8 +144,8 @@ impl Chain {
     }
 }
 
-/// Passes the turn to the next snapshot when dropped (also on an error or a panic); unless the
-/// snapshot succeeded, the next one must be full.
+/// Passes the turn to the next snapshot when dropped (also on an error or a panic); a snapshot
+/// that did not succeed does not join the chain, so the next one is full.
 struct Turn<'a> {
     chain: &'a Chain,
     seq: u64,
@@ -159,8 +154,8 @@ struct Turn<'a> {
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        if !self.ok {
-            self.chain.lock().break_at(self.seq);
+        if self.ok {
+            self.chain.lock().joined = Some(self.seq);
         }
         self.chain.pass();
     }
@@ -444,7 +439,7 @@ impl<K: Key> KeyedArena<K> {
             };
             let full = {
                 let c = chain.lock();
-                c.broken_at.is_some_and(|b| b < seq)
+                c.joined.is_none_or(|j| j + 1 != seq)
                     || c.files.is_empty()
                     || c.files.len() as u32 >= at.full_every
                     || c.delta_bytes as f64 > at.max_delta_share * c.base_bytes as f64
@@ -477,19 +472,14 @@ impl<K: Key> KeyedArena<K> {
             let mut c = chain.lock();
             let (handle, n) = match written {
                 Ok(x) => x,
-                Err(e) => {
-                    // The next snapshot cannot be a delta on top of a file that was not written.
-                    c.break_at(seq);
-                    return Err(e);
-                }
+                // The next snapshot cannot be a delta on top of a file that was not written: this
+                // one does not join the chain (`Turn`).
+                Err(e) => return Err(e),
             };
             let size = handle.size;
             if full {
                 c.files = vec![handle];
                 (c.base_bytes, c.delta_bytes) = (size, 0);
-                if c.broken_at.is_some_and(|b| b < seq) {
-                    c.broken_at = None;
-                }
             } else {
                 c.files.push(handle);
                 c.delta_bytes += size;
@@ -611,6 +601,28 @@ mod tests {
         drop(s3);
         let w4 = later.join().unwrap().unwrap();
         assert_eq!((w4.files.len(), w4.entries), (1, 10), "full after a dropped snapshot: {:?}", w4.files);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn a_later_dropped_snapshot_does_not_hide_an_earlier_failure() {
+        let (st, dir) = storage("late-drop");
+        let mut a = arena(4);
+        a.snapshot(1).unwrap().run(&st).unwrap();
+        touch(&mut a, 1, 11);
+        let s2 = a.snapshot(2).unwrap();
+        touch(&mut a, 2, 22);
+        let s3 = a.snapshot(3).unwrap();
+        let s4 = a.snapshot(4).unwrap();
+        let shared = dir.join("job/shared");
+        std::fs::remove_dir_all(&shared).unwrap();
+        std::fs::write(&shared, b"in the way").unwrap();
+        assert!(s2.run(&st).is_err(), "snapshot 2 fails: key 1's change is only in the arena");
+        std::fs::remove_file(&shared).unwrap();
+        // Snapshot 4 is dropped before snapshot 3 runs (its checkpoint was aborted).
+        drop(s4);
+        let w3 = s3.run(&st).unwrap();
+        assert_eq!((w3.files.len(), w3.entries), (1, 4), "full: a delta would miss key 1: {:?}", w3.files);
         std::fs::remove_dir_all(dir).ok();
     }
 
