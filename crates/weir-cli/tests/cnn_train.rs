@@ -239,4 +239,23 @@ fn bad_settings_are_refused_and_a_bad_row_ends_the_job_naming_it() {
     assert!(bad_label >= 10);
     let err = refused(train_cmd(&tmp.join("run"), "false").args(["--set", &format!("source.path={}", data.display()), "-D", "restart-strategy.type=fixed-delay"]));
     assert!(err.contains(&format!("pipeline[1].cnn_train: key acme: label 'label' {bad_label} is not a class of 0..10")), "{err}");
+
+    // Two tenants under an export template without `{key}`: the second is refused when it first
+    // appears, naming both (at a snapshot it would fail every checkpoint, restart after restart).
+    let two = tmp.join("two.jsonl");
+    let lines: Vec<String> = text.lines().take(200).enumerate().map(|(i, l)| if i % 2 == 1 { l.replacen("\"acme\"", "\"zeta\"", 1) } else { l.to_string() }).collect();
+    assert!(lines[1].contains("zeta"));
+    std::fs::write(&two, lines.join("\n") + "\n").unwrap();
+    let one_file = tmp.join("one/model.safetensors");
+    let err = refused(train_cmd(&tmp.join("run2"), "false").args([
+        "--set",
+        &format!("source.path={}", two.display()),
+        "--set",
+        &format!("pipeline.1.cnn_train.export={}", one_file.display()),
+        "-D",
+        "parallelism.default=1",
+        "-D",
+        "restart-strategy.type=fixed-delay",
+    ]));
+    assert!(err.contains("would be published to") && err.contains("model.safetensors"), "{err}");
 }

@@ -113,6 +113,11 @@ pub struct StreamingCnnTraining {
     init: Arc<Vec<u32>>,
     init_model: bool,
     export: Option<(String, String)>,
+    /// The export once the operator started, and the file each key of this subtask claimed:
+    /// a key whose file cannot be named, or would be another key's, is refused when it first
+    /// appears (at a snapshot it would fail every checkpoint).
+    exporter: Arc<std::sync::OnceLock<Arc<ModelExport>>>,
+    export_files: HashMap<std::path::PathBuf, Value>,
     described: Described,
     kernels: Arc<dyn Kernels>,
     gpu: Option<GpuKernels>,
@@ -146,6 +151,8 @@ impl StreamingCnnTraining {
             init: Arc::new(Vec::new()),
             init_model: false,
             export: None,
+            exporter: Arc::default(),
+            export_files: HashMap::new(),
             described: Described { what: "cnn_train".into(), field: format!("field {field}"), label: format!("field {label}") },
             gpu: kernels.as_gpu().cloned(),
             kernels,
@@ -256,12 +263,31 @@ impl StreamingCnnTraining {
         panic!("{}: training on {}: {e}", self.described.what, self.kernels.name())
     }
 
+    /// Why a new key's model could not be exported, if it could not: its file name cannot be
+    /// made, or another key of this subtask has the same file (a template without `{key}`, or
+    /// keys that print alike).
+    fn export_refuses(&mut self, key: &Value) -> Option<String> {
+        let export = self.exporter.get()?;
+        let (config_key, _) = self.export.as_ref()?;
+        let path = match export.final_path(key) {
+            Ok(p) => p,
+            Err(e) => return Some(e.to_string()),
+        };
+        if let Some(other) = self.export_files.get(&path).filter(|k| *k != key) {
+            return Some(format!("{config_key}: its model would be published to {}, like key {other}'s", path.display()));
+        }
+        self.export_files.insert(path, key.clone());
+        None
+    }
+
     /// The export hook, made when the operator starts on a worker (see [`ModelExport::attach`]).
     fn export_hook(&self) -> Option<impl FnOnce(&JobCtx) -> Option<SlotsWritten<Value>> + 'static> {
         let (config_key, template) = self.export.clone()?;
         let (shape, what) = (self.shape, self.described.what.clone());
+        let exporter = self.exporter.clone();
         Some(move |ctx: &JobCtx| {
             let export = ModelExport::attach(ctx, &what, &config_key, &template)?;
+            let _ = exporter.set(export.clone());
             // The samples trained in all of each key's last staged model: a model changes with
             // every step, and so does that count.
             let staged: Mutex<HashMap<Value, u64>> = Mutex::default();
@@ -388,6 +414,12 @@ impl KeyedBatchFunction<Value, Row, Row> for StreamingCnnTraining {
         let full = held.labels.len() / self.batch;
         if full == 0 {
             return;
+        }
+        if self.models.slot(&key).is_none() {
+            if let Some(why) = self.export_refuses(&key) {
+                self.fail(format!("{}: key {key}: {why}", self.described.what));
+                return;
+            }
         }
         let slot = match self.models.slot(&key) {
             Some(s) => s,
