@@ -129,9 +129,25 @@ pub struct CheckpointMetadata {
 }
 
 impl CheckpointMetadata {
-    /// Bytes of state written to checkpoint storage (sinks' own output not included).
+    /// Bytes of state this checkpoint wrote to checkpoint storage (sinks' own output not
+    /// included; files of earlier checkpoints that an incremental one lists not included).
     pub fn bytes(&self) -> u64 {
-        self.subtasks.iter().flat_map(|(_, s)| s.state_files.iter().map(|f| f.size)).sum()
+        self.files().filter(|f| written_by(&f.path).is_none_or(|id| id == self.id)).map(|f| f.size).sum()
+    }
+
+    /// Bytes of state the checkpoint lists: what a restore reads (its own files and, for
+    /// incremental state, the earlier files it builds on).
+    pub fn referenced_bytes(&self) -> u64 {
+        self.files().map(|f| f.size).sum()
+    }
+
+    /// Whether the checkpoint builds on files of earlier checkpoints (incremental state).
+    pub fn is_incremental(&self) -> bool {
+        self.files().any(|f| written_by(&f.path).is_some_and(|id| id != self.id))
+    }
+
+    fn files(&self) -> impl Iterator<Item = &StateFileHandle> {
+        self.subtasks.iter().flat_map(|(_, s)| s.state_files.iter())
     }
 
     /// Total state entries.
@@ -149,5 +165,49 @@ impl CheckpointMetadata {
         self.subtasks.iter().fold((0, 0, 0), |(b, s, a), (_, t)| {
             (b.max(t.stats.barrier_us), s.max(t.stats.sync_us), a.max(t.stats.async_us))
         })
+    }
+}
+
+/// The checkpoint that wrote a state file, from its path: `chk-<n>/…` or `shared/chk<n>-…`.
+pub fn written_by(path: &str) -> Option<u64> {
+    let digits = |rest: &str| rest.split(|c: char| !c.is_ascii_digit()).next().and_then(|d| d.parse().ok());
+    if let Some(rest) = path.strip_prefix("chk-") {
+        return digits(rest);
+    }
+    path.strip_prefix("shared/chk").and_then(digits)
+}
+
+#[cfg(test)]
+mod written_by_tests {
+    use super::*;
+
+    fn file(path: &str, size: u64) -> StateFileHandle {
+        StateFileHandle { state: "s".into(), path: path.into(), size, crc32c: 0, key_groups: vec![] }
+    }
+
+    #[test]
+    fn written_and_referenced_bytes_of_an_incremental_checkpoint() {
+        assert_eq!(written_by("chk-12/op1-x-0.state"), Some(12));
+        assert_eq!(written_by("shared/chk7-op1-kmeans-0-s-1-delta.state"), Some(7));
+        assert_eq!(written_by("elsewhere/x"), None);
+        let snapshot = SubtaskSnapshot {
+            operator_name: "op".into(),
+            uid: "op".into(),
+            state_files: vec![file("chk-9/host.state", 10), file("shared/chk7-full.state", 1000), file("shared/chk9-delta.state", 30)],
+            splits: vec![],
+            stats: SubtaskStats::default(),
+        };
+        let m = CheckpointMetadata {
+            version: 1,
+            job: "j".into(),
+            id: 9,
+            triggered_ms: 0,
+            completed_ms: 0,
+            parallelism: 1,
+            max_parallelism: 128,
+            is_final: false,
+            subtasks: vec![(crate::TaskId::new(0, 0), snapshot)],
+        };
+        assert_eq!((m.bytes(), m.referenced_bytes(), m.is_incremental()), (40, 1040, true));
     }
 }

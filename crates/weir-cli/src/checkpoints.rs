@@ -33,8 +33,8 @@ pub fn main(cmd: CheckpointCmd) -> Result<()> {
         CheckpointCmd::List { dir } => {
             let s = open_job_dir(&dir)?;
             println!(
-                "{:>6} {:>6} {:>10} {:>12} {:>12} {:>12} {:>10} {:>10} {:>6}  status",
-                "id", "par", "dur_ms", "bytes", "entries", "barrier_us", "sync_us", "async_us", "final"
+                "{:>6} {:>6} {:>10} {:>12} {:>12} {:>11} {:>12} {:>12} {:>10} {:>10} {:>6}  status",
+                "id", "par", "dur_ms", "written", "referenced", "kind", "entries", "barrier_us", "sync_us", "async_us", "final"
             );
             let completed = s.completed_checkpoints()?;
             let abandoned = s.abandoned_checkpoints()?;
@@ -50,11 +50,13 @@ pub fn main(cmd: CheckpointCmd) -> Result<()> {
                     Ok(m) => {
                         let (b, sy, a) = m.max_costs();
                         println!(
-                            "{:>6} {:>6} {:>10} {:>12} {:>12} {:>12} {:>10} {:>10} {:>6}  {}",
+                            "{:>6} {:>6} {:>10} {:>12} {:>12} {:>11} {:>12} {:>12} {:>10} {:>10} {:>6}  {}",
                             m.id,
                             m.parallelism,
                             m.duration_ms(),
                             m.bytes(),
+                            m.referenced_bytes(),
+                            if m.is_incremental() { "incremental" } else { "full" },
                             m.state_entries(),
                             b,
                             sy,
@@ -63,8 +65,8 @@ pub fn main(cmd: CheckpointCmd) -> Result<()> {
                             if is_abandoned { "ABANDONED" } else { "ok" }
                         );
                     }
-                    Err(e) if is_abandoned => println!("{id:>6} {:>92}  ABANDONED (corrupt: {e})", ""),
-                    Err(e) => println!("{id:>6} {:>92}  CORRUPT: {e}", ""),
+                    Err(e) if is_abandoned => println!("{id:>6} {:>117}  ABANDONED (corrupt: {e})", ""),
+                    Err(e) => println!("{id:>6} {:>117}  CORRUPT: {e}", ""),
                 }
             }
             let lineage = s.lineage().unwrap_or_else(|e| {
@@ -90,13 +92,15 @@ pub fn main(cmd: CheckpointCmd) -> Result<()> {
                 println!("ABANDONED: newer than a checkpoint that was restored; outside the lineage, never restored");
             }
             println!(
-                "checkpoint {} of job {}: parallelism {}, max parallelism {}, {} ms, {} bytes{}",
+                "checkpoint {} of job {}: parallelism {}, max parallelism {}, {} ms, {} bytes written, {} bytes referenced ({}){}",
                 m.id,
                 m.job,
                 m.parallelism,
                 m.max_parallelism,
                 m.duration_ms(),
                 m.bytes(),
+                m.referenced_bytes(),
+                if m.is_incremental() { "incremental: it lists files of earlier checkpoints" } else { "full" },
                 if m.is_final { ", final" } else { "" }
             );
             if let Err(e) = valid {

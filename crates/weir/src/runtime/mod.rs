@@ -967,9 +967,11 @@ fn drive_coordinator(
                         if env.storage.is_some() {
                             let (b, s, w) = meta.max_costs();
                             tracing::info!(
-                                "checkpoint {id} complete in {} ms: {} bytes, barrier {b} µs, sync {s} µs, async {w} µs",
+                                "checkpoint {id} complete in {} ms: {} bytes written ({} referenced{}), barrier {b} µs, sync {s} µs, async {w} µs",
                                 meta.duration_ms(),
-                                meta.bytes()
+                                meta.bytes(),
+                                meta.referenced_bytes(),
+                                if meta.is_incremental() { ", incremental" } else { "" }
                             );
                             completed.push(meta);
                         }
