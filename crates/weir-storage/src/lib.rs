@@ -506,6 +506,32 @@ fn shared_file_checkpoint(path: &str) -> Option<CheckpointId> {
 mod tests {
     use super::*;
 
+    /// The metadata of a completed checkpoint `id` whose one subtask lists `files`.
+    fn meta(id: u64, files: &[&str]) -> CheckpointMetadata {
+        let snapshot = weir_checkpoint::SubtaskSnapshot {
+            operator_name: "op".into(),
+            uid: "op".into(),
+            state_files: files
+                .iter()
+                .map(|p| weir_checkpoint::StateFileHandle { state: "s".into(), path: p.to_string(), size: 1, crc32c: 0, key_groups: vec![] })
+                .collect(),
+            splits: vec![],
+            stats: Default::default(),
+        };
+        let subtasks = if files.is_empty() { vec![] } else { vec![(weir_checkpoint::TaskId::new(0, 0), snapshot)] };
+        CheckpointMetadata {
+            version: METADATA_VERSION,
+            job: "job".into(),
+            id,
+            triggered_ms: 0,
+            completed_ms: 1,
+            parallelism: 1,
+            max_parallelism: 128,
+            is_final: false,
+            subtasks,
+        }
+    }
+
     fn storage(tag: &str) -> (CheckpointStorage, PathBuf) {
         let dir = std::env::temp_dir().join(format!("weir-storage-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -515,29 +541,6 @@ mod tests {
     #[test]
     fn shared_files_go_when_no_completed_checkpoint_lists_them() {
         let (s, dir) = storage("shared");
-        let meta = |id: u64, files: &[&str]| {
-            let snapshot = weir_checkpoint::SubtaskSnapshot {
-                operator_name: "op".into(),
-                uid: "op".into(),
-                state_files: files
-                    .iter()
-                    .map(|p| weir_checkpoint::StateFileHandle { state: "s".into(), path: p.to_string(), size: 1, crc32c: 0, key_groups: vec![] })
-                    .collect(),
-                splits: vec![],
-                stats: Default::default(),
-            };
-            CheckpointMetadata {
-                version: METADATA_VERSION,
-                job: "job".into(),
-                id,
-                triggered_ms: 0,
-                completed_ms: 1,
-                parallelism: 1,
-                max_parallelism: 128,
-                is_final: false,
-                subtasks: vec![(weir_checkpoint::TaskId::new(0, 0), snapshot)],
-            }
-        };
         for f in ["shared/chk1-op-s-0-full.state", "shared/chk2-op-s-0-delta.state", "shared/chk3-op-s-0-full.state", "shared/chk4-op-s-0-delta.state"] {
             s.put(f, vec![1]).unwrap();
         }
@@ -597,18 +600,7 @@ mod tests {
     fn abandoned_checkpoints_leave_the_lineage_and_transient_errors_are_not_corruption() {
         let (s, dir) = storage("abandon");
         for id in [1, 2] {
-            let meta = CheckpointMetadata {
-                version: METADATA_VERSION,
-                job: "job".into(),
-                id,
-                triggered_ms: 0,
-                completed_ms: 1,
-                parallelism: 1,
-                max_parallelism: 128,
-                is_final: false,
-                subtasks: vec![],
-            };
-            s.commit_metadata(&meta).unwrap();
+            s.commit_metadata(&meta(id, &[])).unwrap();
         }
         s.abandon(2).unwrap();
         assert_eq!(s.completed_checkpoints().unwrap(), vec![1]);
