@@ -128,9 +128,7 @@ fn no_buffer_creation_per_batch_after_warm_up() {
 
 #[test]
 fn out_of_memory_is_a_typed_error() {
-    let required = std::env::var("WEIR_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    let cfg = GpuConfig { mode: if required { GpuMode::On } else { GpuMode::Auto }, memory: 1 << 20, fraction: 1.0, ..GpuConfig::default() };
-    let Some(ctx) = GpuContext::select(&cfg).unwrap() else { return };
+    let Some(ctx) = crate::test_device::context(1 << 20, 1.0) else { return };
     let g = GpuKernels::new(ctx);
     let a = vec![1f32; 512 * 512]; // 1 MiB per matrix: three do not fit in 1 MiB
     let err = g.gemm(&a, &a, 512, 512, 512).map(|c| c.len()).unwrap_err();

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use super::kmeans::{step, KmeansShape};
 use super::*;
-use crate::device::{GpuConfig, GpuContext, GpuMode};
 
 use crate::test_device::gpu;
 
@@ -158,11 +157,7 @@ fn a_vram_snapshot_restores_by_a_device_copy() {
 
 #[test]
 fn state_beyond_the_budget_is_a_typed_error_naming_keys_and_bytes() {
-    if gpu().is_none() {
-        return;
-    }
-    let cfg = GpuConfig { mode: GpuMode::On, memory: 1 << 20, fraction: 1.0, ..GpuConfig::default() };
-    let ctx = GpuContext::select(&cfg).unwrap().unwrap();
+    let Some(ctx) = crate::test_device::context(1 << 20, 1.0) else { return };
     let k = GpuKernels::new(ctx);
     let e = StateArena::new(ArenaLayout::new(4096), Some(&k), "pipeline[1]:kmeans").err().expect("64 keys × 16 KiB × 2 > 1 MiB");
     assert!(matches!(e, GpuError::StateTooLarge { keys: 64, slot_bytes: 16384, .. }), "{e}");

@@ -7,7 +7,6 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{self, RecvTimeoutError};
 
 use super::*;
-use crate::device::{GpuConfig, GpuMode};
 
 #[test]
 fn ready_and_mapped_results() {
@@ -21,16 +20,9 @@ fn ready_and_mapped_results() {
     assert!(matches!(failed.wait(), Err(GpuError::Input(m)) if m == "second"));
 }
 
-/// A device of its own with `memory` bytes of budget; `None` (skip) without an adapter unless
-/// `WEIR_REQUIRE_GPU=1`.
+/// A device of its own with `memory` bytes of budget (see [`crate::test_device::context`]).
 fn context(memory: u64) -> Option<Arc<GpuContext>> {
-    let required = std::env::var("WEIR_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    let cfg = GpuConfig { mode: if required { GpuMode::On } else { GpuMode::Auto }, memory, fraction: 1.0, ..GpuConfig::default() };
-    let ctx = GpuContext::select(&cfg).expect("WEIR_REQUIRE_GPU=1 but no GPU adapter");
-    if ctx.is_none() {
-        eprintln!("no GPU adapter: transfer-engine test skipped");
-    }
-    ctx
+    crate::test_device::context(memory, 1.0)
 }
 
 /// Run `f` on a thread of its own and wait at most 30 s for it: a hang fails the test instead
