@@ -23,7 +23,7 @@ mod metadata;
 
 pub use coordinator::{Action, CheckpointCoordinator, CoordinatorConfig, FailureReason};
 pub use metadata::{
-    CheckpointMetadata, KeyGroupBlock, RetentionPolicy, SplitOffset, StateFileHandle, SubtaskSnapshot,
+    CheckpointMetadata, KeyGroupBlock, RetentionPolicy, SplitOffset, StateFileHandle, StateFileKind, SubtaskSnapshot,
     SubtaskStats, METADATA_VERSION,
 };
 

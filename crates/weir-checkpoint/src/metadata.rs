@@ -34,6 +34,20 @@ pub struct KeyGroupBlock {
     pub crc32c: u32,
 }
 
+/// What a state file holds, and so how a restore reads it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StateFileKind {
+    /// Every entry of one state, key-group indexed (the canonical, backend-independent format).
+    #[default]
+    Full,
+    /// The changes of one state since the file listed before it (heap incremental checkpoints):
+    /// key-group indexed puts and tombstones.
+    Delta,
+    /// A file of a RocksDB native checkpoint (SST, MANIFEST, ...) of the subtask's database:
+    /// `state` is the file's name in the database directory.
+    RocksDb,
+}
+
 /// A state file written by one subtask.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateFileHandle {
@@ -47,6 +61,9 @@ pub struct StateFileHandle {
     pub crc32c: u32,
     /// The key-group index: which bytes hold which key group.
     pub key_groups: Vec<KeyGroupBlock>,
+    /// What the file holds (older metadata: `Full`).
+    #[serde(default)]
+    pub kind: StateFileKind,
 }
 
 /// A replayable source split's position.
@@ -182,7 +199,7 @@ mod written_by_tests {
     use super::*;
 
     fn file(path: &str, size: u64) -> StateFileHandle {
-        StateFileHandle { state: "s".into(), path: path.into(), size, crc32c: 0, key_groups: vec![] }
+        StateFileHandle { state: "s".into(), path: path.into(), size, crc32c: 0, key_groups: vec![], kind: Default::default() }
     }
 
     #[test]

@@ -513,7 +513,7 @@ mod tests {
             uid: "op".into(),
             state_files: files
                 .iter()
-                .map(|p| weir_checkpoint::StateFileHandle { state: "s".into(), path: p.to_string(), size: 1, crc32c: 0, key_groups: vec![] })
+                .map(|p| weir_checkpoint::StateFileHandle { state: "s".into(), path: p.to_string(), size: 1, crc32c: 0, key_groups: vec![], kind: Default::default() })
                 .collect(),
             splits: vec![],
             stats: Default::default(),

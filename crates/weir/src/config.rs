@@ -51,6 +51,25 @@ pub struct CheckpointSettings {
     pub dir: String,
     /// What happens to checkpoints on cancel.
     pub retention: RetentionPolicy,
+    /// Incremental checkpoints (`execution.checkpointing.incremental`): RocksDB uploads only new
+    /// SST files, the heap backend writes deltas of changed keys.
+    pub incremental: bool,
+    /// Heap backend: a new base once the deltas since the last one exceed this share of it
+    /// (`weir.state.incremental.max-delta-share`).
+    pub max_delta_share: f64,
+    /// Keep a task-local copy of each subtask's latest snapshot
+    /// (`execution.checkpointing.local-backup.enabled`).
+    pub local_backup: bool,
+    /// Restore from the task-local copy when it verifies (`execution.state-recovery.from-local`).
+    pub local_recovery: bool,
+    /// Where task-local copies live (`weir.state.local.dir`; default: under the temp dir).
+    pub local_dir: Option<String>,
+    /// Where savepoints go (`execution.checkpointing.savepoint-dir`; default: `<dir>/savepoints`).
+    pub savepoint_dir: Option<String>,
+    /// Object-store settings given as Flink keys (`s3.endpoint`, `s3.access-key`,
+    /// `s3.secret-key`, `s3.path.style.access`, `s3.region`), set ones only; the standard AWS
+    /// environment variables fill in the rest.
+    pub storage_options: Vec<(String, String)>,
 }
 
 impl CheckpointSettings {
@@ -67,6 +86,15 @@ impl CheckpointSettings {
     }
 }
 
+/// Where keyed state lives (`state.backend.type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateBackendKind {
+    /// Objects on the heap, copy-on-write snapshots (`hashmap`, Flink's default).
+    Heap,
+    /// An embedded RocksDB per operator instance: state larger than memory (`rocksdb`).
+    RocksDb,
+}
+
 /// A validated job configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobConfig {
@@ -78,6 +106,11 @@ pub struct JobConfig {
     pub checkpoint: CheckpointSettings,
     /// Restart strategy.
     pub restart: RestartStrategy,
+    /// Where keyed state lives.
+    pub state_backend: StateBackendKind,
+    /// RocksDB's working directory (`weir.state.rocksdb.dir`; default: under the temp dir,
+    /// removed when the job ends).
+    pub rocksdb_dir: Option<String>,
     /// Records a source emits per batch.
     pub source_batch: usize,
     /// Batches a source may have in flight (not yet through every sink): the flow-control window.
@@ -175,7 +208,20 @@ const KEYS: &[(&str, Kind, &str)] = &[
         Kind::Enum(&["RETAIN_ON_CANCELLATION", "DELETE_ON_CANCELLATION", "NO_EXTERNALIZED_CHECKPOINTS"]),
         "RETAIN_ON_CANCELLATION",
     ),
-    ("state.backend.type", Kind::Enum(&["hashmap", "heap"]), "hashmap"),
+    ("state.backend.type", Kind::Enum(&["hashmap", "heap", "rocksdb"]), "hashmap"),
+    ("weir.state.rocksdb.dir", Kind::Str, ""),
+    ("execution.checkpointing.incremental", Kind::Enum(&["true", "false"]), "false"),
+    // Heap backend: a new base once the deltas since the last one exceed this share of it.
+    ("weir.state.incremental.max-delta-share", Kind::Fraction, "0.5"),
+    ("execution.checkpointing.local-backup.enabled", Kind::Enum(&["true", "false"]), "false"),
+    ("execution.state-recovery.from-local", Kind::Enum(&["true", "false"]), "false"),
+    ("weir.state.local.dir", Kind::Str, ""),
+    ("execution.checkpointing.savepoint-dir", Kind::Str, ""),
+    ("s3.endpoint", Kind::Str, ""),
+    ("s3.access-key", Kind::Str, ""),
+    ("s3.secret-key", Kind::Str, ""),
+    ("s3.path.style.access", Kind::Enum(&["true", "false"]), ""),
+    ("s3.region", Kind::Str, ""),
     ("parallelism.default", Kind::Int { min: 1, max: 32768 }, "1"),
     ("pipeline.max-parallelism", Kind::Int { min: 1, max: 32768 }, "128"),
     ("restart-strategy.type", Kind::Enum(&["none", "off", "disable", "fixed-delay", "fixeddelay"]), ""),
@@ -211,6 +257,11 @@ const DEPRECATED: &[(&str, &str)] = &[
     ("restart-strategy", "restart-strategy.type"),
     ("execution.checkpointing.externalized-checkpoint-retention.mode", "execution.checkpointing.externalized-checkpoint-retention"),
     ("execution.savepoint.ignore-unclaimed-state", "execution.state-recovery.ignore-unclaimed-state"),
+    ("state.backend.incremental", "execution.checkpointing.incremental"),
+    ("state.backend.local-recovery", "execution.state-recovery.from-local"),
+    ("state.backend.rocksdb.localdir", "weir.state.rocksdb.dir"),
+    ("state.savepoints.dir", "execution.checkpointing.savepoint-dir"),
+    ("taskmanager.state.local.root-dirs", "weir.state.local.dir"),
 ];
 
 /// The keys this build knows, with their defaults (for documentation and `weir config`).
@@ -303,8 +354,23 @@ impl JobConfig {
                 num_retained: int("execution.checkpointing.num-retained") as u32,
                 dir: get("execution.checkpointing.dir"),
                 retention,
+                incremental: get("execution.checkpointing.incremental") == "true",
+                max_delta_share: get("weir.state.incremental.max-delta-share").parse().expect("checked"),
+                local_backup: get("execution.checkpointing.local-backup.enabled") == "true",
+                local_recovery: get("execution.state-recovery.from-local") == "true",
+                local_dir: Some(get("weir.state.local.dir")).filter(|d| !d.is_empty()),
+                savepoint_dir: Some(get("execution.checkpointing.savepoint-dir")).filter(|d| !d.is_empty()),
+                storage_options: ["s3.endpoint", "s3.access-key", "s3.secret-key", "s3.path.style.access", "s3.region"]
+                    .iter()
+                    .filter_map(|k| map.get(k).map(|v| (k.to_string(), v.clone())))
+                    .collect(),
             },
             restart,
+            state_backend: match get("state.backend.type").as_str() {
+                "rocksdb" => StateBackendKind::RocksDb,
+                _ => StateBackendKind::Heap,
+            },
+            rocksdb_dir: Some(get("weir.state.rocksdb.dir")).filter(|d| !d.is_empty()),
             source_batch: int("weir.source.batch-size") as usize,
             max_inflight_batches: int("weir.source.max-inflight-batches") as usize,
             max_line_bytes: parse_bytes(&get("weir.source.max-line-bytes")).expect("checked"),
@@ -399,6 +465,10 @@ mod tests {
         let e = JobConfig::from_pairs([("execution.checkpoint.interval", "1s")]).unwrap_err();
         assert!(e.to_string().contains("unknown key (did you mean 'execution.checkpointing.interval'?)"), "{e}");
         let e = JobConfig::from_pairs([("state.backend.type", "rocks")]).unwrap_err();
+        assert!(e.message.contains("rocksdb"), "{e}");
+        let c = JobConfig::from_pairs([("state.backend", "rocksdb"), ("state.backend.incremental", "true"), ("s3.endpoint", "http://127.0.0.1:9")]).unwrap();
+        assert_eq!((c.state_backend, c.checkpoint.incremental), (StateBackendKind::RocksDb, true));
+        assert_eq!(c.checkpoint.storage_options, vec![("s3.endpoint".to_string(), "http://127.0.0.1:9".to_string())]);
         assert!(e.to_string().contains("one of hashmap, heap"), "{e}");
         let e = JobConfig::from_pairs([("weir.gpu.transfer.mode", "fast")]).unwrap_err();
         assert!(e.to_string().contains("one of auto, staged, direct"), "{e}");

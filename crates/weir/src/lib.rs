@@ -64,7 +64,7 @@ pub mod crash {
     }
 }
 
-pub use config::{ConfigError, JobConfig, RestartStrategy};
+pub use config::{ConfigError, JobConfig, RestartStrategy, StateBackendKind};
 pub use row::{Row, Value};
 pub use runtime::{ClusterConfig, JobError, JobResult, Restore};
 pub use stream::{DataStream, Job, KeyedStream, StreamEnv};

@@ -843,7 +843,7 @@ fn write_snapshot_files(
         let written = job().map_err(|e| e.to_string()).and_then(|w| {
             let size = w.bytes.len() as u64;
             storage.put(&path, w.bytes).map_err(|e| e.to_string())?;
-            Ok(StateFileHandle { state, path, size, crc32c: w.crc32c, key_groups: w.index })
+            Ok(StateFileHandle { state, path, size, crc32c: w.crc32c, key_groups: w.index, kind: Default::default() })
         });
         match written {
             Ok(h) => {

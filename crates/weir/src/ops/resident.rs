@@ -467,7 +467,7 @@ impl<K: Key> KeyedArena<K> {
                         hook(epoch, &whole).map_err(|e| format!("{}: checkpoint {epoch}: {e}", at.owner))?;
                     }
                 }
-                Ok((StateFileHandle { state: name.clone(), path, size, crc32c: w.crc32c, key_groups: w.index }, w.entries))
+                Ok((StateFileHandle { state: name.clone(), path, size, crc32c: w.crc32c, key_groups: w.index, kind: Default::default() }, w.entries))
             })();
             let mut c = chain.lock();
             let (handle, n) = match written {

@@ -102,7 +102,7 @@ mod tests {
             operator_name: name.into(),
             uid: uid.into(),
             state_files: if state {
-                vec![StateFileHandle { state: "s".into(), path: "chk-1/x".into(), size: 0, crc32c: 0, key_groups: vec![] }]
+                vec![StateFileHandle { state: "s".into(), path: "chk-1/x".into(), size: 0, crc32c: 0, key_groups: vec![], kind: Default::default() }]
             } else {
                 vec![]
             },
