@@ -1,9 +1,25 @@
-//! Checkpoint storage for Weir.
+//! Checkpoint storage for Weir: state files, the `_metadata` commit and discovery of the latest
+//! valid checkpoint, on a local directory or an S3-compatible object store.
 //!
-//! Layout: `<dir>/<job>/chk-<n>/<files>` and `<dir>/<job>/chk-<n>/_metadata`, written last and
-//! atomically (temporary file, fsync, rename, fsync of the directory). A checkpoint without a
-//! valid `_metadata` does not exist. All access goes through `object_store`, so the same code
-//! serves a local directory (the default) and, later, S3-compatible stores.
+//! Layout: `<dir>/<job>/chk-<n>/<files>`, `<dir>/<job>/shared/<files>` (files several
+//! checkpoints list) and `<dir>/<job>/chk-<n>/_metadata`, written last and only if absent
+//! (`PutMode::Create`: a checkpoint another writer committed is never overwritten). A checkpoint
+//! without a valid `_metadata` does not exist.
+//!
+//! `dir` (`execution.checkpointing.dir`) is a local path, a `file://` URL or `s3://bucket/prefix`.
+//! Locally every file is published atomically and durably (staging file, fsync, rename, fsync of
+//! the directory). On S3 a put is atomic by itself; files above [`MULTIPART_THRESHOLD`] go up in
+//! parts ([`CheckpointStorage::put_file`] streams them from disk). S3 settings come from the
+//! standard AWS environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+//! `AWS_REGION`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, …), overridden by Flink's keys passed
+//! to [`CheckpointStorage::open_with`]: `s3.endpoint`, `s3.access-key`, `s3.secret-key`,
+//! `s3.region`, `s3.path.style.access`. An `http://` endpoint is allowed as given.
+//!
+//! A store that cannot be reached gives [`StorageError::Io`], never corruption nor "no
+//! checkpoints": a checkpoint is declined and the job goes on; a restore fails and is retried.
+//!
+//! Depends on `object_store` (with its S3 client: reqwest, rustls) and `weir-checkpoint`; the
+//! engine (`weir`) depends on it, never the other way round.
 //!
 //! ```
 //! # let dir = std::env::temp_dir().join(format!("weir-doc-{}", std::process::id()));
@@ -16,22 +32,37 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod location;
+
+use std::io::{Read, Write};
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::executor::block_on;
-use futures::TryStreamExt;
-use object_store::local::LocalFileSystem;
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use weir_checkpoint::{CheckpointId, CheckpointMetadata, METADATA_VERSION};
+
+use location::{Dir, Executor};
+pub use location::STORAGE_OPTIONS;
+
+/// Files larger than this are uploaded in parts of [`MULTIPART_PART_SIZE`] (S3 retries a part,
+/// not the whole file; memory stays bounded for files streamed from disk).
+pub const MULTIPART_THRESHOLD: u64 = MULTIPART_PART_SIZE as u64;
+
+/// The size of each part of a multipart upload but the last (S3 requires at least 5 MiB).
+pub const MULTIPART_PART_SIZE: usize = 16 << 20;
+
+/// Parts of one upload in flight at once: with the part being read, at most three parts'
+/// worth of memory per upload.
+const PARTS_IN_FLIGHT: usize = 2;
 
 /// Errors of checkpoint storage; each names the file at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    /// An I/O error on a file.
+    /// An I/O error on a file, the store unreachable among them.
     #[error("checkpoint storage: {op} {file}: {source}")]
     Io {
         /// What was being done.
@@ -52,31 +83,63 @@ pub enum StorageError {
     /// The configured location cannot be used.
     #[error("execution.checkpointing.dir: {0}")]
     Location(String),
+    /// A storage option (`s3.*`) cannot be used.
+    #[error("{key}: {message}")]
+    Config {
+        /// The option's key.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
     /// The checkpoint was aborted: nothing more is written into it.
     #[error("checkpoint {0} was aborted")]
     Aborted(CheckpointId),
+    /// The checkpoint's `_metadata` exists already: another writer committed this id.
+    #[error("{file} exists already: checkpoint {id} was committed by another writer; not overwritten")]
+    AlreadyCommitted {
+        /// The checkpoint.
+        id: CheckpointId,
+        /// Its `_metadata` file.
+        file: String,
+    },
 }
 
 impl StorageError {
     /// Whether this error proves the checkpoint corrupt (checksum mismatch, truncation, bad
     /// `_metadata`, a missing file), as opposed to a transient failure to read it (EIO, EMFILE,
-    /// a timeout) after which the same checkpoint may well be readable. Only proven corruption
-    /// may make a restore fall back to an older checkpoint.
+    /// a timeout, the store unreachable) after which the same checkpoint may well be readable.
+    /// Only proven corruption may make a restore fall back to an older checkpoint.
     pub fn is_corruption(&self) -> bool {
         match self {
             StorageError::Corrupt { .. } => true,
-            StorageError::Io { source, .. } => {
-                matches!(source.downcast_ref::<object_store::Error>(), Some(object_store::Error::NotFound { .. }))
+            StorageError::Io { source, .. } => match source.downcast_ref::<object_store::Error>() {
+                // A missing bucket (S3 answers 404 for it too) says nothing about the checkpoint.
+                Some(e @ object_store::Error::NotFound { .. }) => !mentions(e, "NoSuchBucket"),
+                _ => false,
+            },
+            StorageError::Location(_) | StorageError::Config { .. } | StorageError::Aborted(_) | StorageError::AlreadyCommitted { .. } => {
+                false
             }
-            StorageError::Location(_) | StorageError::Aborted(_) => false,
         }
     }
+}
+
+/// Whether `e` or one of its sources says `what`.
+fn mentions(e: &(dyn std::error::Error + 'static), what: &str) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if e.to_string().contains(what) {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// Why no checkpoint could be restored although completed checkpoints exist.
 #[derive(Debug)]
 pub struct NoValidCheckpoint {
-    /// The job directory.
+    /// The job directory (for S3, its `s3://` URL as a path).
     pub location: PathBuf,
     /// Each completed checkpoint, newest first, and what is wrong with it.
     pub rejected: Vec<(CheckpointId, StorageError)>,
@@ -103,6 +166,15 @@ pub enum LatestValid {
     NoneValid(NoValidCheckpoint),
 }
 
+/// The size and CRC-32C of a file moved between the store and a local disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileDigest {
+    /// Bytes.
+    pub size: u64,
+    /// CRC-32C (Castagnoli) of the whole file, as `StateFileHandle::crc32c` records it.
+    pub crc32c: u32,
+}
+
 /// The name `_metadata` is moved to when its checkpoint leaves the lineage.
 pub const ABANDONED_METADATA: &str = "_metadata.abandoned";
 
@@ -113,8 +185,12 @@ pub struct CheckpointStorage {
     /// Checkpoints aborted in this process (the newest few thousand), shared by every clone:
     /// a writer still running for one removes what it wrote instead of leaving it behind.
     aborted: Arc<std::sync::Mutex<std::collections::BTreeSet<CheckpointId>>>,
-    /// The job directory on the local file system (for fsync and display).
-    local: PathBuf,
+    /// The job directory: a canonical local path, or the `s3://bucket/prefix/job` URL as a
+    /// path (for comparison and messages).
+    location: PathBuf,
+    /// `s3://bucket/prefix/job` for S3; `None` for a local directory.
+    url: Option<String>,
+    exec: Executor,
 }
 
 fn io(op: &'static str, file: String) -> impl FnOnce(object_store::Error) -> StorageError {
@@ -152,72 +228,186 @@ pub fn checkpoint_dir_name(id: CheckpointId) -> String {
     format!("chk-{id}")
 }
 
+fn valid_job_name(job: &str) -> Result<(), StorageError> {
+    if job.is_empty() || job.contains('/') || job.starts_with('.') {
+        return Err(StorageError::Location(format!("job name '{job}' cannot name a directory")));
+    }
+    Ok(())
+}
+
 impl CheckpointStorage {
-    /// Open (creating) `<dir>/<job>`. `dir` is a local path or a `file://` URL.
+    /// Open (creating) `<dir>/<job>` with no storage options: [`Self::open_with`].
     pub fn open(dir: &str, job: &str) -> Result<Self, StorageError> {
-        let base = match dir.split_once("://") {
-            None => PathBuf::from(dir),
-            Some(("file", rest)) => PathBuf::from(rest),
-            Some((scheme, _)) => {
-                return Err(StorageError::Location(format!(
-                    "'{dir}': scheme '{scheme}://' is not built into this binary (supported: a local path, file://)"
-                )))
+        Self::open_with(dir, job, &[])
+    }
+
+    /// Open `<dir>/<job>`. `dir` is a local path or `file://` URL (the directory is created) or
+    /// `s3://bucket/prefix` (nothing is created nor contacted yet). `options` are Flink's
+    /// `s3.*` keys ([`STORAGE_OPTIONS`]); they override the AWS environment variables and are
+    /// ignored for a local directory.
+    pub fn open_with(dir: &str, job: &str, options: &[(String, String)]) -> Result<Self, StorageError> {
+        valid_job_name(job)?;
+        match Dir::parse(dir)? {
+            Dir::Local(base) => {
+                let (store, local) = location::local_store(&base.join(job))?;
+                Ok(Self { store, aborted: Arc::default(), location: local, url: None, exec: Executor::Inline })
             }
-        };
-        if job.is_empty() || job.contains('/') || job.starts_with('.') {
-            return Err(StorageError::Location(format!("job name '{job}' cannot name a directory")));
+            Dir::S3 { bucket, prefix } => {
+                let key_prefix = if prefix.is_empty() { job.to_string() } else { format!("{prefix}/{job}") };
+                let (store, exec) = location::s3_store(&bucket, &key_prefix, options)?;
+                let url = Dir::s3_url(&bucket, &key_prefix);
+                Ok(Self { store, aborted: Arc::default(), location: PathBuf::from(&url), url: Some(url), exec })
+            }
         }
-        let local = base.join(job);
-        std::fs::create_dir_all(&local).map_err(std_io("create", local.display().to_string()))?;
-        let local = std::fs::canonicalize(&local).map_err(std_io("resolve", local.display().to_string()))?;
-        // with_fsync: data is fsynced before the rename that publishes it, so a crash never
-        // leaves a published file with unwritten contents.
-        let fs = LocalFileSystem::new_with_prefix(&local)
-            .map_err(|e| StorageError::Location(format!("'{}': {e}", local.display())))?
-            .with_fsync(true);
-        Ok(Self { store: Arc::new(fs), aborted: Arc::default(), local })
     }
 
     /// Open the job directory that holds checkpoint directory `chk_dir` (`.../<job>/chk-<n>`),
-    /// returning the storage and `n`.
+    /// returning the storage and `n`: [`Self::open_checkpoint_path_with`] without options.
     pub fn open_checkpoint_path(chk_dir: &str) -> Result<(Self, CheckpointId), StorageError> {
-        let p = PathBuf::from(chk_dir.trim_end_matches('/'));
-        // A mistyped path is an error, not a new empty job directory.
-        if !p.is_dir() {
-            return Err(StorageError::Location(format!("'{chk_dir}' is not a checkpoint directory (no such directory)")));
-        }
-        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        Self::open_checkpoint_path_with(chk_dir, &[])
+    }
+
+    /// Open the job directory that holds checkpoint directory `chk_dir` (`.../<job>/chk-<n>`,
+    /// local or `s3://bucket/prefix/<job>/chk-<n>`), returning the storage and `n`. A path
+    /// under which nothing is stored is an error, and creates nothing; an unreachable store is
+    /// [`StorageError::Io`].
+    pub fn open_checkpoint_path_with(chk_dir: &str, options: &[(String, String)]) -> Result<(Self, CheckpointId), StorageError> {
+        let trimmed = chk_dir.trim_end_matches('/');
+        let (job_dir, name) = trimmed.rsplit_once('/').unwrap_or((".", trimmed));
         let id = name
             .strip_prefix("chk-")
             .and_then(|n| n.parse().ok())
             .ok_or_else(|| StorageError::Location(format!("'{chk_dir}' is not a chk-<n> directory")))?;
-        let job_dir = p.parent().ok_or_else(|| StorageError::Location(format!("'{chk_dir}' has no parent")))?;
-        let job = job_dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-        let base = job_dir.parent().map(|b| b.to_path_buf()).unwrap_or_default();
-        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
-        Ok((Self::open(base.to_str().unwrap_or("."), &job)?, id))
+        if let Dir::Local(p) = Dir::parse(trimmed)? {
+            // A mistyped path is an error, not a new empty job directory.
+            if !p.is_dir() {
+                return Err(StorageError::Location(format!("'{chk_dir}' is not a checkpoint directory (no such directory)")));
+            }
+        }
+        let s = Self::open_job_dir_with(if job_dir.is_empty() { "/" } else { job_dir }, options)?;
+        if s.url.is_some() && !s.holds_anything(Some(&checkpoint_dir_name(id)))? {
+            return Err(StorageError::Location(format!("'{chk_dir}' is not a checkpoint directory (nothing stored under it)")));
+        }
+        Ok((s, id))
     }
 
-    /// The job directory, for messages.
+    /// Open an existing job directory (`<dir>/<job>`, local or `s3://…/<job>`), for tools: a
+    /// local path that is not a directory, or an S3 prefix under which nothing is stored, is
+    /// an error.
+    pub fn open_job_dir_with(job_dir: &str, options: &[(String, String)]) -> Result<Self, StorageError> {
+        let trimmed = job_dir.trim_end_matches('/');
+        let (base, job) = match Dir::parse(trimmed)? {
+            Dir::Local(p) => {
+                if !p.is_dir() {
+                    return Err(StorageError::Location(format!("'{job_dir}' is not a job directory (no such directory)")));
+                }
+                let p = std::fs::canonicalize(&p).map_err(std_io("resolve", job_dir.to_string()))?;
+                let job = p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+                let base = p.parent().map(|b| b.display().to_string()).unwrap_or_else(|| "/".into());
+                (base, job)
+            }
+            Dir::S3 { bucket, prefix } => {
+                let (base, job) = prefix.rsplit_once('/').unwrap_or(("", &prefix));
+                if job.is_empty() {
+                    return Err(StorageError::Location(format!("'{job_dir}' names a bucket, not a job directory (s3://bucket/prefix/<job>)")));
+                }
+                (Dir::s3_url(&bucket, base), job.to_string())
+            }
+        };
+        let s = Self::open_with(&base, &job, options)?;
+        if s.url.is_some() && !s.holds_anything(None)? {
+            return Err(StorageError::Location(format!("'{job_dir}' is not a job directory (nothing stored under it)")));
+        }
+        Ok(s)
+    }
+
+    /// Whether anything is stored under `dir` (relative; `None`: the job directory).
+    fn holds_anything(&self, dir: Option<&str>) -> Result<bool, StorageError> {
+        let prefix = dir.map(Path::from);
+        match self.exec.block_on(self.store.list_with_delimiter(prefix.as_ref())) {
+            Ok(l) => Ok(!l.objects.is_empty() || !l.common_prefixes.is_empty()),
+            Err(e) => Err(io("list", self.display(dir.unwrap_or("")))(e)),
+        }
+    }
+
+    /// The job directory, for messages and comparison: a local path, or the job's
+    /// `s3://bucket/prefix/job` URL as a path (`join` and `display` keep it a URL).
     pub fn location(&self) -> &std::path::Path {
-        &self.local
+        &self.location
     }
 
-    /// The full name of a file, for messages.
+    /// Whether the job directory is on an object store (not a local directory).
+    pub fn is_remote(&self) -> bool {
+        self.url.is_some()
+    }
+
+    /// The full name of a file, for messages: a local path or `s3://bucket/prefix/job/rel`.
     pub fn display(&self, rel: &str) -> String {
-        self.local.join(rel).display().to_string()
+        match &self.url {
+            Some(url) => format!("{url}/{rel}"),
+            None => self.location.join(rel).display().to_string(),
+        }
     }
 
     /// Write a file durably: the local store writes a staging file, fsyncs it, renames it into
     /// place and fsyncs every directory it changed (a new `chk-<n>` and the job directory), so
-    /// state files are durable before `_metadata` names them. A file of an aborted checkpoint
+    /// state files are durable before `_metadata` names them; S3 publishes a put atomically.
+    /// Above [`MULTIPART_THRESHOLD`] the bytes go up in parts. A file of an aborted checkpoint
     /// is refused, or removed again if the abort came while it was being written.
     pub fn put(&self, rel: &str, bytes: Vec<u8>) -> Result<(), StorageError> {
+        let bytes = Bytes::from(bytes);
+        self.put_guarded(rel, || {
+            if bytes.len() as u64 <= MULTIPART_THRESHOLD {
+                return self.exec.block_on(self.store.put(&Path::from(rel), PutPayload::from(bytes.clone()))).map(|_| ()).map_err(io("write", self.display(rel)));
+            }
+            let mut parts = bytes.chunks(MULTIPART_PART_SIZE).map(|c| bytes.slice_ref(c));
+            self.put_parts(rel, || Ok(parts.next()))
+        })
+    }
+
+    /// Upload local file `local_path` as `rel`, streaming it (parts of [`MULTIPART_PART_SIZE`]
+    /// above [`MULTIPART_THRESHOLD`]: a file of many GB never sits in memory), with the same
+    /// guarantees as [`Self::put`]. Returns its size and CRC-32C, computed on the way.
+    pub fn put_file(&self, rel: &str, local_path: &std::path::Path) -> Result<FileDigest, StorageError> {
+        let shown = local_path.display().to_string();
+        let mut file = std::fs::File::open(local_path).map_err(std_io("open", shown.clone()))?;
+        let size = file.metadata().map_err(std_io("stat", shown.clone()))?.len();
+        let mut digest = FileDigest { size: 0, crc32c: 0 };
+        self.put_guarded(rel, || {
+            let mut next = || -> Result<Option<Bytes>, StorageError> {
+                let mut buf = Vec::with_capacity(MULTIPART_PART_SIZE.min(size as usize));
+                (&mut file).take(MULTIPART_PART_SIZE as u64).read_to_end(&mut buf).map_err(std_io("read", shown.clone()))?;
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                digest.size += buf.len() as u64;
+                digest.crc32c = crc32c::crc32c_append(digest.crc32c, &buf);
+                Ok(Some(Bytes::from(buf)))
+            };
+            if size <= MULTIPART_THRESHOLD {
+                let body = next()?.unwrap_or_default();
+                return self.exec.block_on(self.store.put(&Path::from(rel), PutPayload::from(body))).map(|_| ()).map_err(io("write", self.display(rel)));
+            }
+            self.put_parts(rel, next)
+        })?;
+        if digest.size != size {
+            return Err(StorageError::Io {
+                op: "upload",
+                file: shown,
+                source: format!("the file changed while it was uploaded ({size} bytes, then {})", digest.size).into(),
+            });
+        }
+        Ok(digest)
+    }
+
+    /// Run `write` (which stores `rel`) unless `rel`'s checkpoint is aborted, and remove what
+    /// it wrote if the abort came meanwhile.
+    fn put_guarded(&self, rel: &str, write: impl FnOnce() -> Result<(), StorageError>) -> Result<(), StorageError> {
         let chk = checkpoint_of(rel);
         if let Some(id) = chk.filter(|&id| self.is_aborted(id)) {
             return Err(StorageError::Aborted(id));
         }
-        block_on(self.store.put(&Path::from(rel), PutPayload::from(bytes))).map_err(io("write", self.display(rel)))?;
+        write()?;
         // The abort's deletion may have listed the directory before this file was published.
         // (Only the checkpoint's own directory: shared files are the abort's to collect.)
         if let Some(id) = chk.filter(|&id| self.is_aborted(id)) {
@@ -225,6 +415,67 @@ impl CheckpointStorage {
             return Err(StorageError::Aborted(id));
         }
         Ok(())
+    }
+
+    /// A multipart upload of `rel` from the parts `next` yields, [`PARTS_IN_FLIGHT`] at a time;
+    /// aborted (nothing published) on any error.
+    fn put_parts(&self, rel: &str, mut next: impl FnMut() -> Result<Option<Bytes>, StorageError>) -> Result<(), StorageError> {
+        let file = self.display(rel);
+        let mut upload = self.exec.block_on(self.store.put_multipart(&Path::from(rel))).map_err(io("start upload of", file.clone()))?;
+        let mut in_flight: std::collections::VecDeque<futures::future::BoxFuture<'static, Result<(), object_store::Error>>> =
+            std::collections::VecDeque::new();
+        let result = (|| {
+            while let Some(part) = next()? {
+                if in_flight.len() == PARTS_IN_FLIGHT {
+                    let done = in_flight.pop_front().expect("full");
+                    self.exec.block_on(done).map_err(io("upload a part of", file.clone()))?;
+                }
+                in_flight.push_back(self.exec.start(upload.put_part(PutPayload::from(part))));
+            }
+            for done in in_flight.drain(..) {
+                self.exec.block_on(done).map_err(io("upload a part of", file.clone()))?;
+            }
+            self.exec.block_on(upload.complete()).map(|_| ()).map_err(io("complete upload of", file.clone()))
+        })();
+        if result.is_err() {
+            // Parts still running fail or finish on their own; the abort discards them all.
+            drop(in_flight);
+            if let Err(e) = self.exec.block_on(upload.abort()) {
+                tracing::warn!("aborting the upload of {file}: {e}");
+            }
+        }
+        result
+    }
+
+    /// Download `rel` to local file `local_path`, streaming it (for restores of large files).
+    /// The file appears under its name only once whole; returns its size and CRC-32C.
+    pub fn get_to_file(&self, rel: &str, local_path: &std::path::Path) -> Result<FileDigest, StorageError> {
+        let file = self.display(rel);
+        let name = local_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let partial = local_path.with_file_name(format!(".{name}.download-{}", std::process::id()));
+        let shown = partial.display().to_string();
+        let result = self.exec.block_on(async {
+            let got = self.store.get(&Path::from(rel)).await.map_err(io("read", file.clone()))?;
+            let mut out = std::fs::File::create(&partial).map_err(std_io("create", shown.clone()))?;
+            let mut digest = FileDigest { size: 0, crc32c: 0 };
+            let mut chunks = got.into_stream();
+            while let Some(chunk) = chunks.next().await {
+                let chunk = chunk.map_err(io("read", file.clone()))?;
+                digest.size += chunk.len() as u64;
+                digest.crc32c = crc32c::crc32c_append(digest.crc32c, &chunk);
+                out.write_all(&chunk).map_err(std_io("write", shown.clone()))?;
+            }
+            out.flush().map_err(std_io("write", shown.clone()))?;
+            Ok::<_, StorageError>(digest)
+        });
+        let result = result.and_then(|d| {
+            std::fs::rename(&partial, local_path).map_err(std_io("rename", local_path.display().to_string()))?;
+            Ok(d)
+        });
+        if result.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+        result
     }
 
     /// The same storage with an empty set of aborted checkpoints, for a new attempt: the
@@ -263,16 +514,17 @@ impl CheckpointStorage {
     /// Read a whole file.
     pub fn read(&self, rel: &str) -> Result<Bytes, StorageError> {
         let file = self.display(rel);
-        block_on(async { self.store.get(&Path::from(rel)).await?.bytes().await }).map_err(io("read", file))
+        self.exec.block_on(async { self.store.get(&Path::from(rel)).await?.bytes().await }).map_err(io("read", file))
     }
 
     /// Read a byte range of a file.
     pub fn read_range(&self, rel: &str, range: Range<u64>) -> Result<Bytes, StorageError> {
-        block_on(self.store.get_range(&Path::from(rel), range)).map_err(io("read", self.display(rel)))
+        self.exec.block_on(self.store.get_range(&Path::from(rel), range)).map_err(io("read", self.display(rel)))
     }
 
-    /// Commit checkpoint `meta.id`: write its `_metadata` atomically. After this returns, the
-    /// checkpoint exists.
+    /// Commit checkpoint `meta.id`: write its `_metadata`, atomically and only if it does not
+    /// exist ([`StorageError::AlreadyCommitted`] otherwise: a checkpoint another writer
+    /// committed is never overwritten). After this returns, the checkpoint exists.
     pub fn commit_metadata(&self, meta: &CheckpointMetadata) -> Result<u64, StorageError> {
         let rel = format!("{}/_metadata", checkpoint_dir_name(meta.id));
         let mut body = serde_json::to_vec_pretty(meta).map_err(|e| StorageError::Corrupt {
@@ -282,7 +534,12 @@ impl CheckpointStorage {
         let crc = crc32c::crc32c(&body);
         body.extend_from_slice(format!("\ncrc32c:{crc:08x}\n").as_bytes());
         let n = body.len() as u64;
-        self.put(&rel, body)?;
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        self.put_guarded(&rel, || match self.exec.block_on(self.store.put_opts(&Path::from(rel.as_str()), PutPayload::from(body), opts)) {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) => Err(StorageError::AlreadyCommitted { id: meta.id, file: self.display(&rel) }),
+            Err(e) => Err(io("write", self.display(&rel))(e)),
+        })?;
         Ok(n)
     }
 
@@ -317,22 +574,31 @@ impl CheckpointStorage {
         Ok(meta)
     }
 
-    /// Check every state file of a checkpoint against the sizes and checksums in its metadata.
+    /// Check every state file of a checkpoint against the sizes and checksums in its metadata,
+    /// streaming each file (a large one never sits in memory whole).
     pub fn verify(&self, meta: &CheckpointMetadata) -> Result<(), StorageError> {
         for (_, sub) in &meta.subtasks {
             for f in &sub.state_files {
-                let bytes = self.read(&f.path)?;
-                let crc = crc32c::crc32c(&bytes);
-                if bytes.len() as u64 != f.size {
-                    return Err(StorageError::Corrupt {
-                        file: self.display(&f.path),
-                        what: format!("truncated: {} bytes, {} expected", bytes.len(), f.size),
-                    });
+                let file = self.display(&f.path);
+                let digest = self
+                    .exec
+                    .block_on(async {
+                        let mut chunks = self.store.get(&Path::from(f.path.as_str())).await?.into_stream();
+                        let mut d = FileDigest { size: 0, crc32c: 0 };
+                        while let Some(chunk) = chunks.try_next().await? {
+                            d.size += chunk.len() as u64;
+                            d.crc32c = crc32c::crc32c_append(d.crc32c, &chunk);
+                        }
+                        Ok::<_, object_store::Error>(d)
+                    })
+                    .map_err(io("read", file.clone()))?;
+                if digest.size != f.size {
+                    return Err(StorageError::Corrupt { file, what: format!("truncated: {} bytes, {} expected", digest.size, f.size) });
                 }
-                if crc != f.crc32c {
+                if digest.crc32c != f.crc32c {
                     return Err(StorageError::Corrupt {
-                        file: self.display(&f.path),
-                        what: format!("checksum mismatch: expected {:08x}, computed {crc:08x}", f.crc32c),
+                        file,
+                        what: format!("checksum mismatch: expected {:08x}, computed {:08x}", f.crc32c, digest.crc32c),
                     });
                 }
             }
@@ -342,33 +608,46 @@ impl CheckpointStorage {
 
     /// Ids of checkpoints that have a `_metadata` file, ascending (not yet validated).
     pub fn completed_checkpoints(&self) -> Result<Vec<CheckpointId>, StorageError> {
-        self.checkpoints_holding("_metadata")
+        self.checkpoints_holding(&self.checkpoint_dirs()?, "_metadata")
     }
 
-    /// Ids of `chk-<n>` directories that hold a file named `file`, ascending.
-    fn checkpoints_holding(&self, file: &str) -> Result<Vec<CheckpointId>, StorageError> {
-        let listing = block_on(self.store.list_with_delimiter(None)).map_err(io("list", self.display("")))?;
+    /// Ids of the `chk-<n>` directories, ascending. An unreachable store is an error, never
+    /// an empty job directory.
+    fn checkpoint_dirs(&self) -> Result<Vec<CheckpointId>, StorageError> {
+        let listing = self.exec.block_on(self.store.list_with_delimiter(None)).map_err(io("list", self.display("")))?;
         let mut ids: Vec<_> = listing
             .common_prefixes
             .iter()
             .filter_map(|p| p.as_ref().strip_prefix("chk-").and_then(|n| n.parse::<u64>().ok()))
-            .filter(|id| self.local.join(format!("chk-{id}/{file}")).exists())
             .collect();
         ids.sort_unstable();
         Ok(ids)
     }
 
+    /// Those of checkpoint directories `dirs` that hold a file named `file`, ascending.
+    fn checkpoints_holding(&self, dirs: &[CheckpointId], file: &str) -> Result<Vec<CheckpointId>, StorageError> {
+        let heads = futures::stream::iter(dirs.iter().map(|&id| {
+            let rel = format!("{}/{file}", checkpoint_dir_name(id));
+            async move {
+                match self.store.head(&Path::from(rel.as_str())).await {
+                    Ok(_) => Ok(Some(id)),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(io("stat", self.display(&rel))(e)),
+                }
+            }
+        }))
+        // Several requests at once: one round trip per directory adds up on S3.
+        .buffered(16)
+        .try_collect::<Vec<_>>();
+        Ok(self.exec.block_on(heads)?.into_iter().flatten().collect())
+    }
+
     /// Ids of checkpoints with a `_metadata` file (ascending), and the highest id of any
     /// `chk-<n>` directory, complete or not (0 if none): new checkpoints must not reuse it.
     pub fn checkpoint_ids(&self) -> Result<(Vec<CheckpointId>, CheckpointId), StorageError> {
-        let listing = block_on(self.store.list_with_delimiter(None)).map_err(io("list", self.display("")))?;
-        let newest = listing
-            .common_prefixes
-            .iter()
-            .filter_map(|p| p.as_ref().strip_prefix("chk-").and_then(|n| n.parse::<u64>().ok()))
-            .max()
-            .unwrap_or(0);
-        Ok((self.completed_checkpoints()?, newest))
+        let dirs = self.checkpoint_dirs()?;
+        let newest = dirs.last().copied().unwrap_or(0);
+        Ok((self.checkpoints_holding(&dirs, "_metadata")?, newest))
     }
 
     /// The newest checkpoint whose metadata and files all check out. A checkpoint is skipped
@@ -390,22 +669,26 @@ impl CheckpointStorage {
         if rejected.is_empty() {
             Ok(LatestValid::Empty)
         } else {
-            Ok(LatestValid::NoneValid(NoValidCheckpoint { location: self.local.clone(), rejected }))
+            Ok(LatestValid::NoneValid(NoValidCheckpoint { location: self.location.clone(), rejected }))
         }
     }
 
     /// Take checkpoint `id` out of the lineage: its `_metadata` is moved aside (and the move
-    /// fsynced), so it is never restored again, while its files stay for inspection.
+    /// fsynced locally), so it is never restored again, while its files stay for inspection.
+    /// (On S3 the move is a copy and a delete: a crash between the two leaves both, and the
+    /// next run abandons it again.)
     pub fn abandon(&self, id: CheckpointId) -> Result<(), StorageError> {
         let dir = checkpoint_dir_name(id);
         let (from, to) = (format!("{dir}/_metadata"), format!("{dir}/{ABANDONED_METADATA}"));
-        // The store fsyncs the directory after the rename (with_fsync).
-        block_on(self.store.rename(&Path::from(from.as_str()), &Path::from(to.as_str()))).map_err(io("abandon", self.display(&from)))
+        // The local store fsyncs the directory after the rename (with_fsync).
+        self.exec
+            .block_on(self.store.rename(&Path::from(from.as_str()), &Path::from(to.as_str())))
+            .map_err(io("abandon", self.display(&from)))
     }
 
     /// Ids of abandoned checkpoints (left the lineage when an older one was restored), ascending.
     pub fn abandoned_checkpoints(&self) -> Result<Vec<CheckpointId>, StorageError> {
-        self.checkpoints_holding(ABANDONED_METADATA)
+        self.checkpoints_holding(&self.checkpoint_dirs()?, ABANDONED_METADATA)
     }
 
     /// Load the metadata of an abandoned checkpoint (for listing only: never restored).
@@ -422,7 +705,7 @@ impl CheckpointStorage {
 
     /// The lineage of the latest run, if one was recorded.
     pub fn lineage(&self) -> Result<Option<Lineage>, StorageError> {
-        match block_on(async { self.store.get(&Path::from(LINEAGE)).await?.bytes().await }) {
+        match self.exec.block_on(async { self.store.get(&Path::from(LINEAGE)).await?.bytes().await }) {
             Ok(b) => serde_json::from_slice(&b)
                 .map(Some)
                 .map_err(|e| StorageError::Corrupt { file: self.display(LINEAGE), what: e.to_string() }),
@@ -438,20 +721,49 @@ impl CheckpointStorage {
         self.collect_shared(id)
     }
 
+    /// Delete every file of `chk-<id>`, `_metadata` first (listed and deleted through the
+    /// store: on S3 a directory is only a prefix), then the empty local directory.
     fn delete_checkpoint_dir(&self, id: CheckpointId) -> Result<(), StorageError> {
         let dir = checkpoint_dir_name(id);
-        let meta = Path::from(format!("{dir}/_metadata"));
-        match block_on(self.store.delete(&meta)) {
+        let meta = format!("{dir}/_metadata");
+        match self.exec.block_on(self.store.delete(&Path::from(meta.as_str()))) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(io("delete", self.display(&format!("{dir}/_metadata")))(e)),
+            Err(e) => return Err(io("delete", self.display(&meta))(e)),
         }
-        let prefix = Path::from(dir.as_str());
-        let files: Vec<_> =
-            block_on(self.store.list(Some(&prefix)).try_collect::<Vec<_>>()).map_err(io("list", self.display(&dir)))?;
-        for f in files {
-            block_on(self.store.delete(&f.location)).map_err(io("delete", self.display(f.location.as_ref())))?;
+        let files = self.list_files(&dir)?;
+        self.delete_files(&dir, files)?;
+        if self.url.is_none() {
+            // Only the (now empty) directories are left; a stray staging file of a writer
+            // killed mid-upload goes with them.
+            std::fs::remove_dir_all(self.location.join(&dir)).ok();
         }
-        std::fs::remove_dir_all(self.local.join(&dir)).ok();
+        Ok(())
+    }
+
+    /// The files under `dir` (relative; none if it does not exist).
+    fn list_files(&self, dir: &str) -> Result<Vec<Path>, StorageError> {
+        let prefix = Path::from(dir);
+        match self.exec.block_on(self.store.list(Some(&prefix)).map_ok(|m| m.location).try_collect::<Vec<_>>()) {
+            Ok(f) => Ok(f),
+            Err(object_store::Error::NotFound { .. }) => Ok(Vec::new()),
+            Err(e) => Err(io("list", self.display(dir))(e)),
+        }
+    }
+
+    /// Delete `files` under `dir` (batched on S3); ones already gone are fine.
+    fn delete_files(&self, dir: &str, files: Vec<Path>) -> Result<(), StorageError> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        let results = self.exec.block_on(
+            self.store.delete_stream(futures::stream::iter(files.into_iter().map(Ok)).boxed()).collect::<Vec<_>>(),
+        );
+        for r in results {
+            match r {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(io("delete files in", self.display(dir))(e)),
+            }
+        }
         Ok(())
     }
 
@@ -460,15 +772,10 @@ impl CheckpointStorage {
     /// the checkpoints before it). Files of newer checkpoints are left alone: one still being
     /// written may list them. Their names start with `shared/chk<N>-`.
     pub fn collect_shared(&self, upto: CheckpointId) -> Result<(), StorageError> {
-        let prefix = Path::from(SHARED_DIR);
-        let files: Vec<_> = match block_on(self.store.list(Some(&prefix)).try_collect::<Vec<_>>()) {
-            Ok(f) => f,
-            Err(object_store::Error::NotFound { .. }) => return Ok(()),
-            Err(e) => return Err(io("list", self.display(SHARED_DIR))(e)),
-        };
-        let old: Vec<_> = files
+        let old: Vec<_> = self
+            .list_files(SHARED_DIR)?
             .into_iter()
-            .filter(|f| shared_file_checkpoint(f.location.as_ref()).is_some_and(|n| n <= upto))
+            .filter(|f| shared_file_checkpoint(f.as_ref()).is_some_and(|n| n <= upto))
             .collect();
         if old.is_empty() {
             return Ok(());
@@ -483,13 +790,7 @@ impl CheckpointStorage {
                 Err(e) => return Err(e),
             }
         }
-        for f in old.into_iter().filter(|f| !listed.contains(f.location.as_ref())) {
-            match block_on(self.store.delete(&f.location)) {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(io("delete", self.display(f.location.as_ref()))(e)),
-            }
-        }
-        Ok(())
+        self.delete_files(SHARED_DIR, old.into_iter().filter(|f| !listed.contains(f.as_ref())).collect())
     }
 }
 
