@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh
+# The S3 storage tests start their own moto server on loopback from this binary.
+export WEIR_MOTO_SERVER="${WEIR_TEST_DEPS:-$HOME/.cache/weir-test-deps}/moto-venv/bin/moto_server"
 # Vulkan loaders warn without a runtime dir; lavapipe needs nothing else.
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 # Release: the end-to-end tests push millions of records through the engine.

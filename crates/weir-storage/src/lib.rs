@@ -870,6 +870,42 @@ mod tests {
     }
 
     #[test]
+    fn metadata_is_committed_once_locally() {
+        let (s, dir) = storage("once");
+        s.commit_metadata(&meta(3, &[])).unwrap();
+        let mut second = meta(3, &[]);
+        second.completed_ms = 99;
+        let e = s.commit_metadata(&second).unwrap_err();
+        assert!(matches!(e, StorageError::AlreadyCommitted { id: 3, .. }), "{e}");
+        assert!(e.to_string().contains(&dir.join("job/chk-3/_metadata").display().to_string()) || e.to_string().contains("job/chk-3/_metadata"), "{e}");
+        assert_eq!(s.load_metadata(3).unwrap().completed_ms, 1, "the first commit stands");
+        let staged: Vec<_> = std::fs::read_dir(dir.join("job/chk-3")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(staged, vec![std::ffi::OsString::from("_metadata")], "no staging file left behind");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn large_local_files_stream_both_ways() {
+        let (s, dir) = storage("big");
+        assert_eq!(s.display("chk-1/x"), dir.canonicalize().unwrap().join("job/chk-1/x").display().to_string());
+        assert!(!s.is_remote());
+        let big: Vec<u8> = (0..2 * MULTIPART_PART_SIZE + 777).map(|i| (i * 31 % 251) as u8).collect();
+        let src = dir.join("src.sst");
+        std::fs::write(&src, &big).unwrap();
+        let up = s.put_file("shared/chk1-a.sst", &src).unwrap();
+        assert_eq!(up, FileDigest { size: big.len() as u64, crc32c: crc32c::crc32c(&big) });
+        assert!(std::fs::read(dir.join("job/shared/chk1-a.sst")).unwrap() == big);
+        let back = dir.join("back.sst");
+        assert_eq!(s.get_to_file("shared/chk1-a.sst", &back).unwrap(), up);
+        assert!(std::fs::read(&back).unwrap() == big);
+        // Refused for an aborted checkpoint, and nothing appears.
+        s.abort(2).unwrap();
+        assert!(matches!(s.put_file("chk-2/a.sst", &src), Err(StorageError::Aborted(2))));
+        assert!(!dir.join("job/chk-2").exists());
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
     fn a_mistyped_restore_path_creates_nothing() {
         let dir = std::env::temp_dir().join(format!("weir-storage-typo-{}", std::process::id()));
         let typo = dir.join("job/chk-7");
