@@ -1,4 +1,5 @@
-//! `weir checkpoints list DIR` and `weir checkpoints inspect DIR/chk-<n>`.
+//! `weir checkpoints list DIR` and `weir checkpoints inspect DIR/chk-<n>` (local or `s3://`; S3
+//! settings from `-D s3.*=…` and the AWS environment variables).
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -8,30 +9,35 @@ use weir_storage::CheckpointStorage;
 pub enum CheckpointCmd {
     /// The checkpoints of a job directory (`<execution.checkpointing.dir>/<job>`), oldest first.
     List {
-        /// The job's checkpoint directory.
+        /// The job's checkpoint directory (a local path or `s3://bucket/prefix/<job>`).
         dir: String,
+        /// A storage setting, as in the job's config: -D s3.endpoint=http://127.0.0.1:9000
+        #[arg(short = 'D', value_name = "KEY=VALUE")]
+        define: Vec<String>,
     },
     /// The per-subtask cost split of one checkpoint.
     Inspect {
-        /// A `chk-<n>` directory.
+        /// A `chk-<n>` directory (a local path or `s3://…/<job>/chk-<n>`).
         path: String,
+        /// A storage setting, as in the job's config: -D s3.endpoint=http://127.0.0.1:9000
+        #[arg(short = 'D', value_name = "KEY=VALUE")]
+        define: Vec<String>,
     },
 }
 
-fn open_job_dir(dir: &str) -> Result<CheckpointStorage> {
-    let p = std::path::Path::new(dir.trim_end_matches('/'));
-    let job = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-    let base = p.parent().map(|b| b.to_string_lossy().into_owned()).filter(|b| !b.is_empty()).unwrap_or_else(|| ".".into());
-    if !p.is_dir() {
-        anyhow::bail!("{dir}: not a directory");
-    }
-    Ok(CheckpointStorage::open(&base, job)?)
+/// The storage options (`s3.*`) among `-D` settings, checked like a job's config.
+fn storage_options(defines: &[String]) -> Result<Vec<(String, String)>> {
+    let pairs = defines
+        .iter()
+        .map(|d| d.split_once('=').map(|(k, v)| (k.trim(), v.trim())).ok_or_else(|| anyhow::anyhow!("-D {d}: expected KEY=VALUE")))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(weir::JobConfig::from_pairs(pairs)?.checkpoint.storage_options)
 }
 
 pub fn main(cmd: CheckpointCmd) -> Result<()> {
     match cmd {
-        CheckpointCmd::List { dir } => {
-            let s = open_job_dir(&dir)?;
+        CheckpointCmd::List { dir, define } => {
+            let s = CheckpointStorage::open_job_dir_with(&dir, &storage_options(&define)?)?;
             println!(
                 "{:>6} {:>6} {:>10} {:>12} {:>12} {:>11} {:>12} {:>12} {:>10} {:>10} {:>6}  status",
                 "id", "par", "dur_ms", "written", "referenced", "kind", "entries", "barrier_us", "sync_us", "async_us", "final"
@@ -83,8 +89,8 @@ pub fn main(cmd: CheckpointCmd) -> Result<()> {
                 }
             }
         }
-        CheckpointCmd::Inspect { path } => {
-            let (s, id) = CheckpointStorage::open_checkpoint_path(&path)?;
+        CheckpointCmd::Inspect { path, define } => {
+            let (s, id) = CheckpointStorage::open_checkpoint_path_with(&path, &storage_options(&define)?)?;
             let abandoned = s.abandoned_checkpoints()?.contains(&id);
             let m = if abandoned { s.load_abandoned_metadata(id)? } else { s.load_metadata(id)? };
             let valid = s.verify(&m);

@@ -258,7 +258,7 @@ pub(crate) fn run_job(
     let config = Arc::new(config);
     let checkpointing = config.checkpoint.interval.is_some();
     let storage = if checkpointing || *restore == Restore::Latest {
-        Some(CheckpointStorage::open(&config.checkpoint.dir, job)?)
+        Some(CheckpointStorage::open_with(&config.checkpoint.dir, job, &config.checkpoint.storage_options)?)
     } else {
         None
     };
@@ -273,7 +273,7 @@ pub(crate) fn run_job(
     let mut run_first_id: Option<CheckpointId> = None;
     let mut in_storage = false;
     loop {
-        let prepared = prepare_attempt(&restore, storage.as_ref(), cluster.process == 0, run_first_id);
+        let prepared = prepare_attempt(&restore, storage.as_ref(), cluster.process == 0, run_first_id, &config.checkpoint.storage_options);
         let Prepared { restore_storage, restored, first_epoch, newest_completed, retained, lineage } = match prepared {
             Ok(p) => p,
             Err(AttemptError::Final(e)) => return Err(e),
@@ -439,9 +439,10 @@ fn prepare_attempt(
     storage: Option<&CheckpointStorage>,
     leader: bool,
     run_first_id: Option<CheckpointId>,
+    storage_options: &[(String, String)],
 ) -> Result<Prepared, AttemptError> {
     let transient = |e: StorageError| AttemptError::Retry(format!("restore: {e}"));
-    let (restore_storage, restored) = choose_checkpoint(restore, storage)?;
+    let (restore_storage, restored) = choose_checkpoint(restore, storage, storage_options)?;
     let restored_id = restored.as_ref().map(|m| m.id).unwrap_or(0);
     let mut first_epoch = restored_id + 1;
     if let Some(first) = run_first_id {
@@ -525,6 +526,7 @@ fn fix_lineage(job: &str, restored: Option<CheckpointId>, fix: &LineageFix) -> R
 fn choose_checkpoint(
     restore: &Restore,
     storage: Option<&CheckpointStorage>,
+    storage_options: &[(String, String)],
 ) -> Result<(Option<CheckpointStorage>, Option<CheckpointMetadata>), AttemptError> {
     let classify = |e: StorageError| {
         if e.is_corruption() {
@@ -552,7 +554,11 @@ fn choose_checkpoint(
             }
         }
         Restore::Path(p) => {
-            let (s, id) = CheckpointStorage::open_checkpoint_path(p).map_err(|e| AttemptError::Final(e.into()))?;
+            let (s, id) = CheckpointStorage::open_checkpoint_path_with(p, storage_options).map_err(|e| match e {
+                // An unreachable store is retried like any transient restore failure.
+                StorageError::Io { .. } if !e.is_corruption() => AttemptError::Retry(format!("restore: {e}")),
+                e => AttemptError::Final(e.into()),
+            })?;
             if s.abandoned_checkpoints().map_err(classify)?.contains(&id) {
                 return Err(AttemptError::Final(JobError::Restore(format!(
                     "{p} was abandoned when an older checkpoint was restored: it is outside the job's lineage and is never restored"
