@@ -31,6 +31,7 @@
 pub mod cow;
 pub mod format;
 pub mod keygroup;
+pub mod rocks;
 
 /// Errors reading or writing state.
 #[derive(Debug, thiserror::Error)]
@@ -46,4 +47,12 @@ pub enum StateError {
     /// Encoding a key or value failed.
     #[error("encoding state failed: {0}")]
     Encode(String),
+    /// The RocksDB backend failed: opening, reading or writing its files.
+    #[error("RocksDB state in {dir}: {what}")]
+    Rocks {
+        /// The DB's (or native checkpoint's) directory.
+        dir: String,
+        /// What failed.
+        what: String,
+    },
 }
