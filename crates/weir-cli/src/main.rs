@@ -64,6 +64,11 @@ struct RunArgs {
     /// such a restore fails (Flink's --allowNonRestoredState).
     #[arg(long)]
     allow_non_restored_state: bool,
+    /// Take a savepoint when the job finishes or is stopped (Ctrl-C, SIGTERM): the final
+    /// checkpoint in full, in the canonical format, copied to
+    /// execution.checkpointing.savepoint-dir (Flink's stop-with-savepoint).
+    #[arg(long)]
+    savepoint_on_stop: bool,
     /// This process's index in a multi-process job.
     #[arg(long, default_value_t = 0)]
     process: usize,
@@ -99,9 +104,14 @@ fn run(args: RunArgs) -> Result<()> {
         Some(p) => Restore::Path(p.to_string()),
     };
     let allow = args.allow_non_restored_state || plan.config.allow_non_restored_state;
-    let env = StreamEnv::new(&plan.name, plan.config.clone()).cluster(cluster).restore(restore).allow_non_restored_state(allow);
+    let env = StreamEnv::new(&plan.name, plan.config.clone())
+        .cluster(cluster)
+        .restore(restore)
+        .allow_non_restored_state(allow)
+        .savepoint_on_stop(args.savepoint_on_stop);
     // Ctrl-C / SIGTERM cancel the job (Flink's cancel): checkpoints are kept or deleted per
-    // execution.checkpointing.externalized-checkpoint-retention.
+    // execution.checkpointing.externalized-checkpoint-retention. With --savepoint-on-stop they
+    // stop it with a savepoint instead.
     let cancel = env.cancel_flag();
     ctrlc::set_handler(move || cancel.store(true, std::sync::atomic::Ordering::SeqCst)).context("installing the signal handler")?;
     let started = std::time::Instant::now();
@@ -115,6 +125,9 @@ fn run(args: RunArgs) -> Result<()> {
         result.restored_from.map(|c| format!(", restored from checkpoint {c}")).unwrap_or_default(),
         if result.restarts > 0 { format!(", {} restart(s)", result.restarts) } else { String::new() },
     );
+    if let Some(p) = &result.savepoint {
+        println!("savepoint: {p}");
+    }
     Ok(())
 }
 

@@ -1,5 +1,7 @@
 //! End-to-end exactly-once: kill the `weir` process, corrupt checkpoints, change parallelism;
 //! every time, the committed output must equal a failure-free run's (no loss, no duplicate).
+//! The first four run on every state backend: the heap and RocksDB, each with full and with
+//! incremental checkpoints (one module per test, one test per backend).
 
 mod common;
 
@@ -14,6 +16,41 @@ fn keyed_sum(out: &Path, ck: &Path, extra: &[&str]) -> Command {
     keyed_sum_cmd(out, ck, 2_000_000, 100_000, "200ms", extra)
 }
 
+/// The keyed sum on state backend `backend` (`-D` pairs).
+fn keyed_sum_on(backend: &[&str], out: &Path, ck: &Path, extra: &[&str]) -> Command {
+    let mut c = keyed_sum(out, ck, extra);
+    for d in backend {
+        c.args(["-D", d]);
+    }
+    c
+}
+
+/// Run `$test(backend)` on every state backend.
+macro_rules! on_every_backend {
+    ($($test:ident),*) => {$(
+        mod $test {
+            #[test]
+            fn hashmap() {
+                super::$test(&["state.backend.type=hashmap"]);
+            }
+            #[test]
+            fn hashmap_incremental() {
+                super::$test(&["state.backend.type=hashmap", "execution.checkpointing.incremental=true"]);
+            }
+            #[test]
+            fn rocksdb() {
+                super::$test(&["state.backend.type=rocksdb"]);
+            }
+            #[test]
+            fn rocksdb_incremental() {
+                super::$test(&["state.backend.type=rocksdb", "execution.checkpointing.incremental=true"]);
+            }
+        }
+    )*};
+}
+
+on_every_backend!(sigkill_at_twenty_random_moments_then_restore_latest, corrupt_latest_checkpoint_falls_back_to_previous, rescale_one_to_two_and_two_to_one, two_processes_one_killed);
+
 fn reference(tmp: &TempDir) -> std::collections::BTreeMap<String, usize> {
     let out = tmp.join("ref-out");
     run_ok(&mut keyed_sum(&out, &tmp.join("ref-ck"), &[]));
@@ -22,9 +59,9 @@ fn reference(tmp: &TempDir) -> std::collections::BTreeMap<String, usize> {
     lines
 }
 
-#[test]
-fn sigkill_at_twenty_random_moments_then_restore_latest() {
-    let tmp = TempDir::new("kill");
+fn sigkill_at_twenty_random_moments_then_restore_latest(backend: &[&str]) {
+    let tmp = TempDir::new(&format!("kill-{}", backend.join("-")));
+    let keyed_sum = |out: &Path, ck: &Path, extra: &[&str]| keyed_sum_on(backend, out, ck, extra);
     let expected = reference(&tmp);
     let mut rng = Rng::from_env("sigkill");
     let (out, ck) = (tmp.join("out"), tmp.join("ck"));
@@ -46,9 +83,9 @@ fn sigkill_at_twenty_random_moments_then_restore_latest() {
     assert_eq!(hidden, 0, "a finished job leaves no pending transaction");
 }
 
-#[test]
-fn corrupt_latest_checkpoint_falls_back_to_previous() {
-    let tmp = TempDir::new("corrupt");
+fn corrupt_latest_checkpoint_falls_back_to_previous(backend: &[&str]) {
+    let tmp = TempDir::new(&format!("corrupt-{}", backend.join("-")));
+    let keyed_sum = |out: &Path, ck: &Path, extra: &[&str]| keyed_sum_on(backend, out, ck, extra);
     let expected = reference(&tmp);
     let (out, ck) = (tmp.join("out"), tmp.join("ck"));
     let job_dir = ck.join("keyed-sum");
@@ -64,12 +101,7 @@ fn corrupt_latest_checkpoint_falls_back_to_previous() {
         kill9(&mut child);
         let ids = completed_checkpoints(&job_dir);
         let latest = *ids.last().unwrap();
-        let chk = job_dir.join(format!("chk-{latest}"));
-        let state = std::fs::read_dir(&chk)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.extension().is_some_and(|e| e == "state"))
-            .expect("a state file");
+        let state = job_dir.join(written_by(&job_dir, latest).first().expect("the checkpoint wrote a state file"));
         let mut bytes = std::fs::read(&state).unwrap();
         match damage {
             "flip" => {
@@ -99,9 +131,9 @@ fn corrupt_latest_checkpoint_falls_back_to_previous() {
     assert_exactly_once(&expected, &committed_lines(&out));
 }
 
-#[test]
-fn rescale_one_to_two_and_two_to_one() {
-    let tmp = TempDir::new("rescale");
+fn rescale_one_to_two_and_two_to_one(backend: &[&str]) {
+    let tmp = TempDir::new(&format!("rescale-{}", backend.join("-")));
+    let keyed_sum = |out: &Path, ck: &Path, extra: &[&str]| keyed_sum_on(backend, out, ck, extra);
     let expected = reference(&tmp);
     for (from, to) in [(1, 2), (2, 1)] {
         let out = tmp.join(&format!("out-{from}-{to}"));
@@ -117,9 +149,9 @@ fn rescale_one_to_two_and_two_to_one() {
     }
 }
 
-#[test]
-fn two_processes_one_killed() {
-    let tmp = TempDir::new("cluster");
+fn two_processes_one_killed(backend: &[&str]) {
+    let tmp = TempDir::new(&format!("cluster-{}", backend.join("-")));
+    let keyed_sum = |out: &Path, ck: &Path, extra: &[&str]| keyed_sum_on(backend, out, ck, extra);
     let expected = reference(&tmp);
     let (out, ck) = (tmp.join("out"), tmp.join("ck"));
     let mut rng = Rng::from_env("cluster");
@@ -150,6 +182,24 @@ fn two_processes_one_killed() {
         assert!(wait_success(p, Duration::from_secs(120)), "restored cluster run failed");
     }
     assert_exactly_once(&expected, &committed_lines(&out));
+}
+
+/// The state files checkpoint `id` wrote itself (not those of earlier checkpoints it lists),
+/// relative to the job directory, from its `_metadata`.
+fn written_by(job_dir: &Path, id: u64) -> Vec<String> {
+    let text = std::fs::read_to_string(job_dir.join(format!("chk-{id}/_metadata"))).unwrap();
+    let body = &text[..text.rfind("\ncrc32c:").expect("checksum trailer")];
+    let meta: serde_json::Value = serde_json::from_str(body).unwrap();
+    let mut files = Vec::new();
+    for sub in meta["subtasks"].as_array().unwrap() {
+        for f in sub[1]["state_files"].as_array().unwrap() {
+            let path = f["path"].as_str().unwrap();
+            if path.starts_with(&format!("chk-{id}/")) || path.starts_with(&format!("shared/chk{id}-")) {
+                files.push(path.to_string());
+            }
+        }
+    }
+    files
 }
 
 fn sigterm(child: &std::process::Child) {

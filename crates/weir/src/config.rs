@@ -33,7 +33,7 @@ pub enum RestartStrategy {
 }
 
 /// Checkpointing settings (`execution.checkpointing.*`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CheckpointSettings {
     /// Periodic interval; `None` = checkpointing off.
     pub interval: Option<Duration>,
@@ -145,6 +145,10 @@ pub struct JobConfig {
     /// uid, dropping that state (`execution.state-recovery.ignore-unclaimed-state`, the CLI's
     /// `--allow-non-restored-state`); otherwise such a restore fails at start.
     pub allow_non_restored_state: bool,
+    /// Take a savepoint when the job finishes or is stopped (the CLI's `--savepoint-on-stop`,
+    /// [`crate::StreamEnv::savepoint_on_stop`]): the final checkpoint is written in full, in the
+    /// canonical format, and copied to `execution.checkpointing.savepoint-dir`.
+    pub savepoint_on_stop: bool,
 }
 
 impl Default for JobConfig {
@@ -402,6 +406,7 @@ impl JobConfig {
             gpu_state_blocking_snapshots: get("weir.gpu.state.snapshot-mode") == "blocking",
             cluster_secret_file: Some(get("cluster.secret-file")).filter(|f| !f.is_empty()),
             allow_non_restored_state: get("execution.state-recovery.ignore-unclaimed-state") == "true",
+            savepoint_on_stop: false,
         })
     }
 }

@@ -11,7 +11,7 @@ use timely::dataflow::operators::generic::operator::source as timely_source;
 use timely::dataflow::operators::vec::{Filter, Map};
 use timely::dataflow::operators::{Operator, Probe};
 use timely::dataflow::{Scope, StreamVec};
-use weir_checkpoint::{SplitOffset, StateFileHandle, SubtaskSnapshot, SubtaskStats, TaskId};
+use weir_checkpoint::{SplitOffset, SubtaskSnapshot, SubtaskStats, TaskId};
 use weir_state::keygroup::{key_group, operator_for_key_group, KeyGroupRange};
 
 use crate::epoch::{epoch_of, epoch_start, Aligned, EpochAligner, Time};
@@ -19,6 +19,8 @@ use crate::runtime::control::AckMsg;
 use crate::runtime::{now_us, run_job, ClusterConfig, JobCtx, JobError, JobResult, Restore};
 use crate::sink::{Sink, SinkContext};
 use crate::source::{Poll, Source, SourceContext};
+use crate::state::local::{LocalBackup, StateReader};
+use crate::state::snapshot::{RestoreSource, SnapshotSpec, TablesJob};
 use crate::state::{KeyedBatchFunction, KeyedContext, KeyedProcessFunction, StateTables, ValueState};
 use crate::{Data, JobConfig, Key};
 
@@ -59,6 +61,15 @@ impl StreamEnv {
     /// such a restore fails at start. Also set by `execution.state-recovery.ignore-unclaimed-state`.
     pub fn allow_non_restored_state(mut self, allow: bool) -> Self {
         self.config.allow_non_restored_state = allow;
+        self
+    }
+
+    /// Take a savepoint when the job finishes or is stopped by a signal (Flink's
+    /// stop-with-savepoint): sources stop, the final checkpoint is written in full in the
+    /// canonical format and copied to `execution.checkpointing.savepoint-dir`
+    /// ([`JobResult::savepoint`] names it), sinks commit, and the job ends.
+    pub fn savepoint_on_stop(mut self, on: bool) -> Self {
+        self.config.savepoint_on_stop = on;
         self
     }
 
@@ -218,6 +229,12 @@ impl<'s> Job<'s> {
                 }
                 if exhausted {
                     return; // the final barrier wakes us
+                }
+                if ctx.shared.borrow().stop_sources {
+                    // Stop with a savepoint: end here, as if the input ended.
+                    exhausted = true;
+                    ctx.shared.borrow_mut().outbox.push(AckMsg::SourceFinished { task });
+                    return;
                 }
                 while inflight.front().is_some_and(|t| !ctx.probe.less_equal(t)) {
                     inflight.pop_front();
@@ -582,12 +599,38 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
         let op = ctx.register(self.uid.clone(), name, false);
         let mp = ctx.config.max_parallelism;
         let range = KeyGroupRange::for_operator(mp, ctx.peers as u32, ctx.index as u32);
-        let mut tables = StateTables::new(range, mp);
+        let file_prefix = format!("op{op}-{}", sanitize(name));
+        let task = TaskId::new(op, ctx.index as u32);
+        let c = &ctx.config.checkpoint;
+        let local = (c.local_backup || c.local_recovery).then(|| Arc::new(LocalBackup::new(c.local_dir.as_deref(), &ctx.job)));
+        let restore_local = local.clone().filter(|_| c.local_recovery);
+        let mut reader = ctx.restore_storage.as_ref().map(|s| StateReader::new(s, restore_local.as_deref()));
+        let (backend, native_restored) = match state_backend(ctx, op, name, reader.as_mut()) {
+            Ok(b) => b,
+            Err(e) => {
+                ctx.fail_build(format!("operator '{name}': {e}"));
+                (crate::state::Backend::Heap { track_changes: false }, None)
+            }
+        };
+        let mut tables = StateTables::with_backend(range, mp, backend);
+        tables.local = local.filter(|_| c.local_backup && ctx.storage.is_some());
         open(&mut tables);
-        if let Err(e) = restore_tables(ctx, op, &mut tables) {
+        let started = Instant::now();
+        if let Some(e) = tables.open_error.take() {
             ctx.fail_build(format!("operator '{name}': {e}"));
+        } else if let Some(reader) = reader {
+            match restore_tables(ctx, op, &mut tables, native_restored, reader) {
+                Ok((local, remote)) if local + remote > 0 => tracing::info!(
+                    "operator '{name}' subtask {}: restored {} entries in {} ms ({local} bytes from local copies, {remote} from checkpoint storage)",
+                    ctx.index,
+                    tables.entries(),
+                    started.elapsed().as_millis()
+                ),
+                Ok(_) => {}
+                Err(e) => ctx.fail_build(format!("operator '{name}': {e}")),
+            }
         }
-        KeyedSetup { task: TaskId::new(op, ctx.index as u32), tables, file_prefix: format!("op{op}-{}", sanitize(name)) }
+        KeyedSetup { task, tables, file_prefix }
     }
 
     /// The exchange that sends each record to the worker owning its key's key group.
@@ -639,7 +682,7 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
                                 out.clear();
                             }
                         }
-                        Aligned::Close(e) => snapshot_tables(&ctx, &tables, e, task, &name_owned, &file_prefix, None, Instant::now()),
+                        Aligned::Close(e) => snapshot_tables(&ctx, &mut tables, e, task, &name_owned, &file_prefix, None, Instant::now()),
                     }
                 }
             }
@@ -701,11 +744,13 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
                     }
                 }
                 // Checkpointing off: nothing is persisted, and the device state is not copied.
+                // A savepoint (the final checkpoint with --savepoint-on-stop) is full and self-contained.
+                let savepoint = ctx.config.savepoint_on_stop && ctx.shared.borrow().final_id == Some(e);
                 let resident = match (ctx.storage.is_some(), func.resident()) {
-                    (true, Some(arena)) => Some(arena.snapshot(e)),
+                    (true, Some(arena)) => Some(arena.snapshot(e, savepoint)),
                     _ => None,
                 };
-                snapshot_tables(&ctx, &tables, e, task, &name_owned, &file_prefix, resident, started);
+                snapshot_tables(&ctx, &mut tables, e, task, &name_owned, &file_prefix, resident, started);
             }
         })
     }
@@ -772,7 +817,7 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
 #[allow(clippy::too_many_arguments)]
 fn snapshot_tables<K: Key>(
     ctx: &Rc<JobCtx>,
-    tables: &StateTables<K>,
+    tables: &mut StateTables<K>,
     epoch: u64,
     task: TaskId,
     name: &str,
@@ -795,7 +840,23 @@ fn snapshot_tables<K: Key>(
         ctx.shared.borrow_mut().outbox.push(AckMsg::Ack { id: epoch, task, snapshot });
         return;
     };
-    let jobs: Vec<_> = tables.tables.iter().map(|t| (t.name().to_string(), t.snapshot())).collect();
+    let c = &ctx.config.checkpoint;
+    let spec = SnapshotSpec {
+        epoch,
+        prefix: prefix.to_string(),
+        subtask: task.subtask,
+        incremental: c.incremental,
+        max_delta_share: c.max_delta_share,
+        local: tables.local.clone(),
+        savepoint: ctx.config.savepoint_on_stop && ctx.shared.borrow().final_id == Some(epoch),
+    };
+    let jobs = match tables.snapshot(spec) {
+        Ok(job) => job,
+        Err(reason) => {
+            ctx.shared.borrow_mut().outbox.push(AckMsg::Decline { id: epoch, task, reason });
+            return;
+        }
+    };
     let entries = tables.entries() as u64;
     let sync_us = t0.elapsed().as_micros() as u64;
     let resident = match resident.transpose() {
@@ -807,11 +868,10 @@ fn snapshot_tables<K: Key>(
     };
     let tx = ctx.ack_tx.clone();
     let name = name.to_string();
-    let prefix = prefix.to_string();
     ctx.executor.submit(move || {
         // A panic while writing declines the checkpoint at once instead of leaving it to time out.
         let decline = tx.clone();
-        let wrote = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || write_snapshot_files(storage, jobs, resident, tx, epoch, task, name, uid, prefix, barrier_us, sync_us, entries)));
+        let wrote = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || write_snapshot_files(storage, jobs, resident, tx, epoch, task, name, uid, barrier_us, sync_us, entries)));
         if let Err(panic) = wrote {
             let what = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
             let _ = decline.send(AckMsg::Decline { id: epoch, task, reason: format!("writing the snapshot panicked: {what}") });
@@ -823,39 +883,25 @@ fn snapshot_tables<K: Key>(
 /// device-resident state's, then ack (or decline) the checkpoint.
 fn write_snapshot_files(
     storage: weir_storage::CheckpointStorage,
-    jobs: Vec<(String, crate::state::SnapshotJob)>,
+    job: TablesJob,
     resident: Option<crate::ops::resident::ResidentJob>,
     tx: std::sync::mpsc::Sender<AckMsg>,
     epoch: u64,
     task: TaskId,
     name: String,
     uid: String,
-    prefix: String,
     barrier_us: u64,
     sync_us: u64,
     entries: u64,
 ) {
     let t1 = Instant::now();
-    let mut files = Vec::new();
-    let mut bytes = 0;
-    for (state, job) in jobs {
-        let path = format!("chk-{epoch}/{prefix}-{}-{}.state", sanitize(&state), task.subtask);
-        let written = job().map_err(|e| e.to_string()).and_then(|w| {
-            let size = w.bytes.len() as u64;
-            storage.put(&path, w.bytes).map_err(|e| e.to_string())?;
-            Ok(StateFileHandle { state, path, size, crc32c: w.crc32c, key_groups: w.index, kind: Default::default() })
-        });
-        match written {
-            Ok(h) => {
-                bytes += h.size;
-                files.push(h);
-            }
-            Err(reason) => {
-                let _ = tx.send(AckMsg::Decline { id: epoch, task, reason });
-                return;
-            }
+    let (mut files, mut bytes) = match job(&storage) {
+        Ok(w) => (w.files, w.bytes),
+        Err(reason) => {
+            let _ = tx.send(AckMsg::Decline { id: epoch, task, reason });
+            return;
         }
-    }
+    };
     let mut entries = entries;
     if let Some(job) = resident {
         match job.run(&storage) {
@@ -875,29 +921,39 @@ fn write_snapshot_files(
     let _ = tx.send(AckMsg::Ack { id: epoch, task, snapshot });
 }
 
+/// The backend of a keyed operator instance (`state.backend.type`): heap maps, or a RocksDB of
+/// its own, opened from the restored checkpoint's RocksDB files when they are this very
+/// instance's (same parallelism). Returns the subtask whose RocksDB checkpoint became the database.
+fn state_backend(ctx: &JobCtx, op: u32, name: &str, reader: Option<&mut StateReader<'_>>) -> Result<(crate::state::Backend, Option<u32>), String> {
+    use crate::state::Backend;
+    let incremental = ctx.storage.is_some() && ctx.config.checkpoint.incremental;
+    match ctx.config.state_backend {
+        crate::StateBackendKind::Heap => Ok((Backend::Heap { track_changes: incremental }, None)),
+        crate::StateBackendKind::RocksDb => {
+            let owner = format!("operator '{name}' subtask {}", ctx.index);
+            let mine = ctx.restored_instance(op, ctx.index as u32);
+            let restore = reader.zip(mine);
+            let dir = format!("op{op}-{}", ctx.index);
+            let (inst, restored) = crate::state::rocks::RocksInstance::open(ctx.config.rocksdb_dir.as_deref(), &dir, &owner, restore)?;
+            Ok((Backend::Rocks(inst), restored.then_some(ctx.index as u32)))
+        }
+    }
+}
+
 /// Load this instance's key groups of operator `op` from every file of the restored checkpoint
 /// (reading only the blocks of its key groups).
-fn restore_tables<K: Key>(ctx: &JobCtx, op: u32, tables: &mut StateTables<K>) -> Result<(), String> {
-    let Some(storage) = ctx.restore_storage.as_ref() else { return Ok(()) };
-    let range = KeyGroupRange::for_operator(ctx.config.max_parallelism, ctx.peers as u32, ctx.index as u32);
-    if let Some(m) = &ctx.restored {
-        if m.max_parallelism != ctx.config.max_parallelism {
-            return Err(format!(
-                "checkpoint {} has pipeline.max-parallelism {}, the job {}: key groups cannot be remapped",
-                m.id, m.max_parallelism, ctx.config.max_parallelism
-            ));
-        }
+fn restore_tables<K: Key>(ctx: &JobCtx, op: u32, tables: &mut StateTables<K>, native_restored: Option<u32>, reader: StateReader<'_>) -> Result<(u64, u64), String> {
+    let Some(m) = &ctx.restored else { return Ok((0, 0)) };
+    if m.max_parallelism != ctx.config.max_parallelism {
+        return Err(format!(
+            "checkpoint {} has pipeline.max-parallelism {}, the job {}: key groups cannot be remapped",
+            m.id, m.max_parallelism, ctx.config.max_parallelism
+        ));
     }
-    for sub in ctx.restored_subtasks(op) {
-        for f in sub.state_files.iter().filter(|f| !tables.resident.contains(&f.state)) {
-            let Some(table) = tables.tables.iter_mut().find(|t| t.name() == f.state) else {
-                return Err(format!("checkpoint holds state '{}' that the operator does not register", f.state));
-            };
-            for b in f.key_groups.iter().filter(|b| range.contains(b.key_group)) {
-                let bytes = storage.read_range(&f.path, b.offset..b.offset + b.len).map_err(|e| e.to_string())?;
-                table.restore_block(&bytes, b, &storage.display(&f.path)).map_err(|e| e.to_string())?;
-            }
-        }
-    }
-    Ok(())
+    let scratch = ctx.config.rocksdb_dir.as_ref().map(std::path::PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("weir-rocksdb"));
+    let scratch = scratch.join(format!("restore-{}-{}-op{op}", std::process::id(), ctx.index));
+    let mut src = RestoreSource { reader, parallelism: m.parallelism, native_restored, scratch };
+    let r = tables.restore(&mut src, ctx.restored_tasks(op));
+    let _ = std::fs::remove_dir_all(&src.scratch);
+    r.map(|()| (src.reader.read_local, src.reader.read_remote))
 }

@@ -15,7 +15,7 @@
 //! path, at another parallelism, and the reverse.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use weir_checkpoint::StateFileHandle;
 use weir_gpu::kernels::gpu::GpuKernels;
@@ -27,6 +27,7 @@ use weir_state::keygroup::{key_group, KeyGroupRange};
 use weir_storage::CheckpointStorage;
 
 use crate::runtime::JobCtx;
+use crate::state::chain::{Chain, Turn};
 use crate::state::StateTables;
 use crate::Key;
 
@@ -79,86 +80,6 @@ pub(crate) struct ResidentWritten {
     pub bytes: u64,
     /// Keys written by this checkpoint.
     pub entries: u64,
-}
-
-/// The chain of files of one operator instance's state, advanced by the snapshot writer in
-/// checkpoint order.
-#[derive(Default)]
-struct ChainState {
-    files: Vec<StateFileHandle>,
-    base_bytes: u64,
-    delta_bytes: u64,
-    /// The last snapshot whose file joined the chain: a snapshot may be a delta only on top of
-    /// the one right before it (a failed, panicked or dropped one in between took dirty chunks
-    /// with it).
-    joined: Option<u64>,
-    issued: u64,
-    turn: u64,
-    /// Snapshots dropped before their turn: skipped when it comes.
-    cancelled: std::collections::BTreeSet<u64>,
-}
-
-#[derive(Default)]
-struct Chain {
-    state: Mutex<ChainState>,
-    turn: Condvar,
-}
-
-impl Chain {
-    fn lock(&self) -> MutexGuard<'_, ChainState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Wait until it is snapshot `seq`'s turn.
-    fn wait_turn(&self, seq: u64) {
-        let mut c = self.lock();
-        while c.turn < seq {
-            c = self.turn.wait(c).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-
-    /// The current snapshot is done: the next one that was not dropped goes.
-    fn pass(&self) {
-        let mut c = self.lock();
-        c.turn += 1;
-        loop {
-            let t = c.turn;
-            if !c.cancelled.remove(&t) {
-                break;
-            }
-            c.turn += 1;
-        }
-        drop(c);
-        self.turn.notify_all();
-    }
-
-    /// Snapshot `seq` will never run.
-    fn cancel(&self, seq: u64) {
-        let mut c = self.lock();
-        if c.turn == seq {
-            drop(c);
-            self.pass();
-        } else {
-            c.cancelled.insert(seq);
-        }
-    }
-}
-
-/// Passes the turn to the next snapshot when dropped (also on an error or a panic); a snapshot
-/// that did not succeed does not join the chain, so the next one is full.
-struct Turn<'a> {
-    chain: &'a Chain,
-    seq: u64,
-    ok: bool,
-}
-
-impl Drop for Turn<'_> {
-    fn drop(&mut self) {
-        if self.ok {
-            self.chain.lock().joined = Some(self.seq);
-        }
-        self.chain.pass();
-    }
 }
 
 /// Settings from the job, set when the operator starts.
@@ -409,7 +330,7 @@ impl<K: Key> KeyedArena<K> {
     /// The synchronous part of a snapshot at the barrier of `epoch`: enqueue the device-side
     /// copy and return the background part. Never waits for the device, except in the naive
     /// baseline (`weir.gpu.state.snapshot-mode: blocking`), which reads the whole copy back here.
-    pub(crate) fn snapshot(&mut self, epoch: u64) -> Result<ResidentJob, String> {
+    pub(crate) fn snapshot(&mut self, epoch: u64, force_full: bool) -> Result<ResidentJob, String> {
         let snap = self.arena.as_mut().map(|a| a.snapshot()).transpose().map_err(|e| e.to_string())?;
         let snap = match snap {
             Some(s) if self.attached.blocking => Some(Taken::read_now(s, &self.attached.owner, epoch)?),
@@ -439,7 +360,8 @@ impl<K: Key> KeyedArena<K> {
             };
             let full = {
                 let c = chain.lock();
-                c.joined.is_none_or(|j| j + 1 != seq)
+                force_full
+                    || c.joined.is_none_or(|j| j + 1 != seq)
                     || c.files.is_empty()
                     || c.files.len() as u32 >= at.full_every
                     || c.delta_bytes as f64 > at.max_delta_share * c.base_bytes as f64

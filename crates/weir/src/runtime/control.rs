@@ -25,6 +25,9 @@ pub(crate) enum Control {
     Finish,
     /// The job is cancelled (a signal to any of its processes): stop everywhere, no restart.
     Cancel,
+    /// Stop with a savepoint: sources stop reading as if their input ended, so the final
+    /// checkpoint (a savepoint) is taken and committed, then the job finishes.
+    Stop,
     /// The job failed: stop and restart per strategy.
     Fail { reason: String },
 }
@@ -70,6 +73,8 @@ pub(crate) struct WorkerShared {
     pub finish: bool,
     pub fail: Option<String>,
     pub cancelled: bool,
+    /// Stop with a savepoint was requested: sources finish at once.
+    pub stop_sources: bool,
     pub aborted: Vec<CheckpointId>,
     pub restore_point: Option<(Option<RestoreIdentity>, u64)>,
     pub restore_verdict: Option<Option<(String, bool)>>,
@@ -100,6 +105,12 @@ impl WorkerShared {
             Control::RestoreVerdict { failure } => self.restore_verdict = Some(failure.clone()),
             Control::Abort { id } => self.aborted.push(*id),
             Control::Finish => self.finish = true,
+            Control::Stop => {
+                self.stop_sources = true;
+                for a in &self.activators {
+                    a.activate();
+                }
+            }
             Control::Cancel => {
                 self.cancelled = true;
                 self.set_fail("job cancelled".into());

@@ -9,6 +9,7 @@ pub mod cluster;
 pub(crate) mod control;
 pub(crate) mod executor;
 mod operator_uid;
+mod savepoint;
 
 use std::cell::{Cell, RefCell};
 use std::panic::AssertUnwindSafe;
@@ -69,6 +70,8 @@ pub struct JobResult {
     pub restarts: u32,
     /// Metadata of checkpoints completed by this process's coordinator (process 0 only).
     pub checkpoints: Vec<CheckpointMetadata>,
+    /// The savepoint taken at the end (`--savepoint-on-stop`; process 0 only): its directory.
+    pub savepoint: Option<String>,
 }
 
 /// Why a job did not finish.
@@ -99,6 +102,8 @@ pub enum JobError {
 
 /// Per-worker context for building and running the job's operators.
 pub(crate) struct JobCtx {
+    /// The job's name.
+    pub job: String,
     pub index: usize,
     pub peers: usize,
     pub config: Arc<JobConfig>,
@@ -161,6 +166,16 @@ impl JobCtx {
             .flat_map(|m| m.subtasks.iter())
             .filter(move |(t, s)| operator_uid::claims(op, &uid, t, s))
             .map(|(_, s)| s)
+    }
+
+    /// The snapshots of operator `op` in the restored checkpoint, with the task that took each.
+    pub(crate) fn restored_tasks(&self, op: u32) -> impl Iterator<Item = (TaskId, &SubtaskSnapshot)> {
+        let uid = self.uid_of(op);
+        self.restored
+            .iter()
+            .flat_map(|m| m.subtasks.iter())
+            .filter(move |(t, s)| operator_uid::claims(op, &uid, t, s))
+            .map(|(t, s)| (*t, s))
     }
 
     /// The snapshot of operator `op`'s subtask `subtask` in the restored checkpoint, if it was
@@ -256,7 +271,8 @@ pub(crate) fn run_job(
     }
     let workers = (config.parallelism / processes) as usize;
     let config = Arc::new(config);
-    let checkpointing = config.checkpoint.interval.is_some();
+    // A savepoint at the end needs checkpoint storage even without periodic checkpoints.
+    let checkpointing = config.checkpoint.interval.is_some() || config.savepoint_on_stop;
     let storage = if checkpointing || *restore == Restore::Latest {
         Some(CheckpointStorage::open_with(&config.checkpoint.dir, job, &config.checkpoint.storage_options)?)
     } else {
@@ -334,7 +350,13 @@ pub(crate) fn run_job(
         }
         match outcome {
             Ok(checkpoints) => {
-                return Ok(JobResult { restored_from: (restored_id > 0).then_some(restored_id), restarts, checkpoints })
+                let mut savepoint = None;
+                if let (true, Some(s), Some(last)) = (config.savepoint_on_stop && cluster.process == 0, storage.as_ref(), checkpoints.last().filter(|m| m.is_final)) {
+                    let path = savepoint::write_savepoint(&config, job, s, last)?;
+                    tracing::info!("job {job}: savepoint of checkpoint {} written to {path}", last.id);
+                    savepoint = Some(path);
+                }
+                return Ok(JobResult { restored_from: (restored_id > 0).then_some(restored_id), restarts, checkpoints, savepoint });
             }
             Err(_) if cancel.load(Ordering::SeqCst) => return Err(JobError::Cancelled),
             Err(message) if deterministic => {
@@ -554,6 +576,7 @@ fn choose_checkpoint(
             }
         }
         Restore::Path(p) => {
+            let p = &savepoint::resolve(p);
             let (s, id) = CheckpointStorage::open_checkpoint_path_with(p, storage_options).map_err(|e| match e {
                 // An unreachable store is retried like any transient restore failure.
                 StorageError::Io { .. } if !e.is_corruption() => AttemptError::Retry(format!("restore: {e}")),
@@ -650,6 +673,7 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
     let (first_epoch, restored, restore_storage) = agree_on_restore_point(worker, &shared, &inbox, &mut ctl_in, &mut ack_in, env)?;
 
     let ctx = Rc::new(JobCtx {
+        job: env.job.clone(),
         index,
         peers,
         config: env.config.clone(),
@@ -731,7 +755,12 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
         }
         if let (Some(c), Some(ctl)) = (coord.as_mut(), ctl_in.as_mut()) {
             let requested = inbox.borrow().iter().any(|m| matches!(m, AckMsg::CancelRequest));
-            if (requested || env.cancel.load(Ordering::Relaxed)) && !cancel_sent {
+            if (requested || env.cancel.load(Ordering::Relaxed)) && !cancel_sent && env.config.savepoint_on_stop {
+                // Stop with a savepoint: the sources end, the final checkpoint is the savepoint.
+                cancel_sent = true;
+                tracing::warn!("job {}: stopping with a savepoint", env.job);
+                ctl.send(Control::Stop);
+            } else if (requested || env.cancel.load(Ordering::Relaxed)) && !cancel_sent {
                 cancel_sent = true;
                 cancel_job(c, ctl, env);
                 ctl_time += 1;

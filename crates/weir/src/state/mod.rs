@@ -7,53 +7,92 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::sync::Arc;
 
-use weir_state::cow::CowMap;
-use weir_state::format::{read_block, write_snapshot, WrittenSnapshot};
+use weir_state::cow::{CowMap, CowSnapshot};
 use weir_state::keygroup::KeyGroupRange;
 use weir_state::StateError;
 use weir_checkpoint::KeyGroupBlock;
 
 use crate::{Data, Key};
 
-/// The serialiser of one state's snapshot, run on a background thread.
-pub(crate) type SnapshotJob = Box<dyn FnOnce() -> Result<WrittenSnapshot, StateError> + Send>;
+pub(crate) mod chain;
+pub(crate) mod local;
+pub(crate) mod rocks;
+pub(crate) mod snapshot;
+mod store;
+
+use store::Store;
 
 /// One registered state, type-erased.
 pub(crate) trait StateTable<K>: Any {
     fn name(&self) -> &str;
-    fn snapshot(&self) -> SnapshotJob;
-    fn restore_block(&mut self, bytes: &[u8], block: &KeyGroupBlock, file: &str) -> Result<(), StateError>;
+    /// The heap backend's frozen view of the state for a snapshot (`None` on RocksDB, whose
+    /// snapshot is the database's own checkpoint).
+    fn heap_snapshot(&mut self) -> Option<Box<dyn HeapSnapshot>>;
+    /// Write cached entries back (RocksDB); the first read error since the last flush.
+    fn flush(&mut self) -> Result<(), StateError>;
+    fn restore_block(&mut self, bytes: &[u8], block: &KeyGroupBlock, file: &str, delta: bool, max_parallelism: u32) -> Result<(), StateError>;
+    fn restore_raw(&mut self, kg: u32, key: &[u8], value: &[u8], file: &str) -> Result<(), StateError>;
     fn len(&self) -> usize;
     fn as_any_mut(&mut self) -> &mut dyn Any;
-    fn as_any(&self) -> &dyn Any;
+}
+
+/// A heap state frozen at a barrier, serialised later on the snapshot writer.
+pub(crate) trait HeapSnapshot: Send {
+    /// Every entry, in the canonical format.
+    fn write_full(&self) -> Result<weir_state::format::WrittenSnapshot, StateError>;
+    /// The keys changed or removed since the previous snapshot (puts and tombstones).
+    fn write_delta(&self) -> Result<weir_state::format::WrittenSnapshot, StateError>;
+}
+
+impl<K: Key, V: Data + Sync> HeapSnapshot for CowSnapshot<K, V> {
+    fn write_full(&self) -> Result<weir_state::format::WrittenSnapshot, StateError> {
+        weir_state::format::write_snapshot(self)
+    }
+    fn write_delta(&self) -> Result<weir_state::format::WrittenSnapshot, StateError> {
+        weir_state::format::write_delta(self)
+    }
 }
 
 struct Table<K, V> {
     name: String,
-    map: CowMap<K, V>,
+    store: Store<K, V>,
 }
 
 impl<K: Key, V: Data + Sync> StateTable<K> for Table<K, V> {
     fn name(&self) -> &str {
         &self.name
     }
-    fn snapshot(&self) -> SnapshotJob {
-        let snap = self.map.snapshot();
-        Box::new(move || write_snapshot(&snap))
+    fn heap_snapshot(&mut self) -> Option<Box<dyn HeapSnapshot>> {
+        match &mut self.store {
+            Store::Heap(m) => Some(Box::new(m.snapshot())),
+            Store::Rocks(_) => None,
+        }
     }
-    fn restore_block(&mut self, bytes: &[u8], block: &KeyGroupBlock, file: &str) -> Result<(), StateError> {
-        read_block(&mut self.map, bytes, block, file)
+    fn flush(&mut self) -> Result<(), StateError> {
+        self.store.flush()
+    }
+    fn restore_block(&mut self, bytes: &[u8], block: &KeyGroupBlock, file: &str, delta: bool, max_parallelism: u32) -> Result<(), StateError> {
+        self.store.restore_block(bytes, block, file, delta, max_parallelism)
+    }
+    fn restore_raw(&mut self, kg: u32, key: &[u8], value: &[u8], file: &str) -> Result<(), StateError> {
+        self.store.restore_raw(kg, key, value, file)
     }
     fn len(&self) -> usize {
-        self.map.len()
+        self.store.len()
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
+}
+
+/// Where an operator instance's states live.
+pub(crate) enum Backend {
+    /// Heap maps; `track_changes`: incremental checkpoints are on (deltas need the changed keys).
+    Heap { track_changes: bool },
+    /// The instance's RocksDB.
+    Rocks(Arc<rocks::RocksInstance>),
 }
 
 /// All states of one keyed operator instance.
@@ -61,14 +100,28 @@ pub struct StateTables<K> {
     range: KeyGroupRange,
     max_parallelism: u32,
     pub(crate) tables: Vec<Box<dyn StateTable<K>>>,
+    /// Each heap state's chain of incremental snapshot files (parallel to `tables`).
+    chains: Vec<Arc<chain::Chain>>,
     /// States of the operator that live elsewhere (device-resident state): a restore of the host
     /// tables leaves their files alone.
     pub(crate) resident: Vec<String>,
+    pub(crate) backend: Backend,
+    /// Local recovery: where this instance keeps copies of its snapshots.
+    pub(crate) local: Option<Arc<local::LocalBackup>>,
+    /// The first error registering a state (RocksDB could not create its column family): the
+    /// operator fails to start with it.
+    pub(crate) open_error: Option<String>,
 }
 
 impl<K: Key> StateTables<K> {
+    /// Heap states over `range` (tests of operators outside a job).
+    #[cfg(test)]
     pub(crate) fn new(range: KeyGroupRange, max_parallelism: u32) -> Self {
-        Self { range, max_parallelism, tables: Vec::new(), resident: Vec::new() }
+        Self::with_backend(range, max_parallelism, Backend::Heap { track_changes: false })
+    }
+
+    pub(crate) fn with_backend(range: KeyGroupRange, max_parallelism: u32, backend: Backend) -> Self {
+        Self { range, max_parallelism, tables: Vec::new(), chains: Vec::new(), resident: Vec::new(), backend, local: None, open_error: None }
     }
 
     fn register<V: Data + Sync>(&mut self, name: &str) -> usize {
@@ -76,10 +129,22 @@ impl<K: Key> StateTables<K> {
             self.tables.iter().all(|t| t.name() != name),
             "state '{name}' is registered twice in one operator"
         );
-        self.tables.push(Box::new(Table::<K, V> {
-            name: name.to_string(),
-            map: CowMap::new(self.range, self.max_parallelism),
-        }));
+        let store = match &self.backend {
+            Backend::Heap { track_changes } => {
+                let mut m = CowMap::new(self.range, self.max_parallelism);
+                m.track_changes(*track_changes);
+                Store::Heap(m)
+            }
+            Backend::Rocks(db) => match db.map::<K, V>(name, self.range, self.max_parallelism) {
+                Ok(m) => Store::Rocks(m),
+                Err(e) => {
+                    self.open_error.get_or_insert(format!("state '{name}': {e}"));
+                    Store::Heap(CowMap::new(self.range, self.max_parallelism))
+                }
+            },
+        };
+        self.tables.push(Box::new(Table::<K, V> { name: name.to_string(), store }));
+        self.chains.push(Arc::default());
         self.tables.len() - 1
     }
 
@@ -99,18 +164,21 @@ impl<K: Key> StateTables<K> {
     }
 
     #[inline]
-    fn map<V: 'static>(&mut self, idx: usize) -> &mut CowMap<K, V> {
-        &mut self.tables[idx].as_any_mut().downcast_mut::<Table<K, V>>().expect("state handle of another type").map
+    fn map<V: 'static>(&mut self, idx: usize) -> &mut Store<K, V> {
+        &mut self.tables[idx].as_any_mut().downcast_mut::<Table<K, V>>().expect("state handle of another type").store
     }
 
-    #[inline]
-    fn map_ref<V: 'static>(&self, idx: usize) -> &CowMap<K, V> {
-        &self.tables[idx].as_any().downcast_ref::<Table<K, V>>().expect("state handle of another type").map
-    }
-
-    /// Entries across all states.
+    /// Entries across all states (RocksDB: its estimate).
     pub fn entries(&self) -> usize {
         self.tables.iter().map(|t| t.len()).sum()
+    }
+
+    /// Write every state's cached entries back to its backend (RocksDB's write-back cache).
+    pub(crate) fn flush(&mut self) -> Result<(), String> {
+        for t in &mut self.tables {
+            t.flush().map_err(|e| format!("state '{}': {e}", t.name()))?;
+        }
+        Ok(())
     }
 }
 
@@ -154,8 +222,9 @@ impl<V> Clone for ValueState<V> {
 impl<V: Data + Sync> ValueState<V> {
     /// The current key's value.
     #[inline]
-    pub fn get<'c, K: Key>(&self, ctx: &'c KeyedContext<'_, K>) -> Option<&'c V> {
-        ctx.tables.map_ref::<V>(self.idx).get(ctx.key)
+    pub fn get<'c, K: Key>(&self, ctx: &'c mut KeyedContext<'_, K>) -> Option<&'c V> {
+        let key = ctx.key;
+        ctx.tables.map::<V>(self.idx).get(key)
     }
 
     /// The current key's value for update, inserting `init()` if absent.
@@ -187,8 +256,9 @@ pub struct MapState<UK, UV> {
 
 impl<UK: Key, UV: Data + Sync> MapState<UK, UV> {
     /// The current key's entry `uk`.
-    pub fn get<'c, K: Key>(&self, ctx: &'c KeyedContext<'_, K>, uk: &UK) -> Option<&'c UV> {
-        ctx.tables.map_ref::<HashMap<UK, UV>>(self.idx).get(ctx.key).and_then(|m| m.get(uk))
+    pub fn get<'c, K: Key>(&self, ctx: &'c mut KeyedContext<'_, K>, uk: &UK) -> Option<&'c UV> {
+        let key = ctx.key;
+        ctx.tables.map::<HashMap<UK, UV>>(self.idx).get(key).and_then(|m| m.get(uk))
     }
 
     /// Put `uk -> uv` for the current key.
@@ -212,8 +282,9 @@ impl<UK: Key, UV: Data + Sync> MapState<UK, UV> {
     }
 
     /// The current key's entries.
-    pub fn entries<'c, K: Key>(&self, ctx: &'c KeyedContext<'_, K>) -> impl Iterator<Item = (&'c UK, &'c UV)> {
-        ctx.tables.map_ref::<HashMap<UK, UV>>(self.idx).get(ctx.key).into_iter().flat_map(|m| m.iter())
+    pub fn entries<'c, K: Key>(&self, ctx: &'c mut KeyedContext<'_, K>) -> impl Iterator<Item = (&'c UK, &'c UV)> {
+        let key = ctx.key;
+        ctx.tables.map::<HashMap<UK, UV>>(self.idx).get(key).into_iter().flat_map(|m| m.iter())
     }
 }
 
@@ -237,8 +308,9 @@ impl<V: Data + Sync> ListState<V> {
     }
 
     /// The current key's list.
-    pub fn get<'c, K: Key>(&self, ctx: &'c KeyedContext<'_, K>) -> &'c [V] {
-        ctx.tables.map_ref::<Vec<V>>(self.idx).get(ctx.key).map(|v| v.as_slice()).unwrap_or(&[])
+    pub fn get<'c, K: Key>(&self, ctx: &'c mut KeyedContext<'_, K>) -> &'c [V] {
+        let key = ctx.key;
+        ctx.tables.map::<Vec<V>>(self.idx).get(key).map(|v| v.as_slice()).unwrap_or(&[])
     }
 
     /// Clear the current key's list.

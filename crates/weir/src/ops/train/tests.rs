@@ -58,8 +58,8 @@ impl Driver {
 
     fn held(&mut self, key: &str) -> usize {
         let key = Value::text(key);
-        let ctx = KeyedContext { key: &key, tables: &mut self.tables, epoch: 0 };
-        self.op.held.clone().unwrap().get(&ctx).map_or(0, |h| h.labels.len())
+        let mut ctx = KeyedContext { key: &key, tables: &mut self.tables, epoch: 0 };
+        self.op.held.clone().unwrap().get(&mut ctx).map_or(0, |h| h.labels.len())
     }
 }
 

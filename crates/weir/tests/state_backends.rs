@@ -1,0 +1,284 @@
+//! One state-backend suite, run on every backend: the heap (`hashmap`) and RocksDB, each with
+//! full and with incremental checkpoints. Value, map and list state (and removals, which
+//! incremental checkpoints write as tombstones) under operator panics, restores across
+//! backends and parallelisms, and the typed YAML aggregates.
+//!
+//! Every record of key `k` that is the key's `c`-th makes the operator emit
+//! `k,c,parity,list_len,map_total`, where parity is a value state set for odd `c` and cleared
+//! for even `c`, the list keeps the last three values and the map counts values per bucket, so
+//! that a correct state gives `k,c,c%2,min(c,3),c` whatever the order of the key's records.
+//! Exactly once: for every key the counts seen are exactly 1..=n, each once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use weir::sink::FileSink;
+use weir::source::GeneratorSource;
+use weir::state::{KeyedContext, KeyedProcessFunction, ListState, MapState, StateTables, ValueState};
+use weir::{JobConfig, Restore, Row, StreamEnv, Value};
+
+#[derive(Default)]
+struct Counts {
+    count: Option<ValueState<u64>>,
+    parity: Option<ValueState<u8>>,
+    buckets: Option<MapState<i64, u64>>,
+    last: Option<ListState<i64>>,
+}
+
+impl KeyedProcessFunction<i64, Row, String> for Counts {
+    fn open(&mut self, s: &mut StateTables<i64>) {
+        self.count = Some(s.value_state("count"));
+        self.parity = Some(s.value_state("parity"));
+        self.buckets = Some(s.map_state("buckets"));
+        self.last = Some(s.list_state("last"));
+    }
+
+    fn process(&mut self, ctx: &mut KeyedContext<'_, i64>, row: Row, out: &mut Vec<String>) {
+        let Value::Int(v) = row.get(1).clone() else { panic!("value is an int") };
+        let count = self.count.as_ref().unwrap();
+        let c = count.get(ctx).copied().unwrap_or(0) + 1;
+        count.set(ctx, c);
+        let parity = self.parity.as_ref().unwrap();
+        if c % 2 == 1 {
+            parity.set(ctx, 1);
+        } else {
+            parity.clear(ctx);
+        }
+        let buckets = self.buckets.as_ref().unwrap();
+        let b = buckets.get(ctx, &(v % 7)).copied().unwrap_or(0) + 1;
+        buckets.put(ctx, v % 7, b);
+        let map_total: u64 = buckets.entries(ctx).map(|(_, n)| *n).sum();
+        let last = self.last.as_ref().unwrap();
+        last.add(ctx, v);
+        if last.get(ctx).len() > 3 {
+            let keep: Vec<i64> = last.get(ctx)[1..].to_vec();
+            last.clear(ctx);
+            for x in keep {
+                last.add(ctx, x);
+            }
+        }
+        let list_len = last.get(ctx).len();
+        let p = parity.get(ctx).copied().unwrap_or(0);
+        out.push(format!("{},{c},{p},{list_len},{map_total}", ctx.key()));
+    }
+}
+
+/// The backends of the suite: `state.backend.type`, incremental checkpoints.
+const BACKENDS: [(&str, bool); 4] = [("hashmap", false), ("hashmap", true), ("rocksdb", false), ("rocksdb", true)];
+
+fn tmp(tag: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("weir-backends-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+fn config(dir: &Path, backend: &str, incremental: bool, parallelism: u32, extra: &[(&str, &str)]) -> JobConfig {
+    let mut pairs: Vec<(String, String)> = vec![
+        ("parallelism.default".into(), parallelism.to_string()),
+        ("execution.checkpointing.interval".into(), "20ms".into()),
+        ("execution.checkpointing.dir".into(), dir.join("ck").display().to_string()),
+        ("execution.checkpointing.num-retained".into(), "2".into()),
+        ("state.backend.type".into(), backend.into()),
+        ("execution.checkpointing.incremental".into(), incremental.to_string()),
+        ("weir.state.rocksdb.dir".into(), dir.join("rocksdb").display().to_string()),
+        ("restart-strategy.type".into(), "fixed-delay".into()),
+        ("restart-strategy.fixed-delay.attempts".into(), "10".into()),
+        ("restart-strategy.fixed-delay.delay".into(), "10ms".into()),
+        ("weir.source.batch-size".into(), "256".into()),
+    ];
+    pairs.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    JobConfig::from_pairs(pairs).unwrap()
+}
+
+/// Run the counting job over `gen` (source uid `source`), panicking once at each record index
+/// in `panic_at` (replays counted).
+fn run(name: &str, config: JobConfig, restore: Restore, source: &str, gen: GeneratorSource, out: &Path, panic_at: Vec<u64>) -> weir::JobResult {
+    let out = out.to_path_buf();
+    let panic_at = Arc::new(Mutex::new(panic_at));
+    let seen = Arc::new(AtomicU64::new(0));
+    let source = source.to_string();
+    StreamEnv::new(name, config)
+        .restore(restore)
+        .allow_non_restored_state(true)
+        .execute(move |job| {
+            let (panic_at, seen) = (panic_at.clone(), seen.clone());
+            job.uid(&source)
+                .source("gen", gen.clone())
+                .map(move |r: Row| {
+                    let n = seen.fetch_add(1, Ordering::Relaxed);
+                    let mut p = panic_at.lock().unwrap();
+                    if let Some(i) = p.iter().position(|&x| x == n) {
+                        p.remove(i);
+                        drop(p);
+                        panic!("injected failure at record {n}");
+                    }
+                    r
+                })
+                .key_by(|r: &Row| match r.get(0) {
+                    Value::Int(k) => *k,
+                    _ => unreachable!(),
+                })
+                .uid("counts")
+                .process("counts", Counts::default())
+                .sink("out", FileSink::new(&out, |s: &String, b: &mut Vec<u8>| {
+                    b.extend_from_slice(s.as_bytes());
+                    b.push(b'\n');
+                }));
+        })
+        .unwrap()
+}
+
+/// Every output line of the job directories `dirs`.
+fn lines(dirs: &[&Path]) -> Vec<String> {
+    let mut v = Vec::new();
+    for dir in dirs {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            if e.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            v.extend(std::fs::read_to_string(e.path()).unwrap().lines().map(str::to_string));
+        }
+    }
+    v
+}
+
+/// Checks the lines against the state model; returns records per key.
+fn check(lines: &[String], records: usize, what: &str) -> BTreeMap<i64, u64> {
+    assert_eq!(lines.len(), records, "{what}: {} lines for {records} records (loss or duplicates)", lines.len());
+    let mut seen: BTreeMap<i64, BTreeSet<u64>> = BTreeMap::new();
+    for l in lines {
+        let f: Vec<u64> = l.split(',').skip(1).map(|x| x.parse().unwrap()).collect();
+        let k: i64 = l.split(',').next().unwrap().parse().unwrap();
+        let c = f[0];
+        assert_eq!(f[1..], [c % 2, c.min(3), c], "{what}: line '{l}': state of key {k} is wrong after its {c}-th record");
+        assert!(seen.entry(k).or_default().insert(c), "{what}: duplicate '{l}'");
+    }
+    seen.into_iter()
+        .map(|(k, cs)| {
+            let n = cs.len() as u64;
+            assert_eq!(cs.last().copied(), Some(n), "{what}: key {k} has counts {cs:?}: a record was lost");
+            (k, n)
+        })
+        .collect()
+}
+
+fn gen(count: u64, keys: u64, seed: u64) -> GeneratorSource {
+    GeneratorSource { count, keys, seed, rate: Some(300_000.0) }
+}
+
+fn latest_checkpoint(dir: &Path, job: &str) -> PathBuf {
+    let job_dir = dir.join("ck").join(job);
+    let id = std::fs::read_dir(&job_dir)
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().to_string_lossy().strip_prefix("chk-").and_then(|n| n.parse::<u64>().ok()))
+        .filter(|id| job_dir.join(format!("chk-{id}/_metadata")).exists())
+        .max()
+        .expect("a completed checkpoint");
+    job_dir.join(format!("chk-{id}"))
+}
+
+#[test]
+fn every_backend_recovers_value_map_and_list_state_exactly_once_after_panics() {
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_env("WEIR_LOG")).with_test_writer().try_init();
+    for (backend, incremental) in BACKENDS {
+        let what = format!("{backend}, incremental {incremental}");
+        let dir = tmp(&format!("panics-{backend}-{incremental}"));
+        let out = dir.join("out");
+        let r = run("panics", config(&dir, backend, incremental, 2, &[]), Restore::Latest, "gen", gen(60_000, 700, 5), &out, vec![9_000, 27_000, 41_000]);
+        assert_eq!(r.restarts, 3, "{what}");
+        check(&lines(&[&out]), 60_000, &what);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn a_checkpoint_of_each_backend_restores_on_every_backend_at_another_parallelism() {
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_env("WEIR_LOG")).with_test_writer().try_init();
+    for (from, from_incremental) in BACKENDS {
+        for (to, to_incremental) in [("hashmap", false), ("rocksdb", true)] {
+            let what = format!("{from} (incremental {from_incremental}) → {to} (incremental {to_incremental})");
+            let dir = tmp(&format!("cross-{from}-{from_incremental}-{to}"));
+            let (out1, out2) = (dir.join("out1"), dir.join("out2"));
+            run("first", config(&dir, from, from_incremental, 2, &[]), Restore::None, "gen-a", gen(30_000, 500, 1), &out1, vec![]);
+            let chk = latest_checkpoint(&dir, "first");
+            let restore = Restore::Path(chk.display().to_string());
+            run("second", config(&dir, to, to_incremental, 3, &[]), restore, "gen-b", gen(30_000, 500, 2), &out2, vec![]);
+            check(&lines(&[&out1, &out2]), 60_000, &what);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+/// Run the counting job with `--savepoint-on-stop`; `stop_after`: stop it (as Ctrl-C does) after
+/// this long instead of letting the source end.
+fn run_with_savepoint(name: &str, config: JobConfig, gen: GeneratorSource, out: &Path, stop_after: Option<std::time::Duration>) -> weir::JobResult {
+    let out = out.to_path_buf();
+    let env = StreamEnv::new(name, config).savepoint_on_stop(true);
+    if let Some(after) = stop_after {
+        let flag = env.cancel_flag();
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            flag.store(true, Ordering::SeqCst);
+        });
+    }
+    env.execute(move |job| {
+        job.uid("gen-a")
+            .source("gen", gen.clone())
+            .key_by(|r: &Row| match r.get(0) {
+                Value::Int(k) => *k,
+                _ => unreachable!(),
+            })
+            .uid("counts")
+            .process("counts", Counts::default())
+            .sink("out", FileSink::new(&out, |s: &String, b: &mut Vec<u8>| {
+                b.extend_from_slice(s.as_bytes());
+                b.push(b'\n');
+            }));
+    })
+    .unwrap()
+}
+
+#[test]
+fn a_savepoint_is_self_contained_and_restores_across_backends_at_another_parallelism() {
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_env("WEIR_LOG")).with_test_writer().try_init();
+    for ((from, inc), to) in [(("hashmap", true), "rocksdb"), (("rocksdb", true), "hashmap"), (("rocksdb", false), "rocksdb")] {
+        let what = format!("savepoint on {from} (incremental {inc}) → {to}");
+        let dir = tmp(&format!("savepoint-{from}-{inc}-{to}"));
+        let (out1, out2) = (dir.join("out1"), dir.join("out2"));
+        let sp_dir = dir.join("savepoints");
+        let extra = [("execution.checkpointing.savepoint-dir", sp_dir.to_str().unwrap())];
+        let r = run_with_savepoint("first", config(&dir, from, inc, 2, &extra), gen(30_000, 500, 1), &out1, None);
+        let sp = PathBuf::from(r.savepoint.expect("a savepoint"));
+        assert!(sp.starts_with(&sp_dir), "{what}: {}", sp.display());
+        // Self-contained: the job's checkpoints (and their shared files) are gone.
+        std::fs::remove_dir_all(dir.join("ck")).unwrap();
+        let meta = std::fs::read_to_string(sp.join("_metadata")).unwrap();
+        assert!(!meta.contains("\"Delta\"") && !meta.contains("\"RocksDb\""), "{what}: canonical files only:\n{meta}");
+        let restore = Restore::Path(sp.parent().unwrap().display().to_string());
+        run("second", config(&dir, to, true, 3, &extra), restore, "gen-b", gen(30_000, 500, 2), &out2, vec![]);
+        check(&lines(&[&out1, &out2]), 60_000, &what);
+        assert!(sp.join("_metadata").exists(), "{what}: retention never deletes a savepoint");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn stop_with_savepoint_ends_the_job_and_the_savepoint_resumes_it_exactly_once() {
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_env("WEIR_LOG")).with_test_writer().try_init();
+    let dir = tmp("stop");
+    let (out1, out2) = (dir.join("out1"), dir.join("out2"));
+    let slow = GeneratorSource { count: 200_000, keys: 300, seed: 4, rate: Some(100_000.0) };
+    let r = run_with_savepoint("stopped", config(&dir, "hashmap", true, 2, &[]), slow.clone(), &out1, Some(std::time::Duration::from_millis(600)));
+    let sp = PathBuf::from(r.savepoint.expect("a savepoint on stop"));
+    let before = lines(&[&out1]).len();
+    assert!(before > 0 && before < 200_000, "stopped mid-input: {before} records");
+    // The same source (uid gen-a) resumes where the savepoint left it.
+    let env = config(&dir, "rocksdb", true, 2, &[]);
+    run("resumed", env, Restore::Path(sp.display().to_string()), "gen-a", slow, &out2, vec![]);
+    check(&lines(&[&out1, &out2]), 200_000, "stop with savepoint, then resume");
+    let _ = std::fs::remove_dir_all(&dir);
+}
