@@ -1,16 +1,19 @@
 //! What a checkpoint costs the processing thread with the heap backend.
 //!
 //! `cargo run --release -p weir-state --example cow_cost -- [keys] [value_bytes] [rounds]
-//! [--release-written] [--track-changes]` (default 10 000 000 keys, 100-byte values, 3 rounds;
-//! the flags: the snapshot writer lets go of each key group once written; the map tracks changed
-//! keys).
+//! [updates] [--release-written] [--track-changes] [--hot-path]`
+//!
+//! Defaults: 10 000 000 keys, 100-byte values, 3 rounds, every key updated once per pass.
+//! `--release-written`: the snapshot writer lets go of each key group once written;
+//! `--track-changes`: the map tracks changed keys; `--hot-path`: only the keyed-sum update cost
+//! with no snapshot (20 M updates over `keys` keys, best of `rounds`).
 // A counting global allocator needs `unsafe impl GlobalAlloc`; it only forwards to `System`.
 #![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use weir_state::cow::bench::{checkpoint_cost, CostConfig};
+use weir_state::cow::bench::{checkpoint_cost, hot_path_ns, CostConfig};
 
 thread_local! {
     // Per thread: the snapshot writer's own buffers are not copies made by the processing thread.
@@ -52,13 +55,25 @@ fn main() {
     let keys = numbers.next().unwrap_or(10_000_000);
     let value_bytes = numbers.next().unwrap_or(100) as usize;
     let rounds = numbers.next().unwrap_or(3) as usize;
+    let updates = numbers.next().unwrap_or(0);
     let flag = |f: &str| flags.iter().any(|a| a == f);
+    if flag("--hot-path") {
+        let ns = hot_path_ns(keys, 20_000_000, rounds, flag("--track-changes"));
+        println!(
+            "hot path (entry_or_default on (i64, u64), no snapshot, track changes: {}), {keys} keys: {ns:.1} ns/update (best of {rounds})",
+            flag("--track-changes")
+        );
+        return;
+    }
     let release_written = flag("--release-written");
     let track_changes = flag("--track-changes");
-    let cfg = CostConfig { keys, value_bytes, rounds, allocated_bytes: Some(allocated), track_changes, release_written };
+    let cfg = CostConfig { keys, value_bytes, rounds, updates, allocated_bytes: Some(allocated), track_changes, release_written };
     let c = checkpoint_cost(&cfg);
     let mib = |b: Option<u64>| b.unwrap_or(0) as f64 / (1 << 20) as f64;
-    println!("heap backend, {keys} keys, {value_bytes}-byte values, {rounds} rounds (means); release written: {release_written}, track changes: {track_changes}");
+    println!(
+        "heap backend, {keys} keys, {value_bytes}-byte values, {} updates per pass, {rounds} rounds (means); release written: {release_written}, track changes: {track_changes}",
+        if updates == 0 { keys } else { updates.min(keys) }
+    );
     println!("  no snapshot alive:      {:7.1} ns/update, {:8.1} MiB allocated per pass", c.idle_ns_per_update, mib(c.idle_alloc_bytes));
     println!("  snapshot being written: {:7.1} ns/update ({:.0}% of the pass's updates)", c.in_flight_ns_per_update, 100.0 * c.in_flight_fraction);
     println!(

@@ -154,26 +154,31 @@ impl<K: Hash + Eq + Clone, V: Clone> Shard<K, V> {
 
     /// Freeze for a snapshot and return the table it shares.
     fn freeze(&mut self, copied: &mut u64) -> Arc<Table<K, V>> {
-        if let Shard::Frozen(f) = self {
-            if Arc::get_mut(&mut f.base).is_some() {
-                self.thaw(copied);
-            } else if f.overlay.is_empty() {
-                return f.base.clone();
-            } else {
-                // An earlier snapshot still holds the base (its writer is slower than the
-                // checkpoint interval): this one gets a copy with the overlay applied.
-                let mut table = (*f.base).clone();
-                *copied += table.len() as u64;
-                merge(&mut table, std::mem::take(&mut f.overlay));
-                f.base = Arc::new(table);
-                return f.base.clone();
+        match self {
+            Shard::Frozen(f) => {
+                if !f.overlay.is_empty() {
+                    let overlay = std::mem::take(&mut f.overlay);
+                    match Arc::get_mut(&mut f.base) {
+                        Some(table) => merge(table, overlay),
+                        None => {
+                            // An earlier snapshot still holds the base (its writer is slower than
+                            // the checkpoint interval): this one gets a copy with the overlay applied.
+                            let mut table = (*f.base).clone();
+                            *copied += table.len() as u64;
+                            merge(&mut table, overlay);
+                            f.base = Arc::new(table);
+                        }
+                    }
+                }
+                f.base.clone()
+            }
+            Shard::Owned(t) => {
+                let base = Arc::new(std::mem::take(t));
+                let len = base.len();
+                *self = Shard::Frozen(Box::new(Frozen { base: base.clone(), overlay: HashTable::new(), len }));
+                base
             }
         }
-        let Shard::Owned(t) = self else { unreachable!("thawed above") };
-        let base = Arc::new(std::mem::take(t));
-        let len = base.len();
-        *self = Shard::Frozen(Box::new(Frozen { base: base.clone(), overlay: HashTable::new(), len }));
-        base
     }
 
     fn len(&self) -> usize {

@@ -1,9 +1,9 @@
 //! What a checkpoint costs the processing thread: the heap backend's copy-on-write measured
 //! alone, without the engine (`weir bench state` and `examples/cow_cost.rs` run it).
 //!
-//! A map of `keys` entries with `value_bytes`-byte values is updated, every key once per pass in
-//! a scattered order, first with no snapshot alive, then while a background thread serialises a
-//! snapshot taken at the start of the pass (as a checkpoint does).
+//! A map of `keys` entries with `value_bytes`-byte values is updated, every key (or `updates`
+//! keys) once per pass in a scattered order, first with no snapshot alive, then while a
+//! background thread serialises a snapshot taken at the start of the pass (as a checkpoint does).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,6 +22,9 @@ pub struct CostConfig {
     pub value_bytes: usize,
     /// Passes with and without a snapshot in flight.
     pub rounds: usize,
+    /// Updates per pass, over distinct keys (0: every key once). Fewer than the keys model a
+    /// checkpoint interval that touches only part of the state.
+    pub updates: u64,
     /// Bytes the calling thread has allocated so far (a counting global allocator's figure),
     /// to report the bytes each pass allocates: the copies that copy-on-write makes.
     pub allocated_bytes: Option<fn() -> u64>,
@@ -81,14 +84,15 @@ pub fn checkpoint_cost(cfg: &CostConfig) -> CowCost {
         m.insert(k, vec![k as u8; cfg.value_bytes]);
     }
     let alloc = || cfg.allocated_bytes.map(|f| f());
-    let n = cfg.keys;
+    let keys = cfg.keys;
+    let n = if cfg.updates == 0 { keys } else { cfg.updates.min(keys) };
     let mut c = CowCost::default();
     let (mut idle_alloc, mut pass_alloc) = (0, 0);
     for _ in 0..cfg.rounds {
         let a0 = alloc();
         let t = Instant::now();
         for i in 0..n {
-            update(&mut m, nth_key(i, n));
+            update(&mut m, nth_key(i, keys));
         }
         c.idle_ns_per_update += t.elapsed().as_nanos() as f64 / n as f64;
         if let (Some(a0), Some(a1)) = (a0, alloc()) {
@@ -125,7 +129,7 @@ pub fn checkpoint_cost(cfg: &CostConfig) -> CowCost {
             if in_flight.is_none() && i % 1024 == 0 && done.load(Ordering::Acquire) {
                 in_flight = Some((i, t.elapsed()));
             }
-            update(&mut m, nth_key(i, n));
+            update(&mut m, nth_key(i, keys));
         }
         let pass = t.elapsed();
         c.copied_entries += m.copied_entries() - copied;
@@ -157,4 +161,29 @@ pub fn checkpoint_cost(cfg: &CostConfig) -> CowCost {
         c.pass_alloc_bytes = Some(pass_alloc / cfg.rounds as u64);
     }
     c
+}
+
+/// Main-thread ns per update of the keyed-sum pattern (`entry_or_default`, add to a
+/// `(sum, count)`) with no snapshot alive: the hot path that copy-on-write must not slow down.
+/// `updates` cycle over `keys` keys in a scattered order; best of `rounds` passes. `track`: with
+/// change tracking on (the first pass marks every key, the later ones find them marked).
+pub fn hot_path_ns(keys: u64, updates: u64, rounds: usize, track: bool) -> f64 {
+    assert!(keys > 0 && updates > 0 && rounds > 0, "hot path cost: keys, updates and rounds must be positive");
+    let mut m: CowMap<u64, (i64, u64)> = CowMap::new(KeyGroupRange::new(0, 128), 128);
+    for k in 0..keys {
+        *m.entry_or_default(k) = (0, 0);
+    }
+    m.track_changes(track);
+    let mut best = f64::MAX;
+    for _ in 0..rounds {
+        let t = Instant::now();
+        for i in 0..updates {
+            let e = m.entry_or_default(nth_key(i % keys, keys));
+            e.0 += i as i64;
+            e.1 += 1;
+        }
+        best = best.min(t.elapsed().as_nanos() as f64 / updates as f64);
+    }
+    std::hint::black_box(m.len());
+    best
 }
