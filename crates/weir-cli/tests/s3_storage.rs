@@ -99,6 +99,15 @@ fn sigkill_at_random_moments_then_restore_from_s3() {
     }
     let newest = latest_on_s3(&s);
     assert!(newest >= 3, "checkpoints of every round are in the bucket: {newest}");
+    // The store unreachable at restore: the run fails (after its restarts), never a fresh start.
+    let before = committed_lines(&out);
+    let dead = format!("s3.endpoint=http://127.0.0.1:{}", free_port());
+    let unreachable = keyed_sum(&out, &ck, &args(&m, &["-D", &dead, "-D", "restart-strategy.type=none", "--restore", "latest"])).output().unwrap();
+    let log = String::from_utf8_lossy(&unreachable.stderr);
+    assert!(!unreachable.status.success(), "a restore from an unreachable store must fail:\n{log}");
+    assert!(log.contains("s3://weir-e2e-kill/ck/keyed-sum/") && !log.contains("starting fresh"), "{log}");
+    assert_eq!(committed_lines(&out), before, "nothing was written by the failed run");
+
     let done = run_ok(&mut keyed_sum(&out, &ck, &args(&m, &["--restore", "latest"])));
     let log = String::from_utf8_lossy(&done.stderr);
     assert!(log.contains("restoring keyed-sum from checkpoint"), "restored from the bucket:\n{log}");
