@@ -15,13 +15,15 @@ use weir::StreamEnv;
 use weir_checkpoint::CheckpointMetadata;
 
 mod gpu_state;
+mod state;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// What to benchmark: `engine` (the keyed-sum job), `gpu` (the kernels) or `gpu-state`
+    /// What to benchmark: `engine` (the keyed-sum job), `gpu` (the kernels), `gpu-state`
     /// (device-resident state: the naive blocking barrier against asynchronous incremental
-    /// snapshots).
-    #[arg(default_value = "engine", value_parser = ["engine", "gpu", "gpu-state"])]
+    /// snapshots) or `state` (the `hashmap` and `rocksdb` backends: incremental against full
+    /// checkpoint bytes, checkpoint cost, throughput, restore from local copies).
+    #[arg(default_value = "engine", value_parser = ["engine", "gpu", "gpu-state", "state"])]
     what: String,
     /// GPU to benchmark (`weir.gpu.device`: index or name substring).
     #[arg(long)]
@@ -39,7 +41,7 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "2s,1s,200ms")]
     intervals: Vec<String>,
     /// Runs of each configuration; the median run (by throughput) is reported (default 3;
-    /// `gpu-state`: 1).
+    /// `gpu-state` and `state`: 1).
     #[arg(long)]
     repeat: Option<usize>,
     /// Checkpoint directory (each run uses a fresh job directory inside it).
@@ -64,6 +66,14 @@ pub struct BenchArgs {
     /// budget). Raise it with the keys on a real GPU.
     #[arg(long, default_value = "8 gb")]
     gpu_memory: String,
+    /// `state`: keys of the bounded jobs whose final checkpoints are restored (default
+    /// 1000000,10000000; with `--quick`: `--keys`).
+    #[arg(long, value_delimiter = ',')]
+    restore_keys: Option<Vec<u64>>,
+    /// `state`: a smoke run: 3 rounds, 200 ms checkpoints, throughput runs of about 1 s,
+    /// restores of `--keys` keys.
+    #[arg(long)]
+    quick: bool,
 }
 
 struct Run {
@@ -168,6 +178,9 @@ pub fn main(args: BenchArgs) -> Result<()> {
     }
     if args.what == "gpu-state" {
         return gpu_state::bench(&args);
+    }
+    if args.what == "state" {
+        return state::bench(&args);
     }
     let repeat = args.repeat.unwrap_or(3).max(1);
     println!(
