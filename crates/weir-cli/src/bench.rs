@@ -41,7 +41,7 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "2s,1s,200ms")]
     intervals: Vec<String>,
     /// Runs of each configuration; the median run (by throughput) is reported (default 3;
-    /// `gpu-state` and `state`: 1).
+    /// `gpu-state` and `state`: 1, `state`'s restores: 3).
     #[arg(long)]
     repeat: Option<usize>,
     /// Checkpoint directory (each run uses a fresh job directory inside it).
