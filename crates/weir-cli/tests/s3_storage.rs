@@ -85,7 +85,7 @@ fn sigkill_at_random_moments_then_restore_from_s3() {
     let mut rng = Rng::from_env("s3-sigkill");
     let (out, ck) = (tmp.join("out"), m.url("ck"));
     let s = CheckpointStorage::open_with(&ck, "keyed-sum", &m.options()).unwrap();
-    let rate = ["--set", "source.rate=300000"];
+    let rate = ["--set", "source.rate=200000"];
     for round in 0..3 {
         let mut extra = args(&m, &rate);
         if round > 0 {
@@ -128,8 +128,9 @@ fn checkpoints_are_declined_while_the_store_is_down_and_complete_once_it_is_back
     let expected = reference(&tmp);
     let (out, ck) = (tmp.join("out"), m.url("ck"));
     let s = CheckpointStorage::open_with(&ck, "keyed-sum", &m.options()).unwrap();
-    // About ten seconds of input; failed checkpoints are tolerated (the job must go on).
-    let run = args(&m, &["--set", "source.rate=100000", "-D", "execution.checkpointing.tolerable-failed-checkpoints=100000"]);
+    // About twenty seconds of input (the run is killed long before, whatever the load); failed
+    // checkpoints are tolerated (the job must go on).
+    let run = args(&m, &["--set", "source.rate=50000", "-D", "execution.checkpointing.tolerable-failed-checkpoints=100000"]);
     let (mut child, log) = spawn_logged(&mut keyed_sum(&out, &ck, &run));
     assert!(wait_for_s3_checkpoint_after(&mut child, &s, 0, Duration::from_secs(60)), "no checkpoint before the outage");
 
