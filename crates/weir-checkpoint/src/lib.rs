@@ -20,8 +20,10 @@
 
 mod coordinator;
 mod metadata;
+mod registry;
 
 pub use coordinator::{Action, CheckpointCoordinator, CoordinatorConfig, FailureReason};
+pub use registry::SharedStateRegistry;
 pub use metadata::{
     CheckpointMetadata, KeyGroupBlock, RetentionPolicy, SplitOffset, StateFileHandle, StateFileKind, SubtaskSnapshot,
     SubtaskStats, METADATA_VERSION,

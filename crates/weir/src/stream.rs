@@ -602,7 +602,8 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
         let file_prefix = format!("op{op}-{}", sanitize(name));
         let task = TaskId::new(op, ctx.index as u32);
         let c = &ctx.config.checkpoint;
-        let local = (c.local_backup || c.local_recovery).then(|| Arc::new(LocalBackup::new(c.local_dir.as_deref(), &ctx.job)));
+        let uid = ctx.uid_of(op);
+        let local = (c.local_backup || c.local_recovery).then(|| Arc::new(LocalBackup::new(c.local_dir.as_deref(), &ctx.job, &uid, ctx.index as u32)));
         let restore_local = local.clone().filter(|_| c.local_recovery);
         let mut reader = ctx.restore_storage.as_ref().map(|s| StateReader::new(s, restore_local.as_deref()));
         let (backend, native_restored) = match state_backend(ctx, op, name, reader.as_mut()) {
@@ -629,6 +630,10 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
                 Ok(_) => {}
                 Err(e) => ctx.fail_build(format!("operator '{name}': {e}")),
             }
+        }
+        if let Some(local) = &tables.local {
+            let restored = ctx.restored_instance(op, ctx.index as u32).map(|s| s.state_files.iter().map(|f| f.path.clone()).collect::<Vec<_>>());
+            local.start(&restored.unwrap_or_default());
         }
         KeyedSetup { task, tables, file_prefix }
     }
@@ -934,7 +939,7 @@ fn state_backend(ctx: &JobCtx, op: u32, name: &str, reader: Option<&mut StateRea
             let mine = ctx.restored_instance(op, ctx.index as u32);
             let restore = reader.zip(mine);
             let dir = format!("op{op}-{}", ctx.index);
-            let (inst, restored) = crate::state::rocks::RocksInstance::open(ctx.config.rocksdb_dir.as_deref(), &dir, &owner, restore)?;
+            let (inst, restored) = crate::state::rocks::RocksInstance::open(ctx.config.rocksdb_dir.as_deref(), &dir, &owner, ctx.index as u32, restore)?;
             Ok((Backend::Rocks(inst), restored.then_some(ctx.index as u32)))
         }
     }

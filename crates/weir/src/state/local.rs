@@ -1,6 +1,7 @@
 //! Local recovery (Flink's task-local state): each subtask keeps a copy of its latest snapshots'
 //! files on local disk (`execution.checkpointing.local-backup.enabled`), under
-//! `<weir.state.local.dir>/<job>/` at the same relative paths as in checkpoint storage. A restore
+//! `<weir.state.local.dir>/<job>/<operator uid>-<subtask>/` at the same relative paths as in
+//! checkpoint storage. A restore
 //! (`execution.state-recovery.from-local`) reads a file from its local copy when the copy has the
 //! size and checksum the checkpoint's metadata records, and from checkpoint storage otherwise: a
 //! missing copy is normal (another host, a cleaned disk), a corrupt one is logged and never read.
@@ -22,16 +23,40 @@ const KEEP_SNAPSHOTS: usize = 2;
 
 /// The task-local copies of one subtask's snapshots.
 pub(crate) struct LocalBackup {
+    /// `<weir.state.local.dir>/<job>`: the copies of every subtask of the job on this host.
+    job_root: PathBuf,
+    /// This subtask's directory under it.
     root: PathBuf,
     /// The files of this subtask's latest snapshots (relative paths), oldest first.
     recent: Mutex<VecDeque<Vec<String>>>,
 }
 
 impl LocalBackup {
-    /// Copies of job `job` under `dir` (default: the temp dir).
-    pub fn new(dir: Option<&str>, job: &str) -> Self {
+    /// Copies of subtask `subtask` of operator `uid` of job `job` under `dir` (default: the temp dir).
+    pub fn new(dir: Option<&str>, job: &str, uid: &str, subtask: u32) -> Self {
         let base = dir.map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("weir-local-state"));
-        Self { root: base.join(crate::stream::sanitize(job)), recent: Mutex::default() }
+        let job_root = base.join(crate::stream::sanitize(job));
+        let root = job_root.join(task_dir(uid, subtask));
+        Self { job_root, root, recent: Mutex::default() }
+    }
+
+    /// The subtask starts (after its restore): copies its restored snapshot does not list are
+    /// left-overs of earlier runs (a killed process never pruned them).
+    pub fn start(&self, restored: &[String]) {
+        let keep: std::collections::HashSet<PathBuf> = restored.iter().map(|r| self.path(r)).collect();
+        let mut stack = vec![self.root.clone()];
+        while let Some(d) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&d) else { continue };
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if !keep.contains(&p) {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+        }
+        self.recent.lock().unwrap_or_else(|p| p.into_inner()).push_back(restored.to_vec());
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -79,9 +104,10 @@ impl LocalBackup {
         }
     }
 
-    /// The local copy of `f` if it is there and has the recorded size and checksum.
-    pub fn verified(&self, f: &StateFileHandle) -> Option<PathBuf> {
-        let p = self.path(&f.path);
+    /// The local copy of `f`, written by the subtask whose directory is `task`, if it is there
+    /// and has the recorded size and checksum.
+    pub fn verified(&self, task: &str, f: &StateFileHandle) -> Option<PathBuf> {
+        let p = self.job_root.join(task).join(&f.path);
         let (size, crc) = match super::rocks::file_crc(&p) {
             Ok(x) => x,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
@@ -109,7 +135,9 @@ impl LocalBackup {
 pub(crate) struct StateReader<'a> {
     pub storage: &'a CheckpointStorage,
     pub local: Option<&'a LocalBackup>,
-    checked: HashMap<String, Option<PathBuf>>,
+    /// The directory of the subtask whose files are being read (see [`StateReader::task`]).
+    task: String,
+    checked: HashMap<(String, String), Option<PathBuf>>,
     /// Bytes read from local copies and from storage.
     pub read_local: u64,
     pub read_remote: u64,
@@ -117,12 +145,19 @@ pub(crate) struct StateReader<'a> {
 
 impl<'a> StateReader<'a> {
     pub fn new(storage: &'a CheckpointStorage, local: Option<&'a LocalBackup>) -> Self {
-        Self { storage, local, checked: HashMap::new(), read_local: 0, read_remote: 0 }
+        Self { storage, local, task: String::new(), checked: HashMap::new(), read_local: 0, read_remote: 0 }
+    }
+
+    /// The files read next were written by subtask `subtask` of operator `uid`: its local copies
+    /// are in its own directory.
+    pub fn task(&mut self, uid: &str, subtask: u32) {
+        self.task = task_dir(uid, subtask);
     }
 
     fn local_copy(&mut self, f: &StateFileHandle) -> Option<PathBuf> {
         let local = self.local?;
-        self.checked.entry(f.path.clone()).or_insert_with(|| local.verified(f)).clone()
+        let task = self.task.clone();
+        self.checked.entry((task.clone(), f.path.clone())).or_insert_with(|| local.verified(&task, f)).clone()
     }
 
     /// Bytes `range` of file `f`.
@@ -164,4 +199,9 @@ impl<'a> StateReader<'a> {
         self.read_remote += f.size;
         Ok(())
     }
+}
+
+/// The directory of a subtask's copies.
+fn task_dir(uid: &str, subtask: u32) -> String {
+    format!("{}-{subtask}", crate::stream::sanitize(uid))
 }

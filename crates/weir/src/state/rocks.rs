@@ -39,16 +39,20 @@ impl RocksInstance {
     /// temp dir), removed when the instance ends. `restore`: the snapshot of this very instance
     /// (same parallelism) in the checkpoint being restored; when it holds a RocksDB checkpoint,
     /// its files are downloaded (checksums checked) and opened as the database.
-    pub fn open(base: Option<&str>, owner_dir: &str, owner: &str, restore: Option<(&mut StateReader<'_>, &SubtaskSnapshot)>) -> Result<(Arc<Self>, bool), String> {
+    pub fn open(base: Option<&str>, owner_dir: &str, owner: &str, subtask: u32, restore: Option<(&mut StateReader<'_>, &SubtaskSnapshot)>) -> Result<(Arc<Self>, bool), String> {
         let base = base.map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("weir-rocksdb"));
         let n = INSTANCES.fetch_add(1, Ordering::Relaxed);
+        if n == 0 {
+            remove_stale(&base);
+        }
         let root = base.join(format!("{}-{n}", std::process::id())).join(owner_dir);
         let (dir, snapshots) = (root.join("db"), root.join("snapshots"));
         let mkdir = |d: &Path| std::fs::create_dir_all(d).map_err(|e| format!("{owner}: weir.state.rocksdb.dir: creating {}: {e}", d.display()));
         mkdir(&snapshots)?;
         let files: Vec<&StateFileHandle> = restore.as_ref().map(|(_, s)| s.state_files.iter().filter(|f| f.kind == StateFileKind::RocksDb).collect()).unwrap_or_default();
         let (db, uploaded, restored) = match restore.filter(|_| !files.is_empty()) {
-            Some((reader, _)) => {
+            Some((reader, sub)) => {
+                reader.task(&sub.uid, subtask);
                 mkdir(&dir)?;
                 for f in &files {
                     check_name(f).and_then(|()| reader.fetch(f, &dir.join(&f.state))).map_err(|e| format!("{owner}: restoring RocksDB: {e}"))?;
@@ -75,6 +79,24 @@ impl Drop for RocksInstance {
         if let Some(root) = self.snapshots.parent() {
             if let Err(e) = std::fs::remove_dir_all(root) {
                 tracing::warn!("{}: removing RocksDB's directory {}: {e}", self.owner, root.display());
+            }
+        }
+    }
+}
+
+/// Working directories of processes that died without removing them (`<pid>-<n>`, and restore
+/// scratch `restore-<pid>-…`): a killed process leaves its database behind.
+fn remove_stale(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name.strip_prefix("restore-").unwrap_or(&name).split('-').next().and_then(|p| p.parse::<u32>().ok());
+        let Some(pid) = pid else { continue };
+        let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() || !Path::new("/proc/self").exists();
+        if !alive {
+            match std::fs::remove_dir_all(e.path()) {
+                Ok(()) => tracing::info!("removed the RocksDB directory {} of process {pid}, which is gone", e.path().display()),
+                Err(err) => tracing::warn!("removing the stale RocksDB directory {}: {err}", e.path().display()),
             }
         }
     }

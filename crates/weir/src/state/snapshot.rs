@@ -243,6 +243,7 @@ impl<K: Key> StateTables<K> {
         let range = self.range;
         let mp = self.max_parallelism;
         for (task, sub) in subtasks {
+            src.reader.task(&sub.uid, task.subtask);
             let files = sub.state_files.iter().filter(|f| !self.resident.contains(&f.state));
             let (native, files): (Vec<&StateFileHandle>, Vec<&StateFileHandle>) = files.partition(|f| f.kind == StateFileKind::RocksDb);
             for f in files {
