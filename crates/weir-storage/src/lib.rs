@@ -780,17 +780,18 @@ impl CheckpointStorage {
         if old.is_empty() {
             return Ok(());
         }
-        let mut listed = std::collections::HashSet::new();
+        // The shared-state registry of the retained checkpoints: a file goes when none lists it.
+        let mut registry = weir_checkpoint::SharedStateRegistry::default();
         for id in self.completed_checkpoints()? {
             // A checkpoint that cannot be read lists nothing we could keep alive for it: it is
             // not restorable anyway. (A transient error stops the collection instead.)
             match self.load_metadata(id) {
-                Ok(m) => listed.extend(m.subtasks.iter().flat_map(|(_, s)| s.state_files.iter().map(|f| f.path.clone()))),
+                Ok(m) => registry.register(m.subtasks.iter().flat_map(|(_, s)| s.state_files.iter().map(|f| f.path.as_str()))),
                 Err(e) if e.is_corruption() => {}
                 Err(e) => return Err(e),
             }
         }
-        self.delete_files(SHARED_DIR, old.into_iter().filter(|f| !listed.contains(f.as_ref())).collect())
+        self.delete_files(SHARED_DIR, old.into_iter().filter(|f| registry.references(f.as_ref()) == 0).collect())
     }
 }
 
