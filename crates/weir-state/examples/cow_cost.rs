@@ -1,11 +1,13 @@
 //! What a checkpoint costs the processing thread with the heap backend.
 //!
 //! `cargo run --release -p weir-state --example cow_cost -- [keys] [value_bytes] [rounds]
-//! [updates] [--release-written] [--track-changes] [--hot-path]`
+//! [updates] [--release-written] [--track-changes] [--copy-shard-at=N] [--hot-path]`
 //!
-//! Defaults: 10 000 000 keys, 100-byte values, 3 rounds, every key updated once per pass.
+//! Defaults: 10 000 000 keys, 100-byte values (0: the keyed sum's `(i64, u64)`), 3 rounds, every
+//! key updated once per pass.
 //! `--release-written`: the snapshot writer lets go of each key group once written;
-//! `--track-changes`: the map tracks changed keys; `--hot-path`: only the keyed-sum update cost
+//! `--track-changes`: the map tracks changed keys; `--copy-shard-at=N`: copy a shard whole once
+//! its overlay × N ≥ its table (`18446744073709551615`: about per-shard copy-on-write); `--hot-path`: only the keyed-sum update cost
 //! with no snapshot (20 M updates over `keys` keys, best of `rounds`).
 // A counting global allocator needs `unsafe impl GlobalAlloc`; it only forwards to `System`.
 #![allow(unsafe_code)]
@@ -67,11 +69,13 @@ fn main() {
     }
     let release_written = flag("--release-written");
     let track_changes = flag("--track-changes");
-    let cfg = CostConfig { keys, value_bytes, rounds, updates, allocated_bytes: Some(allocated), track_changes, release_written };
+    let copy_shard_at = flags.iter().find_map(|f| f.strip_prefix("--copy-shard-at=")).map(|n| n.parse().expect("--copy-shard-at=N"));
+    let cfg = CostConfig { keys, value_bytes, rounds, updates, allocated_bytes: Some(allocated), track_changes, release_written, copy_shard_at };
     let c = checkpoint_cost(&cfg);
     let mib = |b: Option<u64>| b.unwrap_or(0) as f64 / (1 << 20) as f64;
     println!(
-        "heap backend, {keys} keys, {value_bytes}-byte values, {} updates per pass, {rounds} rounds (means); release written: {release_written}, track changes: {track_changes}",
+        "heap backend, {keys} keys, {}, {} updates per pass, {rounds} rounds (means); release written: {release_written}, track changes: {track_changes}, copy shard at: {copy_shard_at:?}",
+        if value_bytes == 0 { "(i64, u64) values".to_string() } else { format!("{value_bytes}-byte values") },
         if updates == 0 { keys } else { updates.min(keys) }
     );
     println!("  no snapshot alive:      {:7.1} ns/update, {:8.1} MiB allocated per pass", c.idle_ns_per_update, mib(c.idle_alloc_bytes));

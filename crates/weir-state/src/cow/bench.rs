@@ -18,7 +18,8 @@ use crate::keygroup::KeyGroupRange;
 pub struct CostConfig {
     /// Keys in the map.
     pub keys: u64,
-    /// Bytes per value (a `Vec<u8>`).
+    /// Bytes per value (a `Vec<u8>`); 0: the keyed sum's `(i64, u64)` (sum, count) instead,
+    /// updated with `entry_or_default`.
     pub value_bytes: usize,
     /// Passes with and without a snapshot in flight.
     pub rounds: usize,
@@ -32,6 +33,10 @@ pub struct CostConfig {
     pub track_changes: bool,
     /// The writer lets go of each key group once written ([`write_snapshot_releasing`]).
     pub release_written: bool,
+    /// Copy a shard whole once its overlay × this ≥ its table, instead of the map's own
+    /// threshold (for experiments: `usize::MAX` ≈ copy a shard on its second write, as a
+    /// per-shard copy-on-write does; 0 ≈ never).
+    pub copy_shard_at: Option<usize>,
 }
 
 /// The measured costs, averaged over the rounds.
@@ -69,19 +74,34 @@ fn nth_key(i: u64, keys: u64) -> u64 {
     (i as u128 * step as u128 % keys as u128) as u64
 }
 
-#[inline]
-fn update(m: &mut CowMap<u64, Vec<u8>>, k: u64) {
-    let v = m.get_mut(&k).expect("populated key");
-    v[0] = v[0].wrapping_add(1);
-}
-
 /// Run the measurement.
 pub fn checkpoint_cost(cfg: &CostConfig) -> CowCost {
-    assert!(cfg.keys > 0 && cfg.value_bytes > 0 && cfg.rounds > 0, "cow cost: keys, value bytes and rounds must be positive");
-    let mut m: CowMap<u64, Vec<u8>> = CowMap::new(KeyGroupRange::new(0, 128), 128);
+    assert!(cfg.keys > 0 && cfg.rounds > 0, "cow cost: keys and rounds must be positive");
+    if cfg.value_bytes == 0 {
+        run(cfg, |_| (0i64, 0u64), |m, k| {
+            let e = m.entry_or_default(k);
+            e.0 += 1;
+            e.1 += 1;
+        })
+    } else {
+        run(cfg, |k| vec![k as u8; cfg.value_bytes], |m, k| {
+            let v = m.get_mut(&k).expect("populated key");
+            v[0] = v[0].wrapping_add(1);
+        })
+    }
+}
+
+fn run<V>(cfg: &CostConfig, value: impl Fn(u64) -> V, update: fn(&mut CowMap<u64, V>, u64)) -> CowCost
+where
+    V: Clone + serde::Serialize + Send + Sync + 'static,
+{
+    let mut m: CowMap<u64, V> = CowMap::new(KeyGroupRange::new(0, 128), 128);
+    if let Some(at) = cfg.copy_shard_at {
+        m.set_copy_shard_at(at);
+    }
     m.track_changes(cfg.track_changes);
     for k in 0..cfg.keys {
-        m.insert(k, vec![k as u8; cfg.value_bytes]);
+        m.insert(k, value(k));
     }
     let alloc = || cfg.allocated_bytes.map(|f| f());
     let keys = cfg.keys;
