@@ -58,7 +58,7 @@ impl RocksInstance {
                     check_name(f).and_then(|()| reader.fetch(f, &dir.join(&f.state))).map_err(|e| format!("{owner}: restoring RocksDB: {e}"))?;
                 }
                 let db = RocksBackend::open_restored(&dir, false).map_err(|e| format!("{owner}: {e}"))?;
-                let ssts = files.iter().filter(|f| f.state.ends_with(".sst")).map(|f| (f.state.clone(), (*f).clone())).collect();
+                let ssts = files.iter().filter(|f| f.path.starts_with("shared/")).map(|f| (f.state.clone(), (*f).clone())).collect();
                 (db, ssts, true)
             }
             None => (RocksBackend::open(&dir, false).map_err(|e| format!("{owner}: {e}"))?, HashMap::new(), false),
