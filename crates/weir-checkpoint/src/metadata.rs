@@ -4,8 +4,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{CheckpointId, TaskId};
 
-/// The version of the `_metadata` format this build writes and reads.
-pub const METADATA_VERSION: u32 = 1;
+/// The version of the `_metadata` format this build writes. Version 2 added what each state
+/// file holds ([`StateFileKind`]: deltas, RocksDB files), which a version-1 reader would take
+/// for full files; this build reads 1 and 2.
+pub const METADATA_VERSION: u32 = 2;
 
 /// What Flink calls externalized checkpoint retention: what happens to checkpoints when the job
 /// ends.

@@ -122,6 +122,11 @@ impl StorageError {
             }
         }
     }
+
+    /// Whether the file was not there (deleted meanwhile, or never written).
+    fn is_not_found(&self) -> bool {
+        matches!(self, StorageError::Io { source, .. } if matches!(source.downcast_ref::<object_store::Error>(), Some(object_store::Error::NotFound { .. })))
+    }
 }
 
 /// Whether `e` or one of its sources says `what`.
@@ -185,6 +190,8 @@ pub struct CheckpointStorage {
     /// Checkpoints aborted in this process (the newest few thousand), shared by every clone:
     /// a writer still running for one removes what it wrote instead of leaving it behind.
     aborted: Arc<std::sync::Mutex<std::collections::BTreeSet<CheckpointId>>>,
+    /// Held while shared files are collected: one collection at a time per process.
+    collecting: Arc<std::sync::Mutex<()>>,
     /// The job directory: a canonical local path, or the `s3://bucket/prefix/job` URL as a
     /// path (for comparison and messages).
     location: PathBuf,
@@ -250,13 +257,13 @@ impl CheckpointStorage {
         match Dir::parse(dir)? {
             Dir::Local(base) => {
                 let (store, local) = location::local_store(&base.join(job))?;
-                Ok(Self { store, aborted: Arc::default(), location: local, url: None, exec: Executor::Inline })
+                Ok(Self { store, aborted: Arc::default(), collecting: Arc::default(), location: local, url: None, exec: Executor::Inline })
             }
             Dir::S3 { bucket, prefix } => {
                 let key_prefix = if prefix.is_empty() { job.to_string() } else { format!("{prefix}/{job}") };
                 let (store, exec) = location::s3_store(&bucket, &key_prefix, options)?;
                 let url = Dir::s3_url(&bucket, &key_prefix);
-                Ok(Self { store, aborted: Arc::default(), location: PathBuf::from(&url), url: Some(url), exec })
+                Ok(Self { store, aborted: Arc::default(), collecting: Arc::default(), location: PathBuf::from(&url), url: Some(url), exec })
             }
         }
     }
@@ -501,14 +508,12 @@ impl CheckpointStorage {
                 a.pop_first();
             }
         }
-        self.delete_checkpoint_dir(id)?;
-        // Shared files written for an aborted checkpoint may still be listed by a later one (a
-        // delta chain goes on across an abort): collect only what the newest completed
-        // checkpoint has superseded.
-        match self.completed_checkpoints()?.last() {
-            Some(&newest) => self.collect_shared(newest.min(id)),
-            None => Ok(()),
-        }
+        // Only the checkpoint's own directory. Shared files written for it may still be listed
+        // by a later checkpoint (a delta chain or an SST goes on across an abort); the next
+        // discard collects them. (An abort runs on every process, concurrently with the
+        // coordinator's commits and discards: collecting here raced them and could delete files
+        // the newest completed checkpoint lists.)
+        self.delete_checkpoint_dir(id)
     }
 
     /// Read a whole file.
@@ -565,7 +570,7 @@ impl CheckpointStorage {
             return Err(corrupt(format!("checksum mismatch: stored {stored:08x}, computed {actual:08x}")));
         }
         let meta: CheckpointMetadata = serde_json::from_slice(body).map_err(|e| corrupt(format!("{e}")))?;
-        if meta.version != METADATA_VERSION {
+        if !(1..=METADATA_VERSION).contains(&meta.version) {
             return Err(corrupt(format!("version {}, this build reads {METADATA_VERSION}", meta.version)));
         }
         if meta.id != id {
@@ -780,16 +785,26 @@ impl CheckpointStorage {
         if old.is_empty() {
             return Ok(());
         }
+        // One collection at a time in this process (discards run on a pool).
+        let _one = self.collecting.lock().unwrap_or_else(|p| p.into_inner());
         // The shared-state registry of the retained checkpoints: a file goes when none lists it.
         let mut registry = weir_checkpoint::SharedStateRegistry::default();
-        for id in self.completed_checkpoints()? {
-            // A checkpoint that cannot be read lists nothing we could keep alive for it: it is
-            // not restorable anyway. (A transient error stops the collection instead.)
+        let listed = self.completed_checkpoints()?;
+        for &id in &listed {
             match self.load_metadata(id) {
                 Ok(m) => registry.register(m.subtasks.iter().flat_map(|(_, s)| s.state_files.iter().map(|f| f.path.as_str()))),
+                // Listed a moment ago and gone now: another discard is running. What it lists
+                // is unknown, so nothing is deleted this time (the next discard collects).
+                Err(e) if e.is_not_found() => return Ok(()),
+                // A checkpoint that cannot be read lists nothing we could keep alive for it: it
+                // is not restorable anyway. (A transient error stops the collection instead.)
                 Err(e) if e.is_corruption() => {}
                 Err(e) => return Err(e),
             }
+        }
+        // A checkpoint committed meanwhile may list what the registry does not hold.
+        if self.completed_checkpoints()? != listed {
+            return Ok(());
         }
         self.delete_files(SHARED_DIR, old.into_iter().filter(|f| registry.references(f.as_ref()) == 0).collect())
     }
@@ -862,7 +877,7 @@ mod tests {
         // Checkpoint 4 is aborted, but a later checkpoint may list its delta (the chain goes on
         // across an abort): it stays until a completed checkpoint supersedes it.
         s.abort(4).unwrap();
-        assert!(dir.join("job/shared/chk4-op-s-0-delta.state").exists(), "an abort collects nothing newer than the newest completed checkpoint");
+        assert!(dir.join("job/shared/chk4-op-s-0-delta.state").exists(), "an abort collects no shared file");
         s.put("shared/chk5-op-s-0-delta.state", vec![1]).unwrap();
         s.commit_metadata(&meta(5, &["shared/chk3-op-s-0-full.state", "shared/chk4-op-s-0-delta.state", "shared/chk5-op-s-0-delta.state"])).unwrap();
         s.discard(3).unwrap();

@@ -617,6 +617,18 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
         tables.local = local.filter(|_| c.local_backup && ctx.storage.is_some());
         open(&mut tables);
         let started = Instant::now();
+        if let (crate::state::Backend::Rocks(inst), Some(_)) = (&tables.backend, native_restored) {
+            // A database restored as it was may hold states the operator no longer registers:
+            // the same rule as for any restored state that nothing claims.
+            let registered: Vec<&str> = tables.tables.iter().map(|t| t.name()).collect();
+            for state in inst.db.states().unwrap_or_default().into_iter().filter(|s| !registered.contains(&s.as_str())) {
+                if ctx.config.allow_non_restored_state {
+                    tracing::warn!("operator '{name}': ignoring restored state '{state}' that the operator does not register (--allow-non-restored-state)");
+                } else {
+                    ctx.fail_build(format!("operator '{name}': checkpoint holds state '{state}' that the operator does not register (--allow-non-restored-state drops it)"));
+                }
+            }
+        }
         if let Some(e) = tables.open_error.take() {
             ctx.fail_build(format!("operator '{name}': {e}"));
         } else if let Some(reader) = reader {
@@ -831,6 +843,12 @@ fn snapshot_tables<K: Key>(
     started: Instant,
 ) {
     let t0 = started;
+    // A state backend error (RocksDB could not read or write) fails the job, checkpoints or
+    // not: declining the checkpoint would let the job go on without the lost writes.
+    if let Err(e) = tables.flush() {
+        ctx.shared.borrow_mut().set_fail(format!("operator '{name}' subtask {}: {e}", task.subtask));
+        return;
+    }
     let barrier_us = barrier_us(ctx, epoch).saturating_sub(t0.elapsed().as_micros() as u64);
     let uid = ctx.uid_of(task.operator);
     let Some(storage) = ctx.storage.clone() else {
@@ -938,8 +956,9 @@ fn state_backend(ctx: &JobCtx, op: u32, name: &str, reader: Option<&mut StateRea
             let owner = format!("operator '{name}' subtask {}", ctx.index);
             let mine = ctx.restored_instance(op, ctx.index as u32);
             let restore = reader.zip(mine);
+            let same_dir = ctx.restore_storage.as_ref().zip(ctx.storage.as_ref()).is_some_and(|(r, s)| r.location() == s.location());
             let dir = format!("op{op}-{}", ctx.index);
-            let (inst, restored) = crate::state::rocks::RocksInstance::open(ctx.config.rocksdb_dir.as_deref(), &dir, &owner, ctx.index as u32, restore)?;
+            let (inst, restored) = crate::state::rocks::RocksInstance::open(ctx.config.rocksdb_dir.as_deref(), &dir, &owner, ctx.index as u32, restore, same_dir)?;
             Ok((Backend::Rocks(inst), restored.then_some(ctx.index as u32)))
         }
     }

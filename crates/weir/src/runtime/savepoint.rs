@@ -46,14 +46,28 @@ pub(crate) fn write_savepoint(config: &JobConfig, job: &str, storage: &Checkpoin
         name = format!("{base}-{n}");
     };
     let mut m = meta.clone();
-    for (_, sub) in &mut m.subtasks {
-        for f in &mut sub.state_files {
-            let to = format!("{chk}/{}", f.path.replace('/', "-"));
-            let bytes = storage.read(&f.path)?;
-            sp.put(&to, bytes.to_vec())?;
-            f.path = to;
+    // Files go through a local temporary file, streamed both ways: a state larger than memory
+    // never sits in it.
+    let tmp = std::env::temp_dir().join(format!("weir-savepoint-{}-{}", std::process::id(), meta.id));
+    let staged = tmp.join("file");
+    let copy = |m: &mut CheckpointMetadata| -> Result<(), StorageError> {
+        std::fs::create_dir_all(&tmp).map_err(|e| StorageError::Location(format!("{}: {e}", tmp.display())))?;
+        for (_, sub) in &mut m.subtasks {
+            for f in &mut sub.state_files {
+                let to = format!("{chk}/{}", f.path.replace('/', "-"));
+                storage.get_to_file(&f.path, &staged)?;
+                let put = sp.put_file(&to, &staged)?;
+                if put.size != f.size || put.crc32c != f.crc32c {
+                    return Err(StorageError::Corrupt { file: storage.display(&f.path), what: "does not match its checkpoint's metadata".into() });
+                }
+                f.path = to;
+            }
         }
-    }
+        Ok(())
+    };
+    let copied = copy(&mut m);
+    let _ = std::fs::remove_dir_all(&tmp);
+    copied?;
     sp.commit_metadata(&m)?;
     Ok(sp.display(&chk))
 }

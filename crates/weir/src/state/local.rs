@@ -29,6 +29,8 @@ pub(crate) struct LocalBackup {
     root: PathBuf,
     /// The files of this subtask's latest snapshots (relative paths), oldest first.
     recent: Mutex<VecDeque<Vec<String>>>,
+    /// Files kept for snapshots not yet written whole: removed if the snapshot fails.
+    pending: Mutex<Vec<String>>,
 }
 
 impl LocalBackup {
@@ -37,13 +39,13 @@ impl LocalBackup {
         let base = dir.map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("weir-local-state"));
         let job_root = base.join(crate::stream::sanitize(job));
         let root = job_root.join(task_dir(uid, subtask));
-        Self { job_root, root, recent: Mutex::default() }
+        Self { job_root, root, recent: Mutex::default(), pending: Mutex::default() }
     }
 
     /// The subtask starts (after its restore): copies its restored snapshot does not list are
     /// left-overs of earlier runs (a killed process never pruned them).
     pub fn start(&self, restored: &[String]) {
-        let keep: std::collections::HashSet<PathBuf> = restored.iter().map(|r| self.path(r)).collect();
+        let keep: std::collections::HashSet<PathBuf> = restored.iter().filter_map(|r| self.path(r)).collect();
         let mut stack = vec![self.root.clone()];
         while let Some(d) = stack.pop() {
             let Ok(entries) = std::fs::read_dir(&d) else { continue };
@@ -59,13 +61,18 @@ impl LocalBackup {
         self.recent.lock().unwrap_or_else(|p| p.into_inner()).push_back(restored.to_vec());
     }
 
-    fn path(&self, rel: &str) -> PathBuf {
-        self.root.join(rel)
+    /// Where the copy of `rel` goes; `None` for a name that would leave the directory (the
+    /// names come from checkpoint metadata, which is checksummed but not authenticated).
+    fn path(&self, rel: &str) -> Option<PathBuf> {
+        let p = Path::new(rel);
+        let plain = p.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+        plain.then(|| self.root.join(p))
     }
 
     /// Keep a copy of `rel`'s bytes. Failing to is logged: the remote copy is what counts.
     pub fn keep(&self, rel: &str, bytes: &[u8]) {
-        let to = self.path(rel);
+        let Some(to) = self.path(rel) else { return };
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).push(rel.to_string());
         let tmp = to.with_extension("weir-tmp");
         let r = to.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| std::fs::write(&tmp, bytes)).and_then(|()| std::fs::rename(&tmp, &to));
         if let Err(e) = r {
@@ -75,7 +82,8 @@ impl LocalBackup {
 
     /// Keep a copy of a local file (a RocksDB checkpoint's): a hard link where possible.
     pub fn keep_file(&self, rel: &str, from: &Path) {
-        let to = self.path(rel);
+        let Some(to) = self.path(rel) else { return };
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).push(rel.to_string());
         if std::fs::metadata(&to).ok().zip(std::fs::metadata(from).ok()).is_some_and(|(a, b)| a.len() == b.len()) {
             return; // an SST file listed again by a later snapshot
         }
@@ -94,12 +102,26 @@ impl LocalBackup {
     /// A snapshot of this subtask listing `files` is written: drop the copies that none of the
     /// latest snapshots lists any more.
     pub fn snapshot_written(&self, files: Vec<String>) {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         recent.push_back(files);
         while recent.len() > KEEP_SNAPSHOTS {
             let old = recent.pop_front().unwrap_or_default();
             for rel in old.iter().filter(|rel| !recent.iter().any(|r| r.contains(rel))) {
-                let _ = std::fs::remove_file(self.path(rel));
+                if let Some(p) = self.path(rel) {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+        }
+    }
+
+    /// A snapshot failed: the copies kept for it that no kept snapshot lists go.
+    pub fn snapshot_failed(&self) {
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        for rel in pending.iter().filter(|rel| !recent.iter().any(|r| r.contains(rel))) {
+            if let Some(p) = self.path(rel) {
+                let _ = std::fs::remove_file(p);
             }
         }
     }
@@ -107,6 +129,10 @@ impl LocalBackup {
     /// The local copy of `f`, written by the subtask whose directory is `task`, if it is there
     /// and has the recorded size and checksum.
     pub fn verified(&self, task: &str, f: &StateFileHandle) -> Option<PathBuf> {
+        let plain = Path::new(&f.path).components().all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !plain {
+            return None;
+        }
         let p = self.job_root.join(task).join(&f.path);
         let (size, crc) = match super::rocks::file_crc(&p) {
             Ok(x) => x,

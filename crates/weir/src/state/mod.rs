@@ -44,6 +44,8 @@ pub(crate) trait HeapSnapshot: Send {
     fn write_full(&self) -> Result<weir_state::format::WrittenSnapshot, StateError>;
     /// The keys changed or removed since the previous snapshot (puts and tombstones).
     fn write_delta(&self) -> Result<weir_state::format::WrittenSnapshot, StateError>;
+    /// How many keys changed since the previous snapshot (0: a delta would be empty).
+    fn changed(&self) -> usize;
 }
 
 impl<K: Key, V: Data + Sync> HeapSnapshot for CowSnapshot<K, V> {
@@ -52,6 +54,9 @@ impl<K: Key, V: Data + Sync> HeapSnapshot for CowSnapshot<K, V> {
     }
     fn write_delta(&self) -> Result<weir_state::format::WrittenSnapshot, StateError> {
         weir_state::format::write_delta(self)
+    }
+    fn changed(&self) -> usize {
+        self.changed_len()
     }
 }
 

@@ -39,7 +39,10 @@ impl RocksInstance {
     /// temp dir), removed when the instance ends. `restore`: the snapshot of this very instance
     /// (same parallelism) in the checkpoint being restored; when it holds a RocksDB checkpoint,
     /// its files are downloaded (checksums checked) and opened as the database.
-    pub fn open(base: Option<&str>, owner_dir: &str, owner: &str, subtask: u32, restore: Option<(&mut StateReader<'_>, &SubtaskSnapshot)>) -> Result<(Arc<Self>, bool), String> {
+    /// `reuse`: the restored checkpoint is in this job's checkpoint directory, so its SST files
+    /// may be listed by the next checkpoints instead of uploaded again (a checkpoint elsewhere
+    /// is never listed: it could be deleted with its job, as Flink's NO_CLAIM restore mode).
+    pub fn open(base: Option<&str>, owner_dir: &str, owner: &str, subtask: u32, restore: Option<(&mut StateReader<'_>, &SubtaskSnapshot)>, reuse: bool) -> Result<(Arc<Self>, bool), String> {
         let base = base.map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("weir-rocksdb"));
         let n = INSTANCES.fetch_add(1, Ordering::Relaxed);
         if n == 0 {
@@ -58,7 +61,7 @@ impl RocksInstance {
                     check_name(f).and_then(|()| reader.fetch(f, &dir.join(&f.state))).map_err(|e| format!("{owner}: restoring RocksDB: {e}"))?;
                 }
                 let db = RocksBackend::open_restored(&dir, false).map_err(|e| format!("{owner}: {e}"))?;
-                let ssts = files.iter().filter(|f| f.path.starts_with("shared/")).map(|f| (f.state.clone(), (*f).clone())).collect();
+                let ssts = files.iter().filter(|f| reuse && f.path.starts_with("shared/")).map(|f| (f.state.clone(), (*f).clone())).collect();
                 (db, ssts, true)
             }
             None => (RocksBackend::open(&dir, false).map_err(|e| format!("{owner}: {e}"))?, HashMap::new(), false),

@@ -68,6 +68,10 @@ impl SnapshotSpec {
     }
 }
 
+/// A heap state's chain of files is at most this long (a full file and its deltas): a restore
+/// reads at most this many files per state, however small the deltas are.
+const MAX_HEAP_CHAIN: usize = 32;
+
 struct HeapPart {
     name: String,
     view: Box<dyn HeapSnapshot>,
@@ -122,8 +126,10 @@ impl<K: Key> StateTables<K> {
 
 /// Local recovery: the snapshot is written; older local copies go.
 fn kept_locally(spec: &SnapshotSpec, written: Result<TablesWritten, String>) -> Result<TablesWritten, String> {
-    if let (Some(local), Ok(w)) = (&spec.local, &written) {
-        local.snapshot_written(w.files.iter().map(|f| f.path.clone()).collect());
+    match (&spec.local, &written) {
+        (Some(local), Ok(w)) => local.snapshot_written(w.files.iter().map(|f| f.path.clone()).collect()),
+        (Some(local), Err(_)) => local.snapshot_failed(),
+        _ => {}
     }
     written
 }
@@ -149,7 +155,16 @@ fn write_heap(storage: &CheckpointStorage, spec: &SnapshotSpec, parts: Vec<HeapP
         // Deltas of one state are written in checkpoint order, each on top of the one before.
         let (chain, seq): (Arc<Chain>, u64) = ticket.wait();
         let mut turn = Turn { chain: &chain, seq, ok: false };
-        let full = chain.lock().must_be_full(seq, share);
+        let full = {
+            let c = chain.lock();
+            c.must_be_full(seq, share) || c.files.len() >= MAX_HEAP_CHAIN
+        };
+        if !full && part.view.changed() == 0 {
+            // Nothing changed: the checkpoint lists the chain as it is, and this snapshot joins it.
+            out.files.extend(chain.lock().files.iter().cloned());
+            turn.ok = true;
+            continue;
+        }
         let w = if full { part.view.write_full() } else { part.view.write_delta() }.map_err(|e| e.to_string())?;
         let path = spec.shared(&state, if full { "full" } else { "delta" });
         let size = w.bytes.len() as u64;
