@@ -170,6 +170,30 @@ impl RawWriter {
     }
 }
 
+/// postcard output appended to the file in place: `to_extend` moves the `Vec` in and out of
+/// every call and pushes byte by byte (about half the writer's time at 10 M small entries).
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for Append<'_> {
+    type Output = ();
+
+    #[inline]
+    fn try_push(&mut self, b: u8) -> postcard::Result<()> {
+        self.0.push(b);
+        Ok(())
+    }
+
+    #[inline]
+    fn try_extend(&mut self, b: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(b);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
 struct Writer {
     bytes: Vec<u8>,
     index: Vec<KeyGroupBlock>,
@@ -211,7 +235,7 @@ impl Writer {
         self.open_block(kg);
         let mut n = 0u64;
         for e in entries {
-            self.bytes = postcard::to_extend(&e, std::mem::take(&mut self.bytes)).map_err(|e| StateError::Encode(e.to_string()))?;
+            postcard::serialize_with_flavor(&e, Append(&mut self.bytes)).map_err(|e| StateError::Encode(e.to_string()))?;
             n += 1;
         }
         if let Some(open) = &mut self.open {
