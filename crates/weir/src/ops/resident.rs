@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use weir_checkpoint::StateFileHandle;
+use weir_checkpoint::{StateFileHandle, StateFileKind};
 use weir_gpu::kernels::gpu::GpuKernels;
 use weir_gpu::kernels::Kernels;
 use weir_gpu::state::{ArenaLayout, ArenaSnapshot, SnapshotChunks, StateArena, VramSnapshot, VramTier};
@@ -389,7 +389,7 @@ impl<K: Key> KeyedArena<K> {
                         hook(epoch, &whole).map_err(|e| format!("{}: checkpoint {epoch}: {e}", at.owner))?;
                     }
                 }
-                Ok((StateFileHandle { state: name.clone(), path, size, crc32c: w.crc32c, key_groups: w.index, kind: Default::default() }, w.entries))
+                Ok((StateFileHandle { state: name.clone(), path, size, crc32c: w.crc32c, key_groups: w.index, kind: if full { StateFileKind::Full } else { StateFileKind::Delta } }, w.entries))
             })();
             let mut c = chain.lock();
             let (handle, n) = match written {
@@ -503,13 +503,13 @@ mod tests {
     fn deltas_hold_only_changed_keys_and_the_chain_restarts_after_a_dropped_snapshot() {
         let (st, dir) = storage("chain");
         let mut a = arena(10);
-        let s1 = a.snapshot(1).unwrap();
+        let s1 = a.snapshot(1, false).unwrap();
         touch(&mut a, 3, 33);
-        let s2 = a.snapshot(2).unwrap();
+        let s2 = a.snapshot(2, false).unwrap();
         touch(&mut a, 4, 44);
-        let s3 = a.snapshot(3).unwrap();
+        let s3 = a.snapshot(3, false).unwrap();
         touch(&mut a, 5, 55);
-        let s4 = a.snapshot(4).unwrap();
+        let s4 = a.snapshot(4, false).unwrap();
         // Snapshot 4 is run first, on another thread: it waits for its turn.
         let st4 = st.clone();
         let later = std::thread::spawn(move || s4.run(&st4));
@@ -530,12 +530,12 @@ mod tests {
     fn a_later_dropped_snapshot_does_not_hide_an_earlier_failure() {
         let (st, dir) = storage("late-drop");
         let mut a = arena(4);
-        a.snapshot(1).unwrap().run(&st).unwrap();
+        a.snapshot(1, false).unwrap().run(&st).unwrap();
         touch(&mut a, 1, 11);
-        let s2 = a.snapshot(2).unwrap();
+        let s2 = a.snapshot(2, false).unwrap();
         touch(&mut a, 2, 22);
-        let s3 = a.snapshot(3).unwrap();
-        let s4 = a.snapshot(4).unwrap();
+        let s3 = a.snapshot(3, false).unwrap();
+        let s4 = a.snapshot(4, false).unwrap();
         let shared = dir.join("job/shared");
         std::fs::remove_dir_all(&shared).unwrap();
         std::fs::write(&shared, b"in the way").unwrap();
@@ -552,9 +552,9 @@ mod tests {
     fn a_failed_write_makes_the_next_snapshot_full() {
         let (st, dir) = storage("fail");
         let mut a = arena(4);
-        a.snapshot(1).unwrap().run(&st).unwrap();
+        a.snapshot(1, false).unwrap().run(&st).unwrap();
         touch(&mut a, 1, 11);
-        let s2 = a.snapshot(2).unwrap();
+        let s2 = a.snapshot(2, false).unwrap();
         // The shared directory cannot be written (a file stands where it should be).
         let shared = dir.join("job/shared");
         std::fs::remove_dir_all(&shared).unwrap();
@@ -562,8 +562,22 @@ mod tests {
         assert!(s2.run(&st).is_err());
         std::fs::remove_file(&shared).unwrap();
         touch(&mut a, 2, 22);
-        let w3 = a.snapshot(3).unwrap().run(&st).unwrap();
+        let w3 = a.snapshot(3, false).unwrap().run(&st).unwrap();
         assert_eq!((w3.files.len(), w3.entries), (1, 4), "{:?}", w3.files);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn a_savepoint_is_full_and_self_contained() {
+        let (st, dir) = storage("savepoint");
+        let mut a = arena(4);
+        a.snapshot(1, false).unwrap().run(&st).unwrap();
+        touch(&mut a, 1, 11);
+        let w2 = a.snapshot(2, false).unwrap().run(&st).unwrap();
+        assert_eq!(w2.files.iter().map(|f| f.kind).collect::<Vec<_>>(), [StateFileKind::Full, StateFileKind::Delta]);
+        touch(&mut a, 2, 22);
+        let w3 = a.snapshot(3, true).unwrap().run(&st).unwrap();
+        assert_eq!((w3.files.len(), w3.entries, w3.files[0].kind), (1, 4, StateFileKind::Full), "{:?}", w3.files);
         std::fs::remove_dir_all(dir).ok();
     }
 }

@@ -57,7 +57,7 @@ fn write(a: &mut KeyedArena<u64>, key: u64, chunks: &[usize], v: u32) {
 fn the_hook_gets_whole_slots_as_of_the_snapshot() {
     let (st, dir) = storage("whole");
     let (mut a, seen) = arena(3, None);
-    let s1 = a.snapshot(1).unwrap();
+    let s1 = a.snapshot(1, false).unwrap();
     // Written after the barrier: not in snapshot 1.
     write(&mut a, 2, &[0, 1], 22);
     s1.run(&st).unwrap();
@@ -73,7 +73,7 @@ fn the_hook_gets_whole_slots_as_of_the_snapshot() {
     }
     // Key 1 written in part (one chunk), key 2 whole (before snapshot 2).
     write(&mut a, 1, &[1], 11);
-    let w2 = a.snapshot(2).unwrap().run(&st).unwrap();
+    let w2 = a.snapshot(2, false).unwrap().run(&st).unwrap();
     assert!(w2.files.len() == 2 && w2.entries == 2, "a delta of keys 1 and 2: {:?}", w2.files);
     {
         let seen = seen.lock().unwrap();
@@ -82,7 +82,7 @@ fn the_hook_gets_whole_slots_as_of_the_snapshot() {
     }
     // Nothing whole written: no call.
     write(&mut a, 0, &[0], 5);
-    a.snapshot(3).unwrap().run(&st).unwrap();
+    a.snapshot(3, false).unwrap().run(&st).unwrap();
     assert_eq!(seen.lock().unwrap().len(), 2);
     std::fs::remove_dir_all(dir).ok();
 }
@@ -91,11 +91,11 @@ fn the_hook_gets_whole_slots_as_of_the_snapshot() {
 fn a_failing_hook_fails_the_snapshot_and_the_next_one_is_full() {
     let (st, dir) = storage("fail");
     let (mut a, seen) = arena(2, Some(2));
-    a.snapshot(1).unwrap().run(&st).unwrap();
+    a.snapshot(1, false).unwrap().run(&st).unwrap();
     write(&mut a, 0, &[0, 1], 7);
-    let e = a.snapshot(2).unwrap().run(&st).err().expect("the hook's error fails the snapshot");
+    let e = a.snapshot(2, false).unwrap().run(&st).err().expect("the hook's error fails the snapshot");
     assert!(e.contains("checkpoint 2: the hook failed"), "{e}");
-    let w3 = a.snapshot(3).unwrap().run(&st).unwrap();
+    let w3 = a.snapshot(3, false).unwrap().run(&st).unwrap();
     assert_eq!((w3.files.len(), w3.entries), (1, 2), "full after a failed hook");
     let seen = seen.lock().unwrap();
     assert_eq!(seen.iter().map(|(e, s)| (*e, s.len())).collect::<Vec<_>>(), [(1, 2), (3, 2)]);

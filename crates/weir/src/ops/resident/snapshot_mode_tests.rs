@@ -64,11 +64,11 @@ fn same_checkpoints(kernels: &dyn Kernels, tag: &str) {
         CheckpointStorage::open(dir.to_str().unwrap(), "blocking").unwrap(),
     );
     let (mut a, mut b) = (arena(kernels, false, 50), arena(kernels, true, 50));
-    let first = (a.snapshot(1).unwrap(), b.snapshot(1).unwrap());
+    let first = (a.snapshot(1, false).unwrap(), b.snapshot(1, false).unwrap());
     for x in [&mut a, &mut b] {
         update(x, &[3, 7, 40], 1.5);
     }
-    let second = (a.snapshot(2).unwrap(), b.snapshot(2).unwrap());
+    let second = (a.snapshot(2, false).unwrap(), b.snapshot(2, false).unwrap());
     // Changes after the barrier belong to the next checkpoint, in both modes; the async job
     // reads its device copy only now.
     for x in [&mut a, &mut b] {
@@ -83,7 +83,7 @@ fn same_checkpoints(kernels: &dyn Kernels, tag: &str) {
     let (ia, ib) = (image(&sa, &wa2.files), image(&sb, &wb2.files));
     assert_eq!(ia, ib, "checkpoint 2 ({tag})");
     assert_ne!(ia, image(&sa, &wa1.files), "checkpoint 2 holds the update ({tag})");
-    let third = b.snapshot(3).unwrap().run(&sb).unwrap();
+    let third = b.snapshot(3, false).unwrap().run(&sb).unwrap();
     assert_ne!(image(&sb, &third.files), ib, "the update after barrier 2 is in checkpoint 3 only ({tag})");
     std::fs::remove_dir_all(dir).ok();
 }
