@@ -550,6 +550,39 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_is_written_on_another_thread_while_the_map_changes() {
+        let mut m: CowMap<u64, String> = CowMap::new(KeyGroupRange::new(0, 128), 128);
+        m.track_changes(true);
+        for k in 0..20_000 {
+            m.insert(k, k.to_string());
+        }
+        let want = contents(&m);
+        let writer = std::thread::spawn({
+            let snap = m.snapshot();
+            move || write_snapshot_releasing(snap).unwrap()
+        });
+        for k in 0..20_000 {
+            m.get_mut(&k).unwrap().push('+');
+            if k % 3 == 0 {
+                m.remove(&k);
+            }
+        }
+        let full = writer.join().unwrap();
+        let restored: CowMap<u64, String> = restore(&full.bytes, KeyGroupRange::new(0, 128), 128, "f").unwrap();
+        assert_eq!(contents(&restored), want);
+        let now = contents(&m);
+        let delta = std::thread::spawn({
+            let snap = m.snapshot();
+            move || write_delta(&snap).unwrap()
+        })
+        .join()
+        .unwrap();
+        let mut restored = restored;
+        restore_delta_into(&mut restored, &delta.bytes, "d").unwrap();
+        assert_eq!(contents(&restored), now);
+    }
+
+    #[test]
     fn full_and_delta_files_are_not_mistaken_for_each_other() {
         let (full, delta, _) = base_and_delta();
         let err = restore::<u64, String>(&delta.bytes, KeyGroupRange::new(0, 128), 128, "chk-9/d.state").unwrap_err().to_string();
