@@ -137,11 +137,13 @@ fn kept_locally(spec: &SnapshotSpec, written: Result<TablesWritten, String>) -> 
 fn write_heap(storage: &CheckpointStorage, spec: &SnapshotSpec, parts: Vec<HeapPart>) -> Result<TablesWritten, String> {
     let mut out = TablesWritten::default();
     for part in parts {
-        let state = part.name;
+        let HeapPart { name: state, view, ticket } = part;
         // A savepoint is written in full and does not join the chain (its ticket, dropped,
         // passes the turn on): a snapshot after it would be full.
-        let Some((ticket, share)) = part.ticket.filter(|_| !spec.savepoint) else {
-            let w = part.view.write_full().map_err(|e| e.to_string())?;
+        let Some((ticket, share)) = ticket.filter(|_| !spec.savepoint) else {
+            let w = view.write_full().map_err(|e| e.to_string())?;
+            // Let go of the frozen view before the upload: writes stop copying entries.
+            drop(view);
             let path = spec.private(&state);
             let size = w.bytes.len() as u64;
             if let Some(l) = &spec.local {
@@ -159,13 +161,14 @@ fn write_heap(storage: &CheckpointStorage, spec: &SnapshotSpec, parts: Vec<HeapP
             let c = chain.lock();
             c.must_be_full(seq, share) || c.files.len() >= MAX_HEAP_CHAIN
         };
-        if !full && part.view.changed() == 0 {
+        if !full && view.changed() == 0 {
             // Nothing changed: the checkpoint lists the chain as it is, and this snapshot joins it.
             out.files.extend(chain.lock().files.iter().cloned());
             turn.ok = true;
             continue;
         }
-        let w = if full { part.view.write_full() } else { part.view.write_delta() }.map_err(|e| e.to_string())?;
+        let w = if full { view.write_full() } else { view.write_delta() }.map_err(|e| e.to_string())?;
+        drop(view);
         let path = spec.shared(&state, if full { "full" } else { "delta" });
         let size = w.bytes.len() as u64;
         if let Some(l) = &spec.local {

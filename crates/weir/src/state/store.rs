@@ -95,7 +95,11 @@ impl<K: Key, V: Data + Sync> Store<K, V> {
                 Some(v) => self.insert_restored(k, v).map_err(misplaced),
                 None => match weir_state::keygroup::key_group(&k, max_parallelism) {
                     kg if kg == block.key_group => {
-                        self.remove(&k);
+                        match self {
+                            // Not a change of this run: the next delta does not repeat it.
+                            Store::Heap(m) => m.remove_restored(&k).map(|_| ()).map_err(misplaced)?,
+                            Store::Rocks(m) => m.remove(&k),
+                        }
                         Ok(())
                     }
                     kg => Err(misplaced(kg)),
