@@ -360,11 +360,7 @@ impl<K: Key> KeyedArena<K> {
             };
             let full = {
                 let c = chain.lock();
-                force_full
-                    || c.joined.is_none_or(|j| j + 1 != seq)
-                    || c.files.is_empty()
-                    || c.files.len() as u32 >= at.full_every
-                    || c.delta_bytes as f64 > at.max_delta_share * c.base_bytes as f64
+                force_full || c.files.len() as u32 >= at.full_every || c.must_be_full(seq, at.max_delta_share)
             };
             let vram = at.vram.as_ref().and_then(|_| snap.vram());
             let written = (|| -> Result<(StateFileHandle, u64), String> {
@@ -399,13 +395,7 @@ impl<K: Key> KeyedArena<K> {
                 Err(e) => return Err(e),
             };
             let size = handle.size;
-            if full {
-                c.files = vec![handle];
-                (c.base_bytes, c.delta_bytes) = (size, 0);
-            } else {
-                c.files.push(handle);
-                c.delta_bytes += size;
-            }
+            c.push(handle, full);
             let files = c.files.clone();
             drop(c);
             if let (Some(name), Some(v)) = (&at.vram, vram) {
