@@ -38,22 +38,24 @@ pub(crate) trait StateTable<K>: Any {
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
-/// A heap state frozen at a barrier, serialised later on the snapshot writer.
+/// A heap state frozen at a barrier, serialised later on the snapshot writer. Writing lets go
+/// of each key group as soon as it is written, so the processing thread's writes stop copying
+/// entries of that key group.
 pub(crate) trait HeapSnapshot: Send {
     /// Every entry, in the canonical format.
-    fn write_full(&self) -> Result<weir_state::format::WrittenSnapshot, StateError>;
+    fn write_full(self: Box<Self>) -> Result<weir_state::format::WrittenSnapshot, StateError>;
     /// The keys changed or removed since the previous snapshot (puts and tombstones).
-    fn write_delta(&self) -> Result<weir_state::format::WrittenSnapshot, StateError>;
+    fn write_delta(self: Box<Self>) -> Result<weir_state::format::WrittenSnapshot, StateError>;
     /// How many keys changed since the previous snapshot (0: a delta would be empty).
     fn changed(&self) -> usize;
 }
 
 impl<K: Key, V: Data + Sync> HeapSnapshot for CowSnapshot<K, V> {
-    fn write_full(&self) -> Result<weir_state::format::WrittenSnapshot, StateError> {
-        weir_state::format::write_snapshot(self)
+    fn write_full(self: Box<Self>) -> Result<weir_state::format::WrittenSnapshot, StateError> {
+        weir_state::format::write_snapshot_releasing(*self)
     }
-    fn write_delta(&self) -> Result<weir_state::format::WrittenSnapshot, StateError> {
-        weir_state::format::write_delta(self)
+    fn write_delta(self: Box<Self>) -> Result<weir_state::format::WrittenSnapshot, StateError> {
+        weir_state::format::write_delta_releasing(*self)
     }
     fn changed(&self) -> usize {
         self.changed_len()

@@ -142,8 +142,6 @@ fn write_heap(storage: &CheckpointStorage, spec: &SnapshotSpec, parts: Vec<HeapP
         // passes the turn on): a snapshot after it would be full.
         let Some((ticket, share)) = ticket.filter(|_| !spec.savepoint) else {
             let w = view.write_full().map_err(|e| e.to_string())?;
-            // Let go of the frozen view before the upload: writes stop copying entries.
-            drop(view);
             let path = spec.private(&state);
             let size = w.bytes.len() as u64;
             if let Some(l) = &spec.local {
@@ -168,7 +166,6 @@ fn write_heap(storage: &CheckpointStorage, spec: &SnapshotSpec, parts: Vec<HeapP
             continue;
         }
         let w = if full { view.write_full() } else { view.write_delta() }.map_err(|e| e.to_string())?;
-        drop(view);
         let path = spec.shared(&state, if full { "full" } else { "delta" });
         let size = w.bytes.len() as u64;
         if let Some(l) = &spec.local {
