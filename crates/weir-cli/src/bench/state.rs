@@ -547,10 +547,14 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             };
             let chk = b.checkpoint_dir().join(&name).join(format!("chk-{}", last.id));
             // Which of the checkpoint's files have a local copy of the same size.
-            let files: Vec<_> = last.subtasks.iter().flat_map(|(_, s)| s.state_files.iter()).collect();
+            // (`<local dir>/<job>/<operator uid>-<subtask>/<path>`.)
+            let files: Vec<_> = last.subtasks.iter().flat_map(|(t, s)| s.state_files.iter().map(move |f| (t, s, f))).collect();
             let copied = files
                 .iter()
-                .filter(|f| std::fs::metadata(b.local_dir().join(&name).join(&f.path)).is_ok_and(|m| m.len() == f.size))
+                .filter(|(t, s, f)| {
+                    let copy = weir::state::local_copy_path(&b.local_dir(), &name, &s.uid, t.subtask, &f.path);
+                    std::fs::metadata(copy).is_ok_and(|m| m.len() == f.size)
+                })
                 .count();
             let restore_config = |from_local: bool| {
                 b.config(backend, None, false, &[

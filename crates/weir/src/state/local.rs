@@ -228,6 +228,6 @@ impl<'a> StateReader<'a> {
 }
 
 /// The directory of a subtask's copies.
-fn task_dir(uid: &str, subtask: u32) -> String {
+pub(crate) fn task_dir(uid: &str, subtask: u32) -> String {
     format!("{}-{subtask}", crate::stream::sanitize(uid))
 }

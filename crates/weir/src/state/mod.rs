@@ -24,6 +24,13 @@ mod store;
 
 use store::Store;
 
+/// Where local recovery keeps its copy of the file `rel` (a path as checkpoint metadata lists it)
+/// of subtask `subtask` of the operator with uid `uid` of job `job`, under `weir.state.local.dir`
+/// `dir`.
+pub fn local_copy_path(dir: &std::path::Path, job: &str, uid: &str, subtask: u32, rel: &str) -> std::path::PathBuf {
+    dir.join(crate::stream::sanitize(job)).join(local::task_dir(uid, subtask)).join(rel)
+}
+
 /// One registered state, type-erased.
 pub(crate) trait StateTable<K>: Any {
     fn name(&self) -> &str;
