@@ -113,7 +113,16 @@ fn run(args: RunArgs) -> Result<()> {
     // execution.checkpointing.externalized-checkpoint-retention. With --savepoint-on-stop they
     // stop it with a savepoint instead.
     let cancel = env.cancel_flag();
-    ctrlc::set_handler(move || cancel.store(true, std::sync::atomic::Ordering::SeqCst)).context("installing the signal handler")?;
+    let savepoint = args.savepoint_on_stop;
+    ctrlc::set_handler(move || {
+        // A second signal while stopping with a savepoint gives up on the savepoint: the process
+        // ends at once, as a crash would (checkpoints stay; `--restore latest` resumes).
+        if cancel.swap(true, std::sync::atomic::Ordering::SeqCst) && savepoint {
+            eprintln!("weir: second signal: stopping now, without the savepoint");
+            std::process::exit(130);
+        }
+    })
+    .context("installing the signal handler")?;
     let started = std::time::Instant::now();
     let plan2 = plan.clone();
     let result = env.execute(move |job| plan2.build(job))?;
