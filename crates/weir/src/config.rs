@@ -338,6 +338,11 @@ impl JobConfig {
                 delay: dur("restart-strategy.fixed-delay.delay"),
             },
         };
+        if get("execution.state-recovery.from-local") == "true" && get("execution.checkpointing.local-backup.enabled") != "true" {
+            tracing::warn!(
+                "execution.state-recovery.from-local is on but execution.checkpointing.local-backup.enabled is off: only copies an earlier run kept are used"
+            );
+        }
         let parallelism = int("parallelism.default") as u32;
         let max_parallelism = int("pipeline.max-parallelism") as u32;
         if parallelism > max_parallelism {
