@@ -93,8 +93,35 @@ fn config(dir: &Path, backend: &str, incremental: bool, parallelism: u32, extra:
     JobConfig::from_pairs(pairs).unwrap()
 }
 
-/// Run the counting job over `gen` (source uid `source`), panicking once at each record index
-/// in `panic_at` (replays counted).
+/// The counting job over `gen` (source uid `source`), panicking once at each record index in
+/// `panic_at` (replays counted).
+fn counting(job: &mut weir::Job<'_>, source: &str, gen: &GeneratorSource, out: &Path, panic_at: &Arc<Mutex<Vec<u64>>>, seen: &Arc<AtomicU64>) {
+    let (panic_at, seen) = (panic_at.clone(), seen.clone());
+    job.uid(source)
+        .source("gen", gen.clone())
+        .map(move |r: Row| {
+            let n = seen.fetch_add(1, Ordering::Relaxed);
+            let mut p = panic_at.lock().unwrap();
+            if let Some(i) = p.iter().position(|&x| x == n) {
+                p.remove(i);
+                drop(p);
+                panic!("injected failure at record {n}");
+            }
+            r
+        })
+        .key_by(|r: &Row| match r.get(0) {
+            Value::Int(k) => *k,
+            _ => unreachable!(),
+        })
+        .uid("counts")
+        .process("counts", Counts::default())
+        .sink("out", FileSink::new(out, |s: &String, b: &mut Vec<u8>| {
+            b.extend_from_slice(s.as_bytes());
+            b.push(b'\n');
+        }));
+}
+
+/// Run the counting job (see [`counting`]).
 fn run(name: &str, config: JobConfig, restore: Restore, source: &str, gen: GeneratorSource, out: &Path, panic_at: Vec<u64>) -> weir::JobResult {
     let out = out.to_path_buf();
     let panic_at = Arc::new(Mutex::new(panic_at));
@@ -103,31 +130,7 @@ fn run(name: &str, config: JobConfig, restore: Restore, source: &str, gen: Gener
     StreamEnv::new(name, config)
         .restore(restore)
         .allow_non_restored_state(true)
-        .execute(move |job| {
-            let (panic_at, seen) = (panic_at.clone(), seen.clone());
-            job.uid(&source)
-                .source("gen", gen.clone())
-                .map(move |r: Row| {
-                    let n = seen.fetch_add(1, Ordering::Relaxed);
-                    let mut p = panic_at.lock().unwrap();
-                    if let Some(i) = p.iter().position(|&x| x == n) {
-                        p.remove(i);
-                        drop(p);
-                        panic!("injected failure at record {n}");
-                    }
-                    r
-                })
-                .key_by(|r: &Row| match r.get(0) {
-                    Value::Int(k) => *k,
-                    _ => unreachable!(),
-                })
-                .uid("counts")
-                .process("counts", Counts::default())
-                .sink("out", FileSink::new(&out, |s: &String, b: &mut Vec<u8>| {
-                    b.extend_from_slice(s.as_bytes());
-                    b.push(b'\n');
-                }));
-        })
+        .execute(move |job| counting(job, &source, &gen, &out, &panic_at, &seen))
         .unwrap()
 }
 
@@ -225,21 +228,8 @@ fn run_with_savepoint(name: &str, config: JobConfig, gen: GeneratorSource, out: 
             flag.store(true, Ordering::SeqCst);
         });
     }
-    env.execute(move |job| {
-        job.uid("gen-a")
-            .source("gen", gen.clone())
-            .key_by(|r: &Row| match r.get(0) {
-                Value::Int(k) => *k,
-                _ => unreachable!(),
-            })
-            .uid("counts")
-            .process("counts", Counts::default())
-            .sink("out", FileSink::new(&out, |s: &String, b: &mut Vec<u8>| {
-                b.extend_from_slice(s.as_bytes());
-                b.push(b'\n');
-            }));
-    })
-    .unwrap()
+    let (panic_at, seen) = (Arc::default(), Arc::default());
+    env.execute(move |job| counting(job, "gen-a", &gen, &out, &panic_at, &seen)).unwrap()
 }
 
 #[test]
