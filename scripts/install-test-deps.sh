@@ -27,5 +27,5 @@ if [ ! -x "$deps/moto-venv/bin/moto_server" ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
     python3 -m venv --clear "$deps/moto-venv"
   fi
-  "$deps/moto-venv/bin/pip" install -q --disable-pip-version-check 'moto[server]'
+  "$deps/moto-venv/bin/pip" install -q --disable-pip-version-check 'moto[server]==5.2.5'
 fi
