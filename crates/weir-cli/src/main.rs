@@ -140,6 +140,22 @@ fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// Output piped into a command that stops reading early (`weir checkpoints list DIR | head`)
+/// ends the process quietly, as a Unix tool does, instead of with a panic and a backtrace: Rust
+/// ignores SIGPIPE, so `println!` panics on the broken pipe.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let p = info.payload();
+        let msg = p.downcast_ref::<String>().map(String::as_str).or_else(|| p.downcast_ref::<&str>().copied()).unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            // 128 + SIGPIPE: what a shell reports for a process ended by a closed pipe.
+            std::process::exit(141);
+        }
+        default(info)
+    }));
+}
+
 fn main() {
     // Vulkan loaders complain without a runtime directory; nothing else needs one.
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
@@ -153,6 +169,7 @@ fn main() {
         .init();
     // Crash points of the commit protocol exist only in test builds (feature `failpoints`).
     let _crash_points = weir::crash::setup();
+    quiet_on_closed_stdout();
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Run(a) => run(a),

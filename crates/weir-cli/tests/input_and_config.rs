@@ -189,3 +189,15 @@ fn killed_then_restored_with_a_smaller_count_finishes() {
     let extra: Vec<_> = got.keys().filter(|l| !reference.contains_key(*l)).take(3).collect();
     assert!(extra.is_empty(), "lines no full run writes: {extra:?}");
 }
+
+/// `weir config | head -1`: the reader goes away first; the process ends quietly (no panic, no
+/// backtrace), as a Unix tool does.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let mut child = weir().arg("config").stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr}");
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+}
