@@ -350,14 +350,41 @@ where
     V: Clone + DeserializeOwned,
 {
     let mp = map.max_parallelism();
-    decode_block(block_bytes, block, file, |k, v: Option<V>| {
-        in_block(&k, mp, block, file)?;
+    decode_checked(block_bytes, block, file, mp, true, |k, v: Option<V>| {
         match v {
             Some(v) => map.insert_restored(k, v),
             None => map.remove_restored(&k).map(drop),
         }
         .map_err(|kg| misplaced(file, block, kg))
     })
+}
+
+/// Decode one key-group block (its bytes exactly) of a full file (`delta: false`) or a delta
+/// file, checking its crc and that every key is of the block's key group: `f` gets each put as
+/// `Some(value)` and each tombstone as `None`. For maps other than [`CowMap`] (RocksDB).
+pub fn decode_checked<K, V>(
+    block_bytes: &[u8],
+    block: &KeyGroupBlock,
+    file: &str,
+    max_parallelism: u32,
+    delta: bool,
+    mut f: impl FnMut(K, Option<V>) -> Result<(), StateError>,
+) -> Result<(), StateError>
+where
+    K: Hash + DeserializeOwned,
+    V: DeserializeOwned,
+{
+    if delta {
+        decode_block(block_bytes, block, file, |k: K, v: Option<V>| {
+            in_block(&k, max_parallelism, block, file)?;
+            f(k, v)
+        })
+    } else {
+        decode_block(block_bytes, block, file, |k: K, v: V| {
+            in_block(&k, max_parallelism, block, file)?;
+            f(k, Some(v))
+        })
+    }
 }
 
 /// A key must be of its block's key group: a misplaced one would be missed by a restore at

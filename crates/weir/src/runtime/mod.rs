@@ -160,12 +160,7 @@ impl JobCtx {
     /// The snapshots of operator `op` in the restored checkpoint: those with its uid (by
     /// position in a checkpoint written before uids).
     pub(crate) fn restored_subtasks(&self, op: u32) -> impl Iterator<Item = &SubtaskSnapshot> {
-        let uid = self.uid_of(op);
-        self.restored
-            .iter()
-            .flat_map(|m| m.subtasks.iter())
-            .filter(move |(t, s)| operator_uid::claims(op, &uid, t, s))
-            .map(|(_, s)| s)
+        self.restored_tasks(op).map(|(_, s)| s)
     }
 
     /// The snapshots of operator `op` in the restored checkpoint, with the task that took each.

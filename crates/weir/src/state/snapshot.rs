@@ -80,8 +80,8 @@ struct HeapPart {
 }
 
 impl<K: Key> StateTables<K> {
-    /// The synchronous part of a snapshot at the barrier of `spec.epoch`: freeze every heap
-    /// state (copy-on-write), or flush RocksDB and make its native checkpoint. Returns the
+    /// The synchronous part of a snapshot at the barrier of `spec.epoch`, after [`Self::flush`]:
+    /// freeze every heap state (copy-on-write), or make RocksDB's native checkpoint. Returns the
     /// background part.
     pub(crate) fn snapshot(&mut self, spec: SnapshotSpec) -> Result<TablesJob, String> {
         match &self.backend {
@@ -95,8 +95,9 @@ impl<K: Key> StateTables<K> {
                 Ok(Box::new(move |storage: &CheckpointStorage| kept_locally(&spec, write_heap(storage, &spec, parts))))
             }
             Backend::Rocks(inst) => {
+                // The caller flushed the write-back caches (`snapshot_tables`: an error there
+                // fails the job rather than declining the checkpoint).
                 let inst = inst.clone();
-                self.flush().map_err(|e| format!("{}: {e}", inst.owner))?;
                 let dir = inst.snapshots.join(format!("chk-{}", spec.epoch));
                 if dir.exists() {
                     std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: removing {}: {e}", inst.owner, dir.display()))?;

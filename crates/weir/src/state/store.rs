@@ -3,7 +3,7 @@
 //! access, so the heap path stays a direct hash-table lookup.
 
 use weir_state::cow::CowMap;
-use weir_state::format::decode_block;
+use weir_state::format::{corrupt_error, decode_checked, read_block, read_delta_block};
 use weir_state::rocks::RocksMap;
 use weir_state::StateError;
 use weir_checkpoint::KeyGroupBlock;
@@ -87,32 +87,24 @@ impl<K: Key, V: Data + Sync> Store<K, V> {
     /// Load one key-group block of a full file (`delta: false`) or apply one of a delta file
     /// (puts and tombstones), checking that every key belongs to the block's key group.
     pub fn restore_block(&mut self, bytes: &[u8], block: &KeyGroupBlock, file: &str, delta: bool, max_parallelism: u32) -> Result<(), StateError> {
-        let misplaced = |kg: u32| {
-            weir_state::format::corrupt_error(file, format!("block of key group {} holds a key of key group {kg}", block.key_group))
-        };
-        if delta {
-            decode_block(bytes, block, file, |k: K, v: Option<V>| match v {
-                Some(v) => self.insert_restored(k, v).map_err(misplaced),
-                None => match weir_state::keygroup::key_group(&k, max_parallelism) {
-                    kg if kg == block.key_group => {
-                        match self {
-                            // Not a change of this run: the next delta does not repeat it.
-                            Store::Heap(m) => m.remove_restored(&k).map(|_| ()).map_err(misplaced)?,
-                            Store::Rocks(m) => m.remove(&k),
-                        }
-                        Ok(())
-                    }
-                    kg => Err(misplaced(kg)),
-                },
-            })
-        } else {
-            decode_block(bytes, block, file, |k: K, v: V| self.insert_restored(k, v).map_err(misplaced))
+        match self {
+            Store::Heap(m) if delta => read_delta_block(m, bytes, block, file),
+            Store::Heap(m) => read_block(m, bytes, block, file),
+            Store::Rocks(m) => decode_checked(bytes, block, file, max_parallelism, delta, |k: K, v: Option<V>| match v {
+                Some(v) => m.insert_restored(k, v).map_err(|kg| {
+                    corrupt_error(file, format!("block of key group {} holds a key of key group {kg}, outside this instance", block.key_group))
+                }),
+                None => {
+                    m.remove(&k);
+                    Ok(())
+                }
+            }),
         }
     }
 
     /// Load one entry of a RocksDB snapshot, still encoded (`postcard(K)`, `postcard(V)`).
     pub fn restore_raw(&mut self, kg: u32, key: &[u8], value: &[u8], file: &str) -> Result<(), StateError> {
-        let corrupt = |what: String| weir_state::format::corrupt_error(file, format!("key group {kg}: {what}"));
+        let corrupt = |what: String| corrupt_error(file, format!("key group {kg}: {what}"));
         if let Store::Rocks(m) = self {
             return m.insert_raw(kg, key, value);
         }

@@ -98,7 +98,9 @@ fn blocking_snapshots_hold_what_async_snapshots_hold_on_the_gpu_path() {
     // CI sets WEIR_REQUIRE_GPU=1 (lavapipe): then a missing adapter fails here.
     let kernels: Arc<dyn Kernels> = weir_gpu::kernels::shared_kernels(&JobConfig::default().gpu).unwrap();
     if kernels.as_gpu().is_none() {
-        eprintln!("no GPU adapter: the GPU path is not tested");
+        // Only outside CI: with WEIR_REQUIRE_GPU=1 the selection above has failed already.
+        assert!(!std::env::var("WEIR_REQUIRE_GPU").is_ok_and(|v| v == "1"), "WEIR_REQUIRE_GPU=1 but the GPU path fell back to the CPU");
+        eprintln!("NO GPU ADAPTER: the GPU path is not tested (set WEIR_REQUIRE_GPU=1 to fail)");
         return;
     }
     same_checkpoints(kernels.as_ref(), "gpu");
