@@ -149,6 +149,31 @@ pub struct JobConfig {
     /// [`crate::StreamEnv::savepoint_on_stop`]): the final checkpoint is written in full, in the
     /// canonical format, and copied to `execution.checkpointing.savepoint-dir`.
     pub savepoint_on_stop: bool,
+    /// The REST API and dashboard (`rest.*`), served by process 0.
+    pub rest: RestSettings,
+    /// How often workers report their operators' metrics to process 0
+    /// (`metrics.reporter.interval`).
+    pub metrics_interval: Duration,
+    /// Latency tracking (`metrics.latency.interval`, Flink's key): sources stamp every batch with
+    /// its emit time and every operator records source → operator latency; `None` (`0`/`off`)
+    /// turns it off.
+    pub latency_interval: Option<Duration>,
+    /// Checkpoints kept in the REST API's history (`web.checkpoints.history`).
+    pub web_checkpoints_history: usize,
+}
+
+/// The REST API's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestSettings {
+    /// Serve it at all (`rest.enabled`; the CLI's `--no-rest`).
+    pub enabled: bool,
+    /// Address to bind (`rest.address`; also `rest.bind-address`).
+    pub address: String,
+    /// Port (`rest.port`; 0 picks a free one, which the log prints).
+    pub port: u16,
+    /// A file holding the bearer token for mutating calls (`rest.token-file`); without it a
+    /// token is generated at start and written to a file only the user can read.
+    pub token_file: Option<String>,
 }
 
 impl Default for JobConfig {
@@ -251,6 +276,14 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("external-resource.gpu.amount", Kind::Int { min: 0, max: 64 }, "1"),
     ("cluster.secret-file", Kind::Str, ""),
     ("execution.state-recovery.ignore-unclaimed-state", Kind::Enum(&["true", "false"]), "false"),
+    ("rest.enabled", Kind::Enum(&["true", "false"]), "true"),
+    ("rest.address", Kind::Str, "127.0.0.1"),
+    ("rest.port", Kind::Int { min: 0, max: 65535 }, "8081"),
+    ("rest.token-file", Kind::Str, ""),
+    ("metrics.reporter.interval", Kind::Duration, "1 s"),
+    // Flink's key; Flink's default is off, Weir's stamps cost a clock read per batch.
+    ("metrics.latency.interval", Kind::DurationOrOff, "1 s"),
+    ("web.checkpoints.history", Kind::Int { min: 1, max: 10_000 }, "10"),
 ];
 
 /// Flink 1.x names and the keys that replace them.
@@ -266,6 +299,7 @@ const DEPRECATED: &[(&str, &str)] = &[
     ("state.backend.rocksdb.localdir", "weir.state.rocksdb.dir"),
     ("state.savepoints.dir", "execution.checkpointing.savepoint-dir"),
     ("taskmanager.state.local.root-dirs", "weir.state.local.dir"),
+    ("rest.bind-address", "rest.address"),
 ];
 
 /// The keys this build knows, with their defaults (for documentation and `weir config`).
@@ -412,6 +446,18 @@ impl JobConfig {
             cluster_secret_file: Some(get("cluster.secret-file")).filter(|f| !f.is_empty()),
             allow_non_restored_state: get("execution.state-recovery.ignore-unclaimed-state") == "true",
             savepoint_on_stop: false,
+            rest: RestSettings {
+                enabled: get("rest.enabled") == "true",
+                address: get("rest.address"),
+                port: int("rest.port") as u16,
+                token_file: Some(get("rest.token-file")).filter(|f| !f.is_empty()),
+            },
+            metrics_interval: dur("metrics.reporter.interval").max(Duration::from_millis(10)),
+            latency_interval: match get("metrics.latency.interval").as_str() {
+                "off" | "none" => None,
+                v => parse_duration(v).filter(|d| !d.is_zero()),
+            },
+            web_checkpoints_history: int("web.checkpoints.history") as usize,
         })
     }
 }

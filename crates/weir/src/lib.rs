@@ -41,6 +41,7 @@ pub mod config;
 pub mod connectors;
 pub mod epoch;
 pub mod job;
+pub mod monitor;
 pub mod ops;
 pub mod row;
 pub mod runtime;

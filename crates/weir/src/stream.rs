@@ -31,12 +31,13 @@ pub struct StreamEnv {
     cluster: ClusterConfig,
     restore: Restore,
     cancel: Arc<std::sync::atomic::AtomicBool>,
+    monitor: std::sync::OnceLock<Arc<crate::monitor::JobMonitor>>,
 }
 
 impl StreamEnv {
     /// An environment for job `name`.
     pub fn new(name: &str, config: JobConfig) -> Self {
-        Self { name: name.to_string(), config, cluster: ClusterConfig::default(), restore: Restore::None, cancel: Arc::default() }
+        Self { name: name.to_string(), config, cluster: ClusterConfig::default(), restore: Restore::None, cancel: Arc::default(), monitor: Default::default() }
     }
 
     /// A flag that cancels the running job when set (e.g. from a signal handler).
@@ -73,6 +74,13 @@ impl StreamEnv {
         self
     }
 
+    /// The job's monitor: what the REST API, the dashboard, the metrics and the progress bar
+    /// read, and where they send commands (savepoint, stop, cancel). Configure the environment
+    /// before taking it: it keeps the configuration it was created with.
+    pub fn monitor(&self) -> Arc<crate::monitor::JobMonitor> {
+        self.monitor.get_or_init(|| crate::monitor::JobMonitor::new(&self.name, &self.config)).clone()
+    }
+
     /// The configuration.
     pub fn config(&self) -> &JobConfig {
         &self.config
@@ -84,7 +92,7 @@ impl StreamEnv {
     where
         F: Fn(&mut Job<'_>) + Send + Sync + 'static,
     {
-        run_job(&self.name, self.config.clone(), &self.cluster, &self.restore, self.cancel.clone(), Arc::new(build))
+        run_job(&self.name, self.config.clone(), &self.cluster, &self.restore, self.cancel.clone(), self.monitor(), Arc::new(build))
     }
 }
 

@@ -11,6 +11,7 @@ pub(crate) mod executor;
 mod operator_uid;
 mod savepoint;
 
+use crate::monitor::JobMonitor;
 use std::cell::{Cell, RefCell};
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
@@ -254,6 +255,7 @@ pub(crate) fn run_job(
     cluster: &ClusterConfig,
     restore: &Restore,
     cancel: Arc<AtomicBool>,
+    monitor: Arc<JobMonitor>,
     build: Arc<BuildFn>,
 ) -> Result<JobResult, JobError> {
     let processes = cluster.processes() as u32;
