@@ -5,9 +5,11 @@
 # Idempotent; quiet when all is present.
 set -euo pipefail
 need=()
-for pkg in mesa-vulkan-drivers libvulkan1 libclang-dev; do
+for pkg in mesa-vulkan-drivers libvulkan1 libclang-dev chromium; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
+# Any node and npm will do (Debian's, or NodeSource's, which conflicts with Debian's npm).
+command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 if [ "${#need[@]}" -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   echo "installing ${need[*]}" >&2
@@ -28,4 +30,11 @@ if [ ! -x "$deps/moto-venv/bin/moto_server" ]; then
     python3 -m venv --clear "$deps/moto-venv"
   fi
   "$deps/moto-venv/bin/pip" install -q --disable-pip-version-check 'moto[server]==5.2.5'
+fi
+# playwright-core drives Debian's chromium (scripts/browser-test.sh); it never downloads a browser.
+if [ ! -f "$deps/browser/node_modules/playwright-core/package.json" ]; then
+  echo "installing playwright-core into $deps/browser" >&2
+  mkdir -p "$deps/browser"
+  [ -f "$deps/browser/package.json" ] || echo '{"private": true}' >"$deps/browser/package.json"
+  (cd "$deps/browser" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm install --no-audit --no-fund --silent playwright-core@1 >/dev/null)
 fi
