@@ -94,9 +94,10 @@ async function findJob() {
 async function poll() {
   if (!state.jid) state.jid = await findJob();
   const base = `/jobs/${encodeURIComponent(state.jid)}`;
-  const [job, cps, gpu, latency] = await Promise.all([
-    getJson(base), getJson(`${base}/checkpoints`), optional(`${base}/gpu`), optional(`${base}/latency`),
+  const [job, cpsOrNull, gpu, latency] = await Promise.all([
+    getJson(base), optional(`${base}/checkpoints`), optional(`${base}/gpu`), optional(`${base}/latency`),
   ]);
+  const cps = cpsOrNull || { counts: {}, history: [] };
   if (!state.cpConfig) state.cpConfig = await optional(`${base}/checkpoints/config`);
   const details = await Promise.all((job.vertices || []).map((v) => optional(`${base}/vertices/${encodeURIComponent(v.id)}`)));
   (job.vertices || []).forEach((v, i) => { if (details[i]) state.vertexDetails.set(v.id, details[i]); });
