@@ -3,6 +3,9 @@
 mod bench;
 mod checkpoints;
 mod gpu;
+mod http;
+mod jobs;
+mod progress;
 
 use std::path::PathBuf;
 
@@ -21,8 +24,41 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a YAML job.
+    #[command(after_help = "Examples:
+  weir run examples/keyed_sum.yaml
+  weir run examples/keyed_sum.yaml -D execution.checkpointing.interval=10s --set source.count=1000000
+  weir run examples/keyed_sum.yaml --rest-port 0            # the REST API on any free port
+  weir run examples/keyed_sum.yaml --restore latest         # resume from the latest checkpoint
+  weir run examples/keyed_sum.yaml --restore /savepoints/savepoint-keyed-sum-12")]
     Run(RunArgs),
+    /// The jobs served at a REST address: id, name, state, uptime, checkpoints.
+    #[command(after_help = "Examples:
+  weir list
+  weir list --address http://127.0.0.1:8082")]
+    List(jobs::ListArgs),
+    /// Take a savepoint of a running job; the job goes on. Prints `savepoint: PATH`.
+    #[command(after_help = "Examples:
+  weir savepoint http://127.0.0.1:8081 /data/savepoints
+  weir savepoint http://127.0.0.1:8081/jobs/5f0c1e...   # to execution.checkpointing.savepoint-dir
+  weir savepoint keyed-sum /data/savepoints --address http://127.0.0.1:8082 --token-file ~/.weir/rest-8082.token")]
+    Savepoint(jobs::SavepointArgs),
+    /// Stop a running job with a savepoint (Flink's `flink stop`). Prints `savepoint: PATH`.
+    #[command(after_help = "Examples:
+  weir stop --savepoint /data/savepoints http://127.0.0.1:8081
+  weir stop keyed-sum                                   # to execution.checkpointing.savepoint-dir
+  weir run examples/keyed_sum.yaml --restore /data/savepoints/savepoint-keyed-sum-12   # resume it")]
+    Stop(jobs::StopArgs),
+    /// Cancel a running job now, without a savepoint (checkpoints are kept or deleted per
+    /// execution.checkpointing.externalized-checkpoint-retention).
+    #[command(after_help = "Examples:
+  weir cancel http://127.0.0.1:8081
+  weir cancel keyed-sum --address http://127.0.0.1:8082")]
+    Cancel(jobs::CancelArgs),
     /// List or inspect checkpoints.
+    #[command(after_help = "Examples:
+  weir checkpoints list target/weir-checkpoints/keyed-sum
+  weir checkpoints inspect target/weir-checkpoints/keyed-sum/chk-12
+  weir checkpoints list s3://bucket/ck/keyed-sum -D s3.endpoint=http://127.0.0.1:9000")]
     Checkpoints {
         #[command(subcommand)]
         cmd: checkpoints::CheckpointCmd,
@@ -30,13 +66,22 @@ enum Cmd {
     /// Benchmark: `weir bench` (the engine: keyed sum with checkpointing off and on),
     /// `weir bench gpu` (every kernel on the GPU against the CPU path) or `weir bench gpu-state`
     /// (device-resident state: the naive blocking barrier against asynchronous snapshots).
+    #[command(after_help = "Examples:
+  weir bench
+  weir bench gpu
+  weir bench gpu-state")]
     Bench(bench::BenchArgs),
     /// GPU devices.
+    #[command(after_help = "Examples:
+  weir gpu info")]
     Gpu {
         #[command(subcommand)]
         cmd: GpuCmd,
     },
     /// Print the configuration keys this build knows, with their types and defaults.
+    #[command(after_help = "Examples:
+  weir config
+  weir config | grep '^rest\\.'")]
     Config,
 }
 
@@ -75,6 +120,15 @@ struct RunArgs {
     /// A file with one host:port per line, one line per process.
     #[arg(long)]
     hostfile: Option<PathBuf>,
+    /// Serve the REST API and dashboard on this port (rest.port; 0: any free port).
+    #[arg(long, value_name = "N")]
+    rest_port: Option<u16>,
+    /// Serve the REST API and dashboard on this address (rest.address).
+    #[arg(long, value_name = "ADDR")]
+    rest_address: Option<String>,
+    /// No REST API or dashboard (rest.enabled=false).
+    #[arg(long)]
+    no_rest: bool,
 }
 
 fn split_pair(s: &str, flag: &str) -> Result<(String, String)> {
@@ -85,7 +139,13 @@ fn split_pair(s: &str, flag: &str) -> Result<(String, String)> {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    let defines = args.define.iter().map(|d| split_pair(d, "-D")).collect::<Result<Vec<_>>>()?;
+    let mut defines = args.define.iter().map(|d| split_pair(d, "-D")).collect::<Result<Vec<_>>>()?;
+    // The flags come after -D, so they win; the config's checks name the key they set.
+    defines.extend(args.rest_port.map(|p| ("rest.port".to_string(), p.to_string())));
+    defines.extend(args.rest_address.clone().map(|a| ("rest.address".to_string(), a)));
+    if args.no_rest {
+        defines.push(("rest.enabled".to_string(), "false".to_string()));
+    }
     let sets = args.set.iter().map(|d| split_pair(d, "--set")).collect::<Result<Vec<_>>>()?;
     let plan = JobPlan::load(&args.job, &sets, &defines)?;
     let mut cluster = ClusterConfig { process: args.process, hosts: vec![] };
@@ -123,9 +183,28 @@ fn run(args: RunArgs) -> Result<()> {
         }
     })
     .context("installing the signal handler")?;
+    // Process 0 runs the coordinator: the monitor has the job's figures there only.
+    let monitor = env.monitor();
+    let rest = match args.process == 0 && env.config().rest.enabled {
+        true => start_rest(monitor.clone(), &env.config().rest)?,
+        false => None,
+    };
+    let progress = (args.process == 0).then(|| progress::Progress::start(monitor.clone()));
     let started = std::time::Instant::now();
     let plan2 = plan.clone();
-    let result = env.execute(move |job| plan2.build(job))?;
+    let result = env.execute(move |job| plan2.build(job));
+    if let Some(p) = progress {
+        p.finish();
+    }
+    if let Some(server) = rest {
+        if result.as_ref().is_ok_and(|r| r.savepoint.is_some()) {
+            // A `weir stop` polls for the savepoint's location: keep answering a moment, so that
+            // the job's end does not race the client's last poll.
+            std::thread::sleep(STOP_GRACE);
+        }
+        server.shutdown();
+    }
+    let result = result?;
     tracing::info!(
         "job {} finished in {:.2} s: {} checkpoint(s){}{}",
         plan.name,
@@ -138,6 +217,24 @@ fn run(args: RunArgs) -> Result<()> {
         println!("savepoint: {p}");
     }
     Ok(())
+}
+
+/// How long the REST API outlives a job stopped with a savepoint (a client polls every 100 ms).
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(1000);
+
+/// Serve the REST API and dashboard for `monitor`'s job, per `rest.*`.
+// TEMP: the server comes with crate weir-rest (being written); until it is in the workspace no
+// server starts, and `weir run` goes on without one.
+fn start_rest(monitor: std::sync::Arc<weir::monitor::JobMonitor>, settings: &weir::config::RestSettings) -> Result<Option<RestServer>> {
+    let _ = (monitor, settings);
+    Ok(None)
+}
+
+/// TEMP: stands for `weir_rest::RestServer` until weir-rest is in the workspace.
+struct RestServer;
+
+impl RestServer {
+    fn shutdown(self) {}
 }
 
 /// Output piped into a command that stops reading early (`weir checkpoints list DIR | head`)
@@ -162,7 +259,7 @@ fn main() {
         std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
     }
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(progress::stderr_log)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
@@ -173,6 +270,10 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Run(a) => run(a),
+        Cmd::List(a) => jobs::list(a),
+        Cmd::Savepoint(a) => jobs::savepoint(a),
+        Cmd::Stop(a) => jobs::stop(a),
+        Cmd::Cancel(a) => jobs::cancel(a),
         Cmd::Checkpoints { cmd } => checkpoints::main(cmd),
         Cmd::Bench(a) => bench::main(a),
         Cmd::Gpu { cmd: GpuCmd::Info } => gpu::info(),
