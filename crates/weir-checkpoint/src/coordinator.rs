@@ -190,6 +190,11 @@ impl<A> CheckpointCoordinator<A> {
         self.retained.iter().copied().collect()
     }
 
+    /// The tasks that acknowledge every checkpoint.
+    pub fn task_count(&self) -> usize {
+        self.tasks.len()
+    }
+
     /// Consecutive failures so far.
     pub fn consecutive_failures(&self) -> u32 {
         self.consecutive_failures
@@ -235,6 +240,24 @@ impl<A> CheckpointCoordinator<A> {
             out.push(self.trigger(now_ms, false));
         }
         out
+    }
+
+    /// Trigger a checkpoint now, outside the periodic schedule (a savepoint, or a checkpoint
+    /// asked for through the REST API). `None` when none can start now: the job failed or is
+    /// finishing (its final checkpoint is due or pending), one is being committed, or
+    /// `max_concurrent` are pending; the caller asks again later.
+    pub fn trigger_now(&mut self, now_ms: u64) -> Option<Action<A>> {
+        let finishing = self.final_id.is_some() || (!self.sources.is_empty() && self.finished_sources == self.sources);
+        if self.failed || finishing || self.committing.is_some() || self.pending.len() >= self.cfg.max_concurrent.max(1) {
+            return None;
+        }
+        Some(self.trigger(now_ms, false))
+    }
+
+    /// Whether the job's final checkpoint was triggered (or the job failed): no checkpoint
+    /// asked for from now on can start.
+    pub fn is_finishing(&self) -> bool {
+        self.failed || self.final_id.is_some()
     }
 
     fn trigger(&mut self, now_ms: u64, is_final: bool) -> Action<A> {
@@ -429,6 +452,25 @@ mod tests {
         c.ack(2, TaskId::new(0, 1), 0, 210);
         assert_eq!(ids(&c.committed(2, 220)), ["discard1", "notify2"]);
         assert_eq!(c.retained(), [2]);
+    }
+
+    #[test]
+    fn trigger_now_respects_concurrency_and_the_final_checkpoint() {
+        // No periodic checkpoints: only asked-for ones.
+        let mut c = coord(CoordinatorConfig::default(), 1);
+        assert!(c.tick(10).is_empty());
+        assert_eq!(ids(&[c.trigger_now(20).expect("idle")]), ["trigger1"]);
+        assert!(c.trigger_now(30).is_none(), "max concurrent 1: one pending");
+        c.ack(1, TaskId::new(0, 0), 0, 40);
+        assert_eq!(ids(&c.committed(1, 50)), ["notify1"]);
+        assert!(c.tick(60).is_empty(), "an asked-for checkpoint does not start a schedule");
+        assert_eq!(ids(&[c.trigger_now(70).expect("idle again")]), ["trigger2"]);
+        c.ack(2, TaskId::new(0, 0), 0, 80);
+        c.committed(2, 90);
+        // The source finished: the final checkpoint is next, and nothing may start before it.
+        assert_eq!(ids(&c.source_finished(TaskId::new(0, 0), 100)), ["trigger3F"]);
+        assert!(c.trigger_now(110).is_none());
+        assert!(c.is_finishing());
     }
 
     #[test]

@@ -15,7 +15,9 @@ use weir_checkpoint::{SplitOffset, SubtaskSnapshot, SubtaskStats, TaskId};
 use weir_state::keygroup::{key_group, operator_for_key_group, KeyGroupRange};
 
 use crate::epoch::{epoch_of, epoch_start, Aligned, EpochAligner, Time};
+use crate::monitor::VertexKind;
 use crate::runtime::control::AckMsg;
+use crate::runtime::metrics::OpMetrics;
 use crate::runtime::{now_us, run_job, ClusterConfig, JobCtx, JobError, JobResult, Restore};
 use crate::sink::{Sink, SinkContext};
 use crate::source::{Poll, Source, SourceContext};
@@ -120,6 +122,8 @@ pub struct DataStream<'s, T> {
     ctx: Rc<JobCtx>,
     /// The uid of the next operator that registers (see [`DataStream::uid`]).
     uid: Option<String>,
+    /// The vertex (for metrics) whose output this is.
+    vertex: Option<usize>,
 }
 
 /// A stream partitioned by key.
@@ -129,6 +133,7 @@ pub struct KeyedStream<'s, K, T> {
     key: Rc<dyn Fn(&T) -> K>,
     /// The uid of the next keyed operator (see [`KeyedStream::uid`]).
     uid: Option<String>,
+    vertex: Option<usize>,
 }
 
 impl<'s> Job<'s> {
@@ -187,6 +192,7 @@ impl<'s> Job<'s> {
             }
         };
         let name_owned = name.to_string();
+        let (vertex, metrics) = ctx.vertex(name, Some(op), VertexKind::Source, Vec::new());
         let stream = timely_source::<_, CapacityContainerBuilder<Vec<T>>, _, _>(self.scope, name, |cap, info| {
             let activator = self.scope.activator_for(info.address);
             let sidx = {
@@ -207,9 +213,17 @@ impl<'s> Job<'s> {
             let mut exhausted = false;
             let mut buf: Vec<T> = Vec::with_capacity(batch);
             let ctx = ctx.clone();
+            let latency = ctx.shared.borrow().latency_on;
+            // Since when the flow-control window has held the source back.
+            let mut blocked_since: Option<Instant> = None;
             move |output| {
                 let Some(c) = cap.as_mut() else { return };
                 let Some(r) = reader.as_mut() else { return };
+                let t0 = Instant::now();
+                if let Some(b) = blocked_since.take() {
+                    metrics.backpressured(t0.duration_since(b).as_micros() as u64);
+                }
+                let _busy = BusyGuard(&metrics, t0);
                 // Barriers: record offsets, then move to the next epoch.
                 loop {
                     let trig = ctx.shared.borrow_mut().source_triggers[sidx].pop_front();
@@ -263,11 +277,18 @@ impl<'s> Job<'s> {
                         }
                     };
                     if !buf.is_empty() {
+                        if latency {
+                            // The batch's time carries its emit time (see runtime::metrics).
+                            let t = crate::runtime::metrics::stamp(&ctx.shared.borrow(), epoch, *c.time(), now_us());
+                            c.downgrade(&t);
+                        }
                         let t = *c.time();
+                        metrics.out(buf.len());
                         output.session(&*c).give_container(&mut buf);
                         buf.clear();
                         inflight.push_back(t);
-                        seq += 1;
+                        // Never the next epoch's time: 2^32 batches per epoch.
+                        seq = (seq + 1).max(t - epoch_start(epoch) + 1);
                         c.downgrade(&(epoch_start(epoch) + seq));
                         emitted = true;
                     }
@@ -281,6 +302,9 @@ impl<'s> Job<'s> {
                         }
                     }
                 }
+                if inflight.len() >= window {
+                    blocked_since = Some(Instant::now());
+                }
                 if emitted {
                     activator.activate();
                 } else {
@@ -288,7 +312,7 @@ impl<'s> Job<'s> {
                 }
             }
         });
-        DataStream { stream, ctx: self.ctx.clone(), uid: None }
+        DataStream { stream, ctx: self.ctx.clone(), uid: None, vertex: Some(vertex) }
     }
 }
 
@@ -306,22 +330,22 @@ impl<'s, T: Data> DataStream<'s, T> {
 
     /// Apply `f` to every record.
     pub fn map<U: Data>(self, f: impl FnMut(T) -> U + 'static) -> DataStream<'s, U> {
-        DataStream { stream: self.stream.map(f), ctx: self.ctx, uid: self.uid }
+        DataStream { stream: self.stream.map(f), ctx: self.ctx, uid: self.uid, vertex: self.vertex }
     }
 
     /// Keep the records for which `f` holds.
     pub fn filter(self, f: impl FnMut(&T) -> bool + 'static) -> DataStream<'s, T> {
-        DataStream { stream: self.stream.filter(f), ctx: self.ctx, uid: self.uid }
+        DataStream { stream: self.stream.filter(f), ctx: self.ctx, uid: self.uid, vertex: self.vertex }
     }
 
     /// Replace each record by zero or more.
     pub fn flat_map<U: Data, I: IntoIterator<Item = U>>(self, f: impl FnMut(T) -> I + 'static) -> DataStream<'s, U> {
-        DataStream { stream: self.stream.flat_map(f), ctx: self.ctx, uid: self.uid }
+        DataStream { stream: self.stream.flat_map(f), ctx: self.ctx, uid: self.uid, vertex: self.vertex }
     }
 
     /// Partition by key: records of one key go to the worker owning the key's key group.
     pub fn key_by<K: Key>(self, key: impl Fn(&T) -> K + 'static) -> KeyedStream<'s, K, T> {
-        KeyedStream { stream: self.stream, ctx: self.ctx, key: Rc::new(key), uid: self.uid }
+        KeyedStream { stream: self.stream, ctx: self.ctx, key: Rc::new(key), uid: self.uid, vertex: self.vertex }
     }
 
     /// Apply `f` to batches of records (for GPU operators without state): records of the open
@@ -330,7 +354,7 @@ impl<'s, T: Data> DataStream<'s, T> {
     /// A capability is held only while records wait, so checkpoints stay exact.
     pub fn map_batches<U: Data>(self, name: &str, mut f: impl FnMut(&mut Vec<T>, &mut Vec<U>) + 'static) -> DataStream<'s, U> {
         let mut ready: Vec<U> = Vec::new();
-        self.batched(Pipeline, name, move |ev: BatchEvent<'_, T, U>| match ev {
+        self.batched(Pipeline, name, None, move |ev: BatchEvent<'_, T, U>| match ev {
             BatchEvent::Batch(e, items, out) => {
                 f(items, &mut ready);
                 out.extend(ready.drain(..).map(|u| (e, u)));
@@ -356,7 +380,7 @@ impl<'s, T: Data> DataStream<'s, T> {
             Ok(v) => out.extend(v.into_iter().map(|u| (e, u))),
             Err(err) => panic!("{op}: {err}"),
         };
-        self.batched(Pipeline, name, move |ev: BatchEvent<'_, T, U>| match ev {
+        self.batched(Pipeline, name, None, move |ev: BatchEvent<'_, T, U>| match ev {
             BatchEvent::Batch(e, items, out) => {
                 // Back-pressure: the oldest batch must be done before another is submitted.
                 while q.len() >= max {
@@ -389,12 +413,15 @@ impl<'s, T: Data> DataStream<'s, T> {
         self,
         pact: impl timely::dataflow::channels::pact::ParallelizationContract<Time, Vec<T>>,
         name: &str,
+        keyed_op: Option<u32>,
         mut handler: impl FnMut(BatchEvent<'_, T, U>) + 'static,
     ) -> DataStream<'s, U> {
         type Cap = timely::dataflow::operators::Capability<Time>;
         /// How soon an operator with batches in flight looks at them again.
         const POLL_INTERVAL: Duration = Duration::from_micros(200);
         let ctx = self.ctx.clone();
+        let kind = if keyed_op.is_some() { VertexKind::Keyed } else { VertexKind::Batch };
+        let (vertex, metrics) = ctx.vertex(name, keyed_op, kind, self.vertex.into_iter().collect());
         let (max_records, max_latency) = (ctx.config.gpu_batch_records, ctx.config.gpu_batch_latency);
         let mut aligner: EpochAligner<Cap, T> = EpochAligner::new(ctx.first_epoch);
         let mut pending: Vec<T> = Vec::new();
@@ -408,6 +435,9 @@ impl<'s, T: Data> DataStream<'s, T> {
         let stream = self.stream.unary_frontier::<CapacityContainerBuilder<Vec<U>>, _, _, _>(pact, name, move |_, info| {
             let activator = scope.activator_for(info.address);
             move |(input, frontier), output| {
+                let t0 = Instant::now();
+                let _busy = BusyGuard(&metrics, t0);
+                let now = ctx.shared.borrow().latency_on.then(now_us);
                 let port = output.output_index();
                 // Hand over what waits, collect finished work, emit it under its epoch's
                 // capability, release the capabilities of epochs with nothing left; on an
@@ -428,6 +458,7 @@ impl<'s, T: Data> DataStream<'s, T> {
                         let n = out[i..].iter().take_while(|(x, _)| *x == e).count();
                         run.extend(out.drain(i..i + n).map(|(_, u)| u));
                         let c = caps.get(&e).unwrap_or_else(|| panic!("output of epoch {e} without its capability"));
+                        metrics.out(run.len());
                         output.session(c).give_container(&mut run);
                         run.clear();
                         i = 0;
@@ -438,7 +469,9 @@ impl<'s, T: Data> DataStream<'s, T> {
                     }
                 };
                 input.for_each(|c, data| {
-                    let e = epoch_of(*c.least().expect("records carry a time"));
+                    let t = *c.least().expect("records carry a time");
+                    metrics.batch_in(&ctx.shared.borrow(), t, data.len(), now);
+                    let e = epoch_of(t);
                     if e <= aligner.epoch() {
                         caps.entry(e).or_insert_with(|| c.retain_least(port).expect("records carry a time"));
                         pending.append(data);
@@ -468,7 +501,7 @@ impl<'s, T: Data> DataStream<'s, T> {
                 }
             }
         });
-        DataStream { stream, ctx: self.ctx, uid: self.uid }
+        DataStream { stream, ctx: self.ctx, uid: self.uid, vertex: Some(vertex) }
     }
 
     /// Write into a transactional sink; the sink's output is exactly once.
@@ -506,11 +539,17 @@ impl<'s, T: Data> DataStream<'s, T> {
             .push(Box::new(move |upto| committer.borrow_mut().commit(upto).map_err(|e| format!("sink '{sink_name}': {e}"))));
         let mut aligner: EpochAligner<(), T> = EpochAligner::new(ctx.first_epoch);
         let name_owned = name.to_string();
+        let (_, metrics) = ctx.vertex(name, Some(op), VertexKind::Sink, self.vertex.into_iter().collect());
         self.stream.probe_with(&ctx.probe).sink(Pipeline, name, move |(input, frontier)| {
+            let t0 = Instant::now();
+            let _busy = BusyGuard(&metrics, t0);
+            let now = ctx.shared.borrow().latency_on.then(now_us);
             let mut w = writer.borrow_mut();
             let mut failed = None;
             input.for_each(|cap, data| {
-                let e = epoch_of(*cap.least().expect("records carry a time"));
+                let t = *cap.least().expect("records carry a time");
+                metrics.batch_in(&ctx.shared.borrow(), t, data.len(), now);
+                let e = epoch_of(t);
                 if e <= aligner.epoch() {
                     if let Err(err) = w.write(e, data) {
                         failed.get_or_insert(err);
@@ -560,6 +599,15 @@ impl<'s, T: Data> DataStream<'s, T> {
                 ctx.shared.borrow_mut().set_fail(format!("sink '{name_owned}': {err}"));
             }
         });
+    }
+}
+
+/// Adds the time from its start to its drop to an operator's busy time.
+struct BusyGuard<'a>(&'a OpMetrics, Instant);
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.0.busy_since(self.1);
     }
 }
 
@@ -674,8 +722,12 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
         let mut aligner: EpochAligner<timely::dataflow::operators::Capability<Time>, T> = EpochAligner::new(ctx.first_epoch);
         let mut out: Vec<O> = Vec::new();
         let name_owned = name.to_string();
+        let (vertex, metrics) = ctx.vertex(name, Some(task.operator), VertexKind::Keyed, self.vertex.into_iter().collect());
         let stream = self.stream.unary_frontier::<CapacityContainerBuilder<Vec<O>>, _, _, _>(exchange, name, move |_, _| {
             move |(input, frontier), output| {
+                let t0 = Instant::now();
+                let _busy = BusyGuard(&metrics, t0);
+                let now = ctx.shared.borrow().latency_on.then(now_us);
                 let mut run = |data: &mut Vec<T>, tables: &mut StateTables<K>, out: &mut Vec<O>, epoch: u64| {
                     for x in data.drain(..) {
                         let k = key(&x);
@@ -684,10 +736,13 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
                     }
                 };
                 input.for_each(|cap, data| {
-                    let e = epoch_of(*cap.least().expect("records carry a time"));
+                    let t = *cap.least().expect("records carry a time");
+                    metrics.batch_in(&ctx.shared.borrow(), t, data.len(), now);
+                    let e = epoch_of(t);
                     if e <= aligner.epoch() {
                         run(data, &mut tables, &mut out, e);
                         if !out.is_empty() {
+                            metrics.out(out.len());
                             output.session(&cap).give_container(&mut out);
                             out.clear();
                         }
@@ -703,6 +758,7 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
                         Aligned::Stashed(cap, mut data) => {
                             run(&mut data, &mut tables, &mut out, aligner.epoch());
                             if !out.is_empty() {
+                                metrics.out(out.len());
                                 output.session(&cap).give_container(&mut out);
                                 out.clear();
                             }
@@ -712,7 +768,7 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
                 }
             }
         });
-        DataStream { stream, ctx: self.ctx, uid: None }
+        DataStream { stream, ctx: self.ctx, uid: None, vertex: Some(vertex) }
     }
 
     /// Run a keyed batch function (for GPU operators): records are collected per key and handed
@@ -742,7 +798,7 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
         // epochs' capabilities are held until then).
         let mut drained: Vec<(u64, O)> = Vec::new();
         let name_owned = name.to_string();
-        DataStream { stream: self.stream, ctx: self.ctx, uid: None }.batched(exchange, name, move |ev: BatchEvent<'_, T, O>| match ev {
+        DataStream { stream: self.stream, ctx: self.ctx, uid: None, vertex: self.vertex }.batched(exchange, name, Some(task.operator), move |ev: BatchEvent<'_, T, O>| match ev {
             BatchEvent::Batch(epoch, items, out) => {
                 for x in items.drain(..) {
                     groups.entry(key(&x)).or_default().push(x);
@@ -770,7 +826,7 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
                 }
                 // Checkpointing off: nothing is persisted, and the device state is not copied.
                 // A savepoint (the final checkpoint with --savepoint-on-stop) is full and self-contained.
-                let savepoint = ctx.config.savepoint_on_stop && ctx.shared.borrow().final_id == Some(e);
+                let savepoint = ctx.shared.borrow().is_savepoint(e);
                 let resident = match (ctx.storage.is_some(), func.resident()) {
                     (true, Some(arena)) => Some(arena.snapshot(e, savepoint)),
                     _ => None,
@@ -879,7 +935,7 @@ fn snapshot_tables<K: Key>(
         incremental: c.incremental,
         max_delta_share: c.max_delta_share,
         local: tables.local.clone(),
-        savepoint: ctx.config.savepoint_on_stop && ctx.shared.borrow().final_id == Some(epoch),
+        savepoint: ctx.shared.borrow().is_savepoint(epoch),
     };
     let jobs = match tables.snapshot(spec) {
         Ok(job) => job,

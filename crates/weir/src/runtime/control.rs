@@ -11,12 +11,14 @@ use weir_checkpoint::{CheckpointId, SubtaskSnapshot, TaskId};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) enum Control {
     /// The restore point process 0 chose: the checkpoint (none: a fresh start) and first epoch.
-    RestorePoint { restored: Option<RestoreIdentity>, first_epoch: u64 },
+    /// `base_us`: the wall time the first epoch opens at (what sources' latency stamps count from).
+    RestorePoint { restored: Option<RestoreIdentity>, first_epoch: u64, base_us: u64 },
     /// Whether the attempt goes on (`Some`: why not, and whether that is final; it then fails
     /// everywhere).
     RestoreVerdict { failure: Option<(String, bool)> },
     /// Inject barrier `id` at the sources.
-    Trigger { id: CheckpointId, at_us: u64, is_final: bool },
+    /// `savepoint`: write it as a savepoint (every state in full, in the canonical format).
+    Trigger { id: CheckpointId, at_us: u64, is_final: bool, savepoint: bool },
     /// Checkpoint `id` was aborted: remove what this process wrote of it.
     Abort { id: CheckpointId },
     /// Checkpoint `id` is committed: sinks commit epochs `<= id`.
@@ -50,6 +52,8 @@ pub(crate) enum AckMsg {
     RestoreCheck { worker: u32, restored: Option<RestoreIdentity>, explicit: bool },
     /// A process other than 0 was asked to cancel the job (SIGINT/SIGTERM).
     CancelRequest,
+    /// A worker's periodic report of its operators' metrics.
+    Metrics(crate::monitor::MetricsReport),
 }
 
 /// A barrier for one source.
@@ -66,7 +70,13 @@ type Committer = Box<dyn FnMut(CheckpointId) -> Result<(), String>>;
 pub(crate) struct WorkerShared {
     pub source_triggers: Vec<VecDeque<Trigger>>,
     pub activators: Vec<Activator>,
+    /// When each checkpoint was triggered (µs since the Unix epoch); epoch `n + 1` opens at
+    /// checkpoint `n`'s trigger (and the first epoch at the attempt's start, under its id - 1).
     pub trigger_us: BTreeMap<CheckpointId, u64>,
+    /// Checkpoints to write as savepoints.
+    pub savepoints: std::collections::BTreeSet<CheckpointId>,
+    /// Sources stamp batches with their emit time (`metrics.latency.interval`).
+    pub latency_on: bool,
     pub notified: CheckpointId,
     pub final_id: Option<CheckpointId>,
     pub outbox: Vec<AckMsg>,
@@ -84,8 +94,11 @@ pub(crate) struct WorkerShared {
 impl WorkerShared {
     pub(crate) fn on_control(&mut self, c: &Control) {
         match c {
-            Control::Trigger { id, at_us, is_final } => {
+            Control::Trigger { id, at_us, is_final, savepoint } => {
                 self.trigger_us.insert(*id, *at_us);
+                if *savepoint {
+                    self.savepoints.insert(*id);
+                }
                 if *is_final {
                     self.final_id = Some(*id);
                 }
@@ -98,10 +111,15 @@ impl WorkerShared {
             }
             Control::Notify { id } => {
                 self.notified = self.notified.max(*id);
-                // Trigger times of committed checkpoints are no longer needed.
-                self.trigger_us = self.trigger_us.split_off(&(*id + 1));
+                // Trigger times of committed checkpoints are no longer needed, except the
+                // latest: it is when the epoch after it opened (latency stamps count from it).
+                self.trigger_us = self.trigger_us.split_off(id);
+                self.savepoints = self.savepoints.split_off(&(*id + 1));
             }
-            Control::RestorePoint { restored, first_epoch } => self.restore_point = Some((*restored, *first_epoch)),
+            Control::RestorePoint { restored, first_epoch, base_us } => {
+                self.restore_point = Some((*restored, *first_epoch));
+                self.trigger_us.insert(first_epoch.saturating_sub(1), *base_us);
+            }
             Control::RestoreVerdict { failure } => self.restore_verdict = Some(failure.clone()),
             Control::Abort { id } => self.aborted.push(*id),
             Control::Finish => self.finish = true,
@@ -121,6 +139,11 @@ impl WorkerShared {
                 }
             }
         }
+    }
+
+    /// Whether checkpoint `id` is written as a savepoint.
+    pub(crate) fn is_savepoint(&self, id: CheckpointId) -> bool {
+        self.savepoints.contains(&id)
     }
 
     /// Record a failure of this worker (the first one wins).

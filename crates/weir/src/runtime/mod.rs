@@ -7,11 +7,13 @@
 
 pub mod cluster;
 pub(crate) mod control;
+pub(crate) mod commands;
 pub(crate) mod executor;
+pub(crate) mod metrics;
 mod operator_uid;
 mod savepoint;
 
-use crate::monitor::JobMonitor;
+use crate::monitor::{JobMonitor, JobState};
 use std::cell::{Cell, RefCell};
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
@@ -126,6 +128,10 @@ pub(crate) struct JobCtx {
     build_error: RefCell<Option<String>>,
     /// Set by a failure that no restart can fix; the job then ends without restarting.
     deterministic: Arc<AtomicBool>,
+    /// The job graph's vertices as this worker built them, with their metrics.
+    pub vertices: RefCell<Vec<metrics::VertexInfo>>,
+    /// Vertex of each registered (checkpointed) operator, by operator id.
+    pub op_vertex: RefCell<Vec<(u32, usize)>>,
 }
 
 impl JobCtx {
@@ -137,6 +143,23 @@ impl JobCtx {
         self.tasks.borrow_mut().push((id, is_source));
         self.claim_uid(id, uid, name);
         id
+    }
+
+    /// Add a vertex to the job graph (for metrics and the REST API): `op` is its checkpointed
+    /// operator, if it has one; `inputs` the vertices it reads.
+    pub(crate) fn vertex(&self, name: &str, op: Option<u32>, kind: crate::monitor::VertexKind, inputs: Vec<usize>) -> (usize, Rc<metrics::OpMetrics>) {
+        let mut v = self.vertices.borrow_mut();
+        let index = v.len();
+        let uid = match op {
+            Some(op) => {
+                self.op_vertex.borrow_mut().push((op, index));
+                self.uid_of(op)
+            }
+            None => format!("{name}#{index}"),
+        };
+        let m = Rc::new(metrics::OpMetrics::default());
+        v.push(metrics::VertexInfo { name: name.to_string(), uid, kind, inputs, metrics: m.clone() });
+        (index, m)
     }
 
     /// A failure while building: the attempt fails with this message.
@@ -237,6 +260,11 @@ struct AttemptEnv {
     cancel: Arc<AtomicBool>,
     executor: Mutex<SnapshotExecutor>,
     build: Arc<BuildFn>,
+    monitor: Arc<JobMonitor>,
+    /// Stop with a savepoint asked for through the monitor: its trigger and target directory
+    /// (kept across restarts: a restarted attempt stops again).
+    stop_request: Arc<Mutex<Option<(String, Option<String>)>>>,
+    processes: u32,
 }
 
 /// Run a job to completion, restarting per the restart strategy.
@@ -284,14 +312,23 @@ pub(crate) fn run_job(
     // a checkpoint of its own.
     let mut restore = restore.clone();
     let mut run_first_id: Option<CheckpointId> = None;
+    let stop_request: Arc<Mutex<Option<(String, Option<String>)>>> = Arc::default();
+    let ended = |state: JobState, failure: Option<String>| {
+        monitor.set_state(state, failure.clone());
+        monitor.fail_open_triggers(&failure.unwrap_or_else(|| format!("the job is {state:?}")));
+    };
     let mut in_storage = false;
     loop {
         let prepared = prepare_attempt(&restore, storage.as_ref(), cluster.process == 0, run_first_id, &config.checkpoint.storage_options);
         let Prepared { restore_storage, restored, first_epoch, newest_completed, retained, lineage } = match prepared {
             Ok(p) => p,
-            Err(AttemptError::Final(e)) => return Err(e),
+            Err(AttemptError::Final(e)) => {
+                ended(JobState::Failed, Some(e.to_string()));
+                return Err(e);
+            }
             Err(AttemptError::Retry(message)) => {
-                restarts = next_restart(&config, job, restarts, message)?;
+                monitor.set_state(JobState::Restarting, Some(message.clone()));
+                restarts = next_restart(&config, job, restarts, message).inspect_err(|e| ended(JobState::Failed, Some(e.to_string())))?;
                 continue;
             }
         };
@@ -331,7 +368,18 @@ pub(crate) fn run_job(
             cancel: cancel.clone(),
             executor: Mutex::new(exec),
             build: build.clone(),
+            monitor: monitor.clone(),
+            stop_request: stop_request.clone(),
+            processes,
         });
+        if let (Some(m), Some(r), 0) = (&env.restored, &env.restore_storage, cluster.process) {
+            monitor.on_restored(crate::monitor::RestoredCheckpoint {
+                id: m.id,
+                restore_timestamp: crate::monitor::wall_ms(),
+                is_savepoint: !in_storage,
+                external_path: r.display(&checkpoint_dir_name(m.id)),
+            });
+        }
         let outcome = run_attempt(env.clone(), workers, cluster);
         let deterministic = env.deterministic.load(Ordering::SeqCst);
         let lineage_fixed = env.lineage_fixed.load(Ordering::SeqCst);
@@ -348,20 +396,40 @@ pub(crate) fn run_job(
         match outcome {
             Ok(checkpoints) => {
                 let mut savepoint = None;
-                if let (true, Some(s), Some(last)) = (config.savepoint_on_stop && cluster.process == 0, storage.as_ref(), checkpoints.last().filter(|m| m.is_final)) {
-                    let path = savepoint::write_savepoint(&config, job, s, last)?;
+                let stop = stop_request.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let wanted = config.savepoint_on_stop || stop.is_some();
+                if let (true, Some(s), Some(last)) = (wanted && cluster.process == 0, storage.as_ref(), checkpoints.last().filter(|m| m.is_final)) {
+                    let target = stop.as_ref().and_then(|(_, t)| t.as_deref());
+                    let path = match savepoint::write_savepoint(&config, target, job, s, last) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            ended(JobState::Failed, Some(format!("writing the savepoint: {e}")));
+                            return Err(e.into());
+                        }
+                    };
                     tracing::info!("job {job}: savepoint of checkpoint {} written to {path}", last.id);
+                    monitor.on_savepoint(last.id, &path);
+                    if let Some((trigger, _)) = &stop {
+                        let status = crate::monitor::TriggerStatus::Completed { location: Some(path.clone()), checkpoint: Some(last.id) };
+                        monitor.resolve_trigger(trigger, status);
+                    }
                     savepoint = Some(path);
                 }
+                ended(JobState::Finished, None);
                 return Ok(JobResult { restored_from: (restored_id > 0).then_some(restored_id), restarts, checkpoints, savepoint });
             }
-            Err(_) if cancel.load(Ordering::SeqCst) => return Err(JobError::Cancelled),
+            Err(_) if cancel.load(Ordering::SeqCst) => {
+                ended(JobState::Canceled, None);
+                return Err(JobError::Cancelled);
+            }
             Err(message) if deterministic => {
                 tracing::error!("job {job} failed: {message} (not restarted: a restart cannot fix this)");
+                ended(JobState::Failed, Some(message.clone()));
                 return Err(JobError::Failed { restarts, message });
             }
             Err(message) => {
-                restarts = next_restart(&config, job, restarts, message)?;
+                monitor.set_state(JobState::Restarting, Some(message.clone()));
+                restarts = next_restart(&config, job, restarts, message).inspect_err(|e| ended(JobState::Failed, Some(e.to_string())))?;
                 if in_storage && lineage_fixed {
                     restore = Restore::Latest;
                 } else if let (Some(s), Some(first)) = (&storage, run_first_id) {
@@ -650,7 +718,7 @@ fn run_attempt(env: Arc<AttemptEnv>, workers: usize, cluster: &ClusterConfig) ->
 fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMetadata>, String> {
     let index = worker.index();
     let peers = worker.peers();
-    let shared = Rc::new(RefCell::new(WorkerShared::default()));
+    let shared = Rc::new(RefCell::new(WorkerShared { latency_on: env.config.latency_interval.is_some(), ..Default::default() }));
     let (ack_tx, ack_rx) = channel::<AckMsg>();
     let mut ctl_in: InputHandle<Time, CapacityContainerBuilder<Vec<Control>>> = InputHandle::new();
     let mut ack_in: InputHandle<Time, CapacityContainerBuilder<Vec<AckMsg>>> = InputHandle::new();
@@ -688,6 +756,8 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
         uids: RefCell::new(Vec::new()),
         build_error: RefCell::new(None),
         deterministic: env.deterministic.clone(),
+        vertices: RefCell::new(Vec::new()),
+        op_vertex: RefCell::new(Vec::new()),
     });
     worker.dataflow::<Time, _, _>(|scope| {
         let mut job = Job::new(scope, ctx.clone());
@@ -721,6 +791,13 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
         )
     });
     let clock = CoordinatorClock::new();
+    let mut cmds = coord.as_ref().map(|_| {
+        publish_graph(&ctx, env);
+        env.monitor.set_state(JobState::Running, None);
+        commands::Commands::new(env.monitor.clone(), &ctx.op_vertex.borrow())
+    });
+    let mut next_report = Instant::now() + env.config.metrics_interval;
+    let mut last_report = Instant::now();
     let mut ctl_in = (index == 0).then_some(ctl_in);
     let mut ctl_time: Time = 2; // 0 and 1 carried the restore point and the verdict
     let mut ack_time: Time = 1; // 0 carried the restore point check
@@ -750,8 +827,38 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
             cancel_sent = true;
             shared.borrow_mut().outbox.push(AckMsg::CancelRequest);
         }
-        if let (Some(c), Some(ctl)) = (coord.as_mut(), ctl_in.as_mut()) {
+        if Instant::now() >= next_report {
+            // Every worker reports its operators to the coordinator over the ack channel.
+            let now = Instant::now();
+            let report = metrics::report(index as u32, &ctx.vertices.borrow(), now.duration_since(last_report).as_micros() as u64);
+            shared.borrow_mut().outbox.push(AckMsg::Metrics(report));
+            (last_report, next_report) = (now, now + env.config.metrics_interval);
+        }
+        if let (Some(c), Some(ctl), Some(cmds)) = (coord.as_mut(), ctl_in.as_mut(), cmds.as_mut()) {
             let requested = inbox.borrow().iter().any(|m| matches!(m, AckMsg::CancelRequest));
+            let stop_again = !cancel_sent && env.stop_request.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+            match cmds.poll(env.storage.is_some()) {
+                Some(commands::Intent::Stop) if !cancel_sent => {
+                    *env.stop_request.lock().unwrap_or_else(|p| p.into_inner()) = cmds.stop.clone();
+                    cancel_sent = true;
+                    tracing::warn!("job {}: stopping with a savepoint (asked through the REST API)", env.job);
+                    ctl.send(Control::Stop);
+                }
+                Some(commands::Intent::Cancel) if !cancel_sent => {
+                    cancel_sent = true;
+                    tracing::warn!("job {}: cancelled through the REST API", env.job);
+                    env.cancel.store(true, Ordering::SeqCst);
+                    cancel_job(c, ctl, env);
+                    ctl_time += 1;
+                    ctl.advance_to(ctl_time);
+                }
+                _ => {}
+            }
+            if stop_again && !cancel_sent {
+                // A restarted attempt of a job asked to stop stops again.
+                cancel_sent = true;
+                ctl.send(Control::Stop);
+            }
             if (requested || env.cancel.load(Ordering::Relaxed)) && !cancel_sent && env.config.savepoint_on_stop {
                 // Stop with a savepoint: the sources end, the final checkpoint is the savepoint.
                 cancel_sent = true;
@@ -763,7 +870,7 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
                 ctl_time += 1;
                 ctl.advance_to(ctl_time);
             }
-            let sent = drive_coordinator(c, ctl, &inbox, env, &clock, &mut completed)?;
+            let sent = drive_coordinator(c, ctl, &inbox, env, &clock, &mut completed, cmds)?;
             if sent {
                 ctl_time += 1;
                 ctl.advance_to(ctl_time);
@@ -838,7 +945,7 @@ fn agree_on_restore_point(
     let mine = env.restored.as_deref().map(identity);
     let (index, peers) = (worker.index(), worker.peers());
     if index == 0 {
-        ctl_in.send(Control::RestorePoint { restored: mine, first_epoch: env.first_epoch });
+        ctl_in.send(Control::RestorePoint { restored: mine, first_epoch: env.first_epoch, base_us: now_us() });
     }
     ctl_in.advance_to(1);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -929,6 +1036,25 @@ fn agree_on_restore_point(
     }
 }
 
+/// Tell the monitor what the job graph is (worker 0's view: every worker builds the same).
+fn publish_graph(ctx: &JobCtx, env: &AttemptEnv) {
+    let vertices = ctx.vertices.borrow();
+    let views = vertices
+        .iter()
+        .enumerate()
+        .map(|(index, v)| crate::monitor::VertexView {
+            index,
+            id: metrics::vertex_id(&v.uid),
+            name: v.name.clone(),
+            kind: v.kind,
+            inputs: v.inputs.clone(),
+            parallelism: ctx.peers as u32,
+            subtasks: Vec::new(),
+        })
+        .collect();
+    env.monitor.set_graph(views, env.processes, None);
+}
+
 /// Cancel: drop pending checkpoints, keep or delete completed ones per the retention policy,
 /// and stop every worker.
 fn cancel_job(c: &mut CheckpointCoordinator<SubtaskSnapshot>, ctl: &mut InputHandle<Time, CapacityContainerBuilder<Vec<Control>>>, env: &AttemptEnv) {
@@ -957,24 +1083,37 @@ fn drive_coordinator(
     env: &AttemptEnv,
     clock: &CoordinatorClock,
     completed: &mut Vec<CheckpointMetadata>,
+    cmds: &mut commands::Commands,
 ) -> Result<bool, String> {
     let now = || clock.now_ms();
     let mut actions = c.tick(now());
     for msg in inbox.borrow_mut().drain(..) {
         actions.extend(match msg {
-            AckMsg::Ack { id, task, snapshot } => c.ack(id, task, snapshot, now()),
+            AckMsg::Ack { id, task, snapshot } => {
+                cmds.on_ack(id, task, &snapshot);
+                c.ack(id, task, snapshot, now())
+            }
             AckMsg::Decline { id, task, reason } => c.decline(id, task, reason, now()),
             AckMsg::SourceFinished { task } => c.source_finished(task, now()),
+            AckMsg::Metrics(report) => {
+                let workers_per_process = (env.config.parallelism / env.processes.max(1)).max(1);
+                cmds.monitor.on_metrics(report.worker / workers_per_process, &report);
+                Vec::new()
+            }
             AckMsg::RestoreCheck { .. } | AckMsg::CancelRequest => Vec::new(),
         });
     }
+    actions.extend(cmds.triggers(c, now()));
+    let stop_requested = env.stop_request.lock().unwrap_or_else(|p| p.into_inner()).is_some();
     let mut sent = false;
     let mut queue: std::collections::VecDeque<_> = actions.into();
     while let Some(a) = queue.pop_front() {
         match a {
             Action::Trigger { id, is_final, .. } => {
-                tracing::debug!("trigger checkpoint {id}{}", if is_final { " (final)" } else { "" });
-                ctl.send(Control::Trigger { id, at_us: now_us(), is_final });
+                let savepoint = cmds.is_savepoint(id, is_final, env.config.savepoint_on_stop || stop_requested);
+                tracing::debug!("trigger checkpoint {id}{}{}", if is_final { " (final)" } else { "" }, if savepoint { " (savepoint)" } else { "" });
+                cmds.on_trigger(id, savepoint, is_final, c.task_count() as u32);
+                ctl.send(Control::Trigger { id, at_us: now_us(), is_final, savepoint });
                 sent = true;
             }
             Action::Complete { id, triggered_ms, acks, is_final } => {
@@ -1005,6 +1144,7 @@ fn drive_coordinator(
                                 meta.referenced_bytes(),
                                 if meta.is_incremental() { ", incremental" } else { "" }
                             );
+                            cmds.on_complete(&meta, env.storage.as_ref().map(|s| s.display(&checkpoint_dir_name(id))), &env.config, env.storage.as_ref());
                             completed.push(meta);
                         }
                         crate::crash_point!("checkpoint-before-notify");
@@ -1012,12 +1152,14 @@ fn drive_coordinator(
                     }
                     Err(e) => {
                         tracing::error!("checkpoint {id}: {e}");
+                        cmds.on_failed(id, format!("writing _metadata failed: {e}"));
                         queue.extend(c.commit_failed(id, e.to_string(), now()));
                     }
                 }
             }
             Action::Abort { id, reason } => {
                 tracing::warn!("checkpoint {id} aborted: {reason}");
+                cmds.on_failed(id, reason.to_string());
                 // Every process removes what it wrote of it (it has no _metadata, so it never
                 // existed), including files its writers are still producing.
                 ctl.send(Control::Abort { id });
@@ -1026,6 +1168,9 @@ fn drive_coordinator(
             Action::Notify { id } => {
                 ctl.send(Control::Notify { id });
                 sent = true;
+            }
+            Action::Discard { id } if cmds.defer_discard(id) => {
+                tracing::debug!("checkpoint {id}: discarded once its savepoint copy is done");
             }
             Action::Discard { id } => {
                 if let Some(s) = env.storage.clone() {

@@ -19,9 +19,10 @@ pub(crate) fn savepoint_dir(config: &JobConfig) -> String {
     config.checkpoint.savepoint_dir.clone().unwrap_or_else(|| format!("{}/savepoints", config.checkpoint.dir.trim_end_matches('/')))
 }
 
-/// Copy completed checkpoint `meta` of `storage` into a new savepoint; returns its `chk-<id>`
-/// directory. Refuses a checkpoint that is not self-contained in the canonical format.
-pub(crate) fn write_savepoint(config: &JobConfig, job: &str, storage: &CheckpointStorage, meta: &CheckpointMetadata) -> Result<String, StorageError> {
+/// Copy completed checkpoint `meta` of `storage` into a new savepoint under `target` (default:
+/// [`savepoint_dir`]); returns its `chk-<id>` directory. Refuses a checkpoint that is not
+/// self-contained in the canonical format.
+pub(crate) fn write_savepoint(config: &JobConfig, target: Option<&str>, job: &str, storage: &CheckpointStorage, meta: &CheckpointMetadata) -> Result<String, StorageError> {
     let chk = checkpoint_dir_name(meta.id);
     for (task, sub) in &meta.subtasks {
         if let Some(f) = sub.state_files.iter().find(|f| f.kind != StateFileKind::Full) {
@@ -31,7 +32,7 @@ pub(crate) fn write_savepoint(config: &JobConfig, job: &str, storage: &Checkpoin
             });
         }
     }
-    let dir = savepoint_dir(config);
+    let dir = target.map(str::to_string).unwrap_or_else(|| savepoint_dir(config));
     // A new directory per savepoint: an existing one (the same job and id of an earlier run)
     // is never overwritten.
     let base = format!("savepoint-{}-{}", crate::stream::sanitize(job), meta.id);
@@ -48,7 +49,7 @@ pub(crate) fn write_savepoint(config: &JobConfig, job: &str, storage: &Checkpoin
     let mut m = meta.clone();
     // Files go through a local temporary file, streamed both ways: a state larger than memory
     // never sits in it.
-    let tmp = std::env::temp_dir().join(format!("weir-savepoint-{}-{}", std::process::id(), meta.id));
+    let tmp = std::env::temp_dir().join(format!("weir-savepoint-{}-{}-{}", std::process::id(), meta.id, crate::monitor::wall_ms()));
     let staged = tmp.join("file");
     let copy = |m: &mut CheckpointMetadata| -> Result<(), StorageError> {
         std::fs::create_dir_all(&tmp).map_err(|e| StorageError::Location(format!("{}: {e}", tmp.display())))?;

@@ -112,6 +112,10 @@ impl<K: Key> StateTables<K> {
                     let written = if spec.incremental && !spec.savepoint {
                         upload_native(storage, &spec, &inst, &native)
                     } else {
+                        // A savepoint lists none of the files uploaded before it, so once it
+                        // completes retention may delete them: the next incremental checkpoint
+                        // uploads everything again rather than list a file that may be gone.
+                        inst.uploaded.lock().unwrap_or_else(|p| p.into_inner()).clear();
                         write_canonical(storage, &spec, &native.dir, &names, range)
                     };
                     if let Err(e) = std::fs::remove_dir_all(&native.dir) {
