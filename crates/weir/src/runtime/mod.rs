@@ -9,6 +9,7 @@ pub mod cluster;
 pub(crate) mod control;
 pub(crate) mod commands;
 pub(crate) mod executor;
+pub(crate) mod gpu_view;
 pub(crate) mod metrics;
 mod operator_uid;
 mod savepoint;
@@ -832,6 +833,9 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
             let now = Instant::now();
             let report = metrics::report(index as u32, &ctx.vertices.borrow(), now.duration_since(last_report).as_micros() as u64);
             shared.borrow_mut().outbox.push(AckMsg::Metrics(report));
+            if index == 0 {
+                env.monitor.set_gpu(gpu_view::snapshot());
+            }
             (last_report, next_report) = (now, now + env.config.metrics_interval);
         }
         if let (Some(c), Some(ctl), Some(cmds)) = (coord.as_mut(), ctl_in.as_mut(), cmds.as_mut()) {
