@@ -1,12 +1,14 @@
 // The dashboard in a real (headless) Chromium against a running job: the checkpoint history
-// fills with completed checkpoints, the job graph shows every vertex of the job, and the page
-// throws no error. Run by scripts/browser-test.sh, which starts the job.
+// fills with completed checkpoints, the job graph shows every vertex of the job, the savepoint
+// button takes a savepoint, and the page throws no error. Run by scripts/browser-test.sh, which starts the job.
 //   node scripts/browser-test.mjs <dashboard url>
 // Environment: WEIR_BROWSER_DEPS (the folder with node_modules/playwright-core), CHROMIUM
-// (default /usr/bin/chromium), WEIR_JOB_PID (SIGTERMed at the end), SCREENSHOT (default
-// docs/dashboard.png), OUT_DIR (a second copy of the screenshot).
+// (default /usr/bin/chromium), WEIR_JOB_PID (SIGTERMed at the end), WEIR_REST_TOKEN_FILE (default
+// ~/.weir/rest-<port>.token, where the job writes it), SCREENSHOT (default docs/dashboard.png),
+// OUT_DIR (a second copy of the screenshot).
 import { createRequire } from 'node:module';
-import { copyFileSync, mkdirSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readFileSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 
 const url = process.argv[2];
@@ -48,7 +50,14 @@ try {
 
   // Two completed checkpoints: polling, the history table and the job's checkpointing all work.
   const completed = '#checkpoint-history tbody tr[data-status="COMPLETED"]';
-  await page.waitForFunction((sel) => document.querySelectorAll(sel).length >= 2, completed, { timeout: timeoutMs, polling: 200 });
+  try {
+    await page.waitForFunction((sel) => document.querySelectorAll(sel).length >= 2, completed, { timeout: timeoutMs, polling: 200 });
+  } catch (e) {
+    const rows = await page.$$eval('#checkpoint-history tbody tr[data-status]', (rs) => rs.map((r) => `${r.dataset.checkpointId}:${r.dataset.status}`));
+    const live = await page.textContent('#live-text');
+    throw new Error(`fewer than two COMPLETED rows in #checkpoint-history after ${timeoutMs / 1000} s ` +
+      `(rows: ${rows.join(' ') || 'none'}; live indicator: ${live}): ${e.message}`);
+  }
   const ids = await page.$$eval(completed, (rows) => rows.map((r) => Number(r.dataset.checkpointId)));
   if (ids.some((id) => !Number.isInteger(id) || id <= 0)) fail(`checkpoint rows with bad ids: ${ids}`);
   console.log(`completed checkpoints in the table: ${ids.join(', ')}`);
@@ -66,6 +75,23 @@ try {
   if (stateBadge !== 'RUNNING') fail(`state badge says ${stateBadge}, not RUNNING`);
   const live = (await page.textContent('#live-text')).trim();
   if (live !== 'live') fail(`live indicator says "${live}"`);
+
+  // "Trigger savepoint" through the page: the token prompt, the POST with the bearer token, the
+  // trigger's status, and the savepoint in the history table and on disk.
+  const port = new URL(url).port;
+  const tokenFile = process.env.WEIR_REST_TOKEN_FILE || path.join(os.homedir(), '.weir', `rest-${port}.token`);
+  const token = readFileSync(tokenFile, 'utf8').trim();
+  page.on('dialog', (d) => d.accept(d.type() === 'prompt' ? token : undefined));
+  await page.click('#btn-savepoint');
+  await page.waitForFunction(() => /completed|failed|refused/.test(document.getElementById('action-status').textContent),
+    null, { timeout: timeoutMs, polling: 200 });
+  const outcome = (await page.textContent('#action-status')).trim();
+  console.log(`savepoint button: ${outcome}`);
+  const m = /^Savepoint completed: (.+)$/.exec(outcome);
+  if (!m) fail(`the savepoint did not complete: ${outcome}`);
+  else if (!existsSync(m[1])) fail(`the savepoint's location ${m[1]} does not exist`);
+  const savepointRow = '#checkpoint-history tbody tr[data-status="COMPLETED"].savepoint';
+  await page.waitForSelector(savepointRow, { timeout: timeoutMs });
 
   // Let the rates and the chart fill for one more poll before the picture.
   await page.waitForTimeout(1500);
@@ -87,7 +113,7 @@ try {
 }
 
 if (failed) {
-  console.error('--- the page\'s console ---');
+  console.error(`--- the page's console (${consoleLines.length} lines) ---`);
   for (const l of consoleLines) console.error(l);
   for (const e of pageErrors) console.error(`[pageerror] ${e}`);
   process.exit(1);

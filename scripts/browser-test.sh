@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The web dashboard in a real browser: runs scripts/browser-test-job.yaml with the REST API on a
 # free port, opens the dashboard in headless Chromium (driven by playwright-core, which never
-# downloads a browser here) and waits for completed checkpoints in its history table and every
-# vertex in its job graph (scripts/browser-test.mjs). Saves a screenshot to docs/dashboard.png
-# (and to $OUT_DIR if set). Installs Debian's chromium and playwright-core if missing.
+# downloads a browser here), waits for completed checkpoints in its history table and every vertex
+# in its job graph, and takes a savepoint with its button (scripts/browser-test.mjs). Saves a
+# screenshot to docs/dashboard.png (and to $OUT_DIR if set). Installs Debian's chromium and
+# playwright-core if missing.
 #   scripts/browser-test.sh                 # uses $CARGO_TARGET_DIR/release/weir
 #   WEIR_BIN=path/to/weir scripts/browser-test.sh
 set -euo pipefail
@@ -48,7 +49,8 @@ trap cleanup EXIT
 
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 "$weir" run scripts/browser-test-job.yaml --rest-port 0 \
-  -D "execution.checkpointing.dir=$tmp/checkpoints" --set "sink.path=$tmp/out" >"$tmp/weir.log" 2>&1 &
+  -D "execution.checkpointing.dir=$tmp/checkpoints" -D "execution.checkpointing.savepoint-dir=$tmp/savepoints" \
+  --set "sink.path=$tmp/out" >"$tmp/weir.log" 2>&1 &
 job_pid=$!
 
 # The job prints where it serves the REST API as it starts.

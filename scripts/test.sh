@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs Weir's whole test suite: unit, property, doc and end-to-end tests (which kill processes,
-# corrupt checkpoints and change parallelism). Installs whatever the tests need first.
+# corrupt checkpoints and change parallelism), then the dashboard's browser test. Installs
+# whatever the tests need first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh
@@ -10,3 +11,6 @@ export WEIR_MOTO_SERVER="${WEIR_TEST_DEPS:-$HOME/.cache/weir-test-deps}/moto-ven
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 # Release: the end-to-end tests push millions of records through the engine.
 cargo test --workspace --release --locked "$@"
+# The web dashboard in headless Chromium against a real job (the binary the tests just built).
+cargo build --release --locked -p weir-cli
+WEIR_BIN="${CARGO_TARGET_DIR:-target}/release/weir" scripts/browser-test.sh

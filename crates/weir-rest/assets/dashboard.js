@@ -326,10 +326,11 @@ function renderCheckpointChart(list) {
     });
     const failed = c.status === 'FAILED';
     out.push(`<rect x="${x}" y="${T}" width="${bw}" height="${ph}" fill="transparent"${failed ? ' stroke="#cf1322" stroke-dasharray="3 3"' : ''}>` +
-      `<title>#${c.id} ${c.status}: barrier ${fmtMs(parts(c)[0])}, sync ${fmtMs(parts(c)[1])}, async ${fmtMs(parts(c)[2])}, ` +
+      `<title>#${c.id} ${cpType(c)} ${c.status}: barrier ${fmtMs(parts(c)[0])}, sync ${fmtMs(parts(c)[1])}, async ${fmtMs(parts(c)[2])}, ` +
       `end to end ${fmtMs(c.end_to_end_duration)}, ${fmtBytes(c.checkpointed_size)}</title></rect>`);
     if (list.length <= 20 || i % Math.ceil(list.length / 20) === 0) {
-      out.push(`<text x="${x + bw / 2}" y="${H - B + 14}" text-anchor="middle">${c.id}</text>`);
+      const sp = cpType(c) === 'SAVEPOINT' ? ' style="fill:var(--size);font-weight:700"' : '';
+      out.push(`<text x="${x + bw / 2}" y="${H - B + 14}" text-anchor="middle"${sp}>${c.id}${sp ? ' SP' : ''}</text>`);
     }
     if (c.status === 'COMPLETED') pts.push(`${x + bw / 2},${T + ph - ((c.checkpointed_size || 0) / maxSize) * ph}`);
   });
