@@ -144,15 +144,6 @@ fn target_and_token(args: &JobArgs) -> Result<(Target, String)> {
     Ok((resolve(server, wanted.as_deref())?, token))
 }
 
-/// The token file the job writes at start when `rest.token-file` is not set.
-fn default_token_file(port: u16) -> PathBuf {
-    // TEMP until weir-rest lands: its rule, `$HOME/.weir/rest-<port>.token`.
-    match std::env::var_os("HOME") {
-        Some(h) => PathBuf::from(h).join(".weir").join(format!("rest-{port}.token")),
-        None => std::env::temp_dir().join("weir").join(format!("rest-{port}.token")),
-    }
-}
-
 /// The bearer token for the job at `server`.
 fn token(args: &JobArgs, server: &Url) -> Result<String> {
     let (path, origin) = match &args.token_file {
@@ -161,7 +152,7 @@ fn token(args: &JobArgs, server: &Url) -> Result<String> {
             if let Some(t) = std::env::var("WEIR_REST_TOKEN").ok().filter(|t| !t.trim().is_empty()) {
                 return Ok(t.trim().to_string());
             }
-            (default_token_file(server.port), "the job's token file")
+            (weir_rest::default_token_file(server.port), "the job's token file")
         }
     };
     let text = std::fs::read_to_string(&path).map_err(|e| {

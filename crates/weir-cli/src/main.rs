@@ -8,11 +8,15 @@ mod jobs;
 mod progress;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use weir::config::RestSettings;
 use weir::job::JobPlan;
+use weir::monitor::JobMonitor;
 use weir::{ClusterConfig, Restore, StreamEnv};
+use weir_rest::RestServer;
 
 #[derive(Parser)]
 #[command(name = "weir", version, about = "Weir: stream processing with exactly-once checkpoints")]
@@ -140,6 +144,7 @@ fn split_pair(s: &str, flag: &str) -> Result<(String, String)> {
 
 fn run(args: RunArgs) -> Result<()> {
     let mut defines = args.define.iter().map(|d| split_pair(d, "-D")).collect::<Result<Vec<_>>>()?;
+    let port_given = args.rest_port.is_some() || defines.iter().any(|(k, _)| k == "rest.port");
     // The flags come after -D, so they win; the config's checks name the key they set.
     defines.extend(args.rest_port.map(|p| ("rest.port".to_string(), p.to_string())));
     defines.extend(args.rest_address.clone().map(|a| ("rest.address".to_string(), a)));
@@ -186,7 +191,7 @@ fn run(args: RunArgs) -> Result<()> {
     // Process 0 runs the coordinator: the monitor has the job's figures there only.
     let monitor = env.monitor();
     let rest = match args.process == 0 && env.config().rest.enabled {
-        true => start_rest(monitor.clone(), &env.config().rest)?,
+        true => Some(start_rest(monitor.clone(), &env.config().rest, port_given)?),
         false => None,
     };
     let progress = (args.process == 0).then(|| progress::Progress::start(monitor.clone()));
@@ -219,22 +224,27 @@ fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// `rest.port`'s default (Flink's).
+const DEFAULT_REST_PORT: u16 = 8081;
+
 /// How long the REST API outlives a job stopped with a savepoint (a client polls every 100 ms).
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(1000);
 
-/// Serve the REST API and dashboard for `monitor`'s job, per `rest.*`.
-// TEMP: the server comes with crate weir-rest (being written); until it is in the workspace no
-// server starts, and `weir run` goes on without one.
-fn start_rest(monitor: std::sync::Arc<weir::monitor::JobMonitor>, settings: &weir::config::RestSettings) -> Result<Option<RestServer>> {
-    let _ = (monitor, settings);
-    Ok(None)
-}
-
-/// TEMP: stands for `weir_rest::RestServer` until weir-rest is in the workspace.
-struct RestServer;
-
-impl RestServer {
-    fn shutdown(self) {}
+/// Serve the REST API and dashboard for `monitor`'s job, per `rest.*`. A taken port fails, except
+/// the default one when nobody asked for it (`port_given`): a second job on the machine serves on
+/// a free port instead of failing for want of the first one's.
+fn start_rest(monitor: Arc<JobMonitor>, settings: &RestSettings, port_given: bool) -> Result<RestServer> {
+    let context = |s: &RestSettings| format!("starting the REST API at {}:{} (rest.address, rest.port; or --no-rest)", s.address, s.port);
+    let server = match weir_rest::start(monitor.clone(), settings) {
+        Err(weir_rest::RestError::Bind { address, source }) if !port_given && settings.port == DEFAULT_REST_PORT => {
+            tracing::warn!("rest.port: {address} is taken ({source}); serving on a free port instead (set --rest-port to choose one)");
+            let any = RestSettings { port: 0, ..settings.clone() };
+            weir_rest::start(monitor, &any).with_context(|| context(&any))?
+        }
+        r => r.with_context(|| context(settings))?,
+    };
+    eprintln!("REST API and dashboard at {} (token in {})", server.url(), server.token_file().display());
+    Ok(server)
 }
 
 /// Output piped into a command that stops reading early (`weir checkpoints list DIR | head`)
