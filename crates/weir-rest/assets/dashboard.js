@@ -304,7 +304,10 @@ function renderCheckpointChart(list) {
   if (!list.length) { $('checkpoint-chart').innerHTML = ''; return; }
   const parts = (c) => { const w = c.weir || {}; return [w.barrier_ms || 0, w.sync_ms || 0, w.async_ms || 0]; };
   const maxMs = niceMax(Math.max(1, ...list.map((c) => parts(c).reduce((a, b) => a + b, 0))));
-  const maxSize = niceMax(Math.max(1, ...list.map((c) => c.checkpointed_size || 0)));
+  // Round in the unit the labels show (KiB, MiB, ...), so that the ticks read well.
+  const sizeTop = Math.max(1, ...list.map((c) => c.checkpointed_size || 0));
+  const unit = Math.pow(1024, Math.floor(Math.log(sizeTop) / Math.log(1024)));
+  const maxSize = niceMax(sizeTop / unit) * unit;
   const slot = pw / Math.max(list.length, 10);
   const bw = Math.max(3, slot * 0.62);
   const out = [];
@@ -344,10 +347,10 @@ function renderCheckpointChart(list) {
   $('checkpoint-chart').innerHTML = `<svg viewBox="0 0 ${W} ${H}" preserveAspectRatio="none">${out.join('')}</svg>`;
 }
 
-// 1, 2 or 5 times a power of ten, at least v: round axis labels.
+// A round number at least v whose quarters are round too: the axis has four ticks.
 function niceMax(v) {
   const p = Math.pow(10, Math.floor(Math.log10(v)));
-  for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
+  for (const m of [1, 1.2, 1.6, 2, 2.4, 3, 4, 5, 6, 8, 10]) if (m * p >= v) return m * p;
   return 10 * p;
 }
 
