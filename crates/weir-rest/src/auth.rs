@@ -100,8 +100,8 @@ pub(crate) fn bearer_matches(header: Option<&[u8]>, token: &str) -> bool {
     let want = token.as_bytes();
     // The time depends on the lengths only, never on where the first difference is.
     let mut diff = u8::from(given.len() != want.len());
-    for i in 0..want.len() {
-        diff |= want[i] ^ given.get(i).copied().unwrap_or(0);
+    for (i, w) in want.iter().enumerate() {
+        diff |= w ^ given.get(i).copied().unwrap_or(0);
     }
     diff == 0
 }

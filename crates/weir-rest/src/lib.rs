@@ -102,7 +102,7 @@ pub struct RestServer {
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// Bind `settings.address:settings.port` now (a taken port fails here) and serve `monitor` on a
-/// background thread.
+/// background thread. Whether to serve at all (`settings.enabled`) is the caller's decision.
 pub fn start(monitor: Arc<JobMonitor>, settings: &RestSettings) -> Result<RestServer, RestError> {
     let address = settings.address.trim();
     let addrs: Vec<SocketAddr> = (address, settings.port)

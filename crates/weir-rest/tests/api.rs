@@ -401,6 +401,13 @@ fn static_assets_with_their_content_types() {
     let r = http(s.addr(), "DELETE", "/jobs", None, None);
     assert_eq!(r.status, 405);
     assert!(!r.error().is_empty());
+    // So do its path and query rejections (not UTF-8 after percent-decoding).
+    let r = get(s.addr(), "/jobs/%FF/checkpoints");
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(!r.error().is_empty());
+    let r = http(s.addr(), "PATCH", &format!("/jobs/{}?mode=%FF", m.job_id()), Some(TOKEN), None);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.error().contains("query"), "{}", r.body);
 }
 
 /// Every mutating call, with a body that would be accepted.
