@@ -40,7 +40,7 @@ function fmtMs(ms) {
   if (ms < 10) return ms.toFixed(1) + ' ms';
   if (ms < 1000) return Math.round(ms) + ' ms';
   const s = ms / 1000;
-  if (s < 60) return s.toFixed(s < 10 ? 2 : 1) + ' s';
+  if (s < 60) return +s.toFixed(s < 10 ? 2 : 1) + ' s'; // the unary + drops trailing zeros: "1 s", not "1.00 s"
   const m = Math.floor(s / 60), h = Math.floor(m / 60), d = Math.floor(h / 24);
   if (d > 0) return `${d}d ${h % 24}h ${m % 60}m`;
   if (h > 0) return `${h}h ${m % 60}m ${Math.floor(s % 60)}s`;
