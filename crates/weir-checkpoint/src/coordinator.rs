@@ -83,6 +83,9 @@ pub enum Action<A> {
         at_ms: u64,
         /// The job's final checkpoint: sources stop after it.
         is_final: bool,
+        /// Asked for with [`CheckpointCoordinator::request`] (a savepoint, or a checkpoint
+        /// asked for through the REST API), not due to the interval.
+        requested: bool,
     },
     /// Every task acked: write `_metadata` from `acks`, then call `committed` (or `commit_failed`).
     Complete {
@@ -147,6 +150,8 @@ pub struct CheckpointCoordinator<A> {
     consecutive_failures: u32,
     final_id: Option<CheckpointId>,
     failed: bool,
+    /// Checkpoints asked for and not yet triggered.
+    requested: usize,
 }
 
 impl<A> CheckpointCoordinator<A> {
@@ -177,6 +182,7 @@ impl<A> CheckpointCoordinator<A> {
             consecutive_failures: 0,
             final_id: None,
             failed: false,
+            requested: 0,
         }
     }
 
@@ -230,10 +236,19 @@ impl<A> CheckpointCoordinator<A> {
         if self.final_id.is_some() {
             return out;
         }
-        let Some(interval) = self.cfg.interval_ms else { return out };
         if self.pending.len() >= self.cfg.max_concurrent.max(1) {
             return out;
         }
+        if self.requested > 0 {
+            self.requested -= 1;
+            let mut t = self.trigger(now_ms, false);
+            if let Action::Trigger { requested, .. } = &mut t {
+                *requested = true;
+            }
+            out.push(t);
+            return out;
+        }
+        let Some(interval) = self.cfg.interval_ms else { return out };
         let due = self.last_trigger_ms.unwrap_or(self.started_ms) + interval;
         let paused = self.last_completion_ms.is_none_or(|c| now_ms >= c + self.cfg.min_pause_ms);
         if now_ms >= due && paused {
@@ -242,20 +257,17 @@ impl<A> CheckpointCoordinator<A> {
         out
     }
 
-    /// Trigger a checkpoint now, outside the periodic schedule (a savepoint, or a checkpoint
-    /// asked for through the REST API). `None` when none can start now: the job failed or is
-    /// finishing (its final checkpoint is due or pending), one is being committed, or
-    /// `max_concurrent` are pending; the caller asks again later.
-    pub fn trigger_now(&mut self, now_ms: u64) -> Option<Action<A>> {
-        let finishing = self.final_id.is_some() || (!self.sources.is_empty() && self.finished_sources == self.sources);
-        if self.failed || finishing || self.committing.is_some() || self.pending.len() >= self.cfg.max_concurrent.max(1) {
-            return None;
-        }
-        Some(self.trigger(now_ms, false))
+    /// Ask for a checkpoint outside the periodic schedule (a savepoint, or a checkpoint asked
+    /// for through the REST API): it is the next one triggered, as soon as fewer than
+    /// `max_concurrent` are pending, whatever the interval and the minimum pause. Its trigger
+    /// says `requested`. None is triggered once the job fails or finishes
+    /// ([`CheckpointCoordinator::is_finishing`]).
+    pub fn request(&mut self) {
+        self.requested += 1;
     }
 
     /// Whether the job's final checkpoint was triggered (or the job failed): no checkpoint
-    /// asked for from now on can start.
+    /// asked for is triggered any more.
     pub fn is_finishing(&self) -> bool {
         self.failed || self.final_id.is_some()
     }
@@ -271,7 +283,7 @@ impl<A> CheckpointCoordinator<A> {
             id,
             Pending { triggered_ms: now_ms, awaiting: self.tasks.clone(), acks: Vec::new(), is_final },
         );
-        Action::Trigger { id, at_ms: now_ms, is_final }
+        Action::Trigger { id, at_ms: now_ms, is_final, requested: false }
     }
 
     /// A source task has read all of its input; when all have, the final checkpoint is triggered.
@@ -454,22 +466,41 @@ mod tests {
         assert_eq!(c.retained(), [2]);
     }
 
+    fn requested(actions: &[Action<u32>]) -> Vec<bool> {
+        actions.iter().filter_map(|a| if let Action::Trigger { requested, .. } = a { Some(*requested) } else { None }).collect()
+    }
+
     #[test]
-    fn trigger_now_respects_concurrency_and_the_final_checkpoint() {
+    fn a_requested_checkpoint_is_the_next_one_whatever_the_schedule() {
         // No periodic checkpoints: only asked-for ones.
-        let mut c = coord(CoordinatorConfig::default(), 1);
+        let mut c = coord(CoordinatorConfig { min_pause_ms: 1000, ..CoordinatorConfig::default() }, 1);
         assert!(c.tick(10).is_empty());
-        assert_eq!(ids(&[c.trigger_now(20).expect("idle")]), ["trigger1"]);
-        assert!(c.trigger_now(30).is_none(), "max concurrent 1: one pending");
+        c.request();
+        c.request();
+        let a = c.tick(20);
+        assert_eq!((ids(&a), requested(&a)), (vec!["trigger1".to_string()], vec![true]));
+        assert!(c.tick(30).is_empty(), "max concurrent 1: one pending");
         c.ack(1, TaskId::new(0, 0), 0, 40);
-        assert_eq!(ids(&c.committed(1, 50)), ["notify1"]);
-        assert!(c.tick(60).is_empty(), "an asked-for checkpoint does not start a schedule");
-        assert_eq!(ids(&[c.trigger_now(70).expect("idle again")]), ["trigger2"]);
-        c.ack(2, TaskId::new(0, 0), 0, 80);
-        c.committed(2, 90);
-        // The source finished: the final checkpoint is next, and nothing may start before it.
-        assert_eq!(ids(&c.source_finished(TaskId::new(0, 0), 100)), ["trigger3F"]);
-        assert!(c.trigger_now(110).is_none());
+        let a = c.committed(1, 50);
+        assert_eq!(ids(&a), ["notify1", "trigger2"], "the second request, despite the minimum pause");
+        assert_eq!(requested(&a), [true]);
+        c.ack(2, TaskId::new(0, 0), 0, 60);
+        assert_eq!(ids(&c.committed(2, 70)), ["discard1", "notify2"]);
+        assert!(c.tick(80).is_empty(), "asked-for checkpoints do not start a schedule");
+
+        // With an interval shorter than a checkpoint, a request still goes first.
+        let mut c = coord(cfg(10), 1);
+        assert_eq!(ids(&c.tick(10)), ["trigger1"]);
+        c.request();
+        c.ack(1, TaskId::new(0, 0), 0, 100);
+        let a = c.committed(1, 100);
+        assert_eq!((ids(&a), requested(&a)), (vec!["notify1".to_string(), "trigger2".to_string()], vec![true]));
+
+        // The source finished: the final checkpoint is next, and no request is triggered after it.
+        let mut c = coord(CoordinatorConfig::default(), 1);
+        assert_eq!(ids(&c.source_finished(TaskId::new(0, 0), 100)), ["trigger1F"]);
+        c.request();
+        assert!(c.tick(110).is_empty());
         assert!(c.is_finishing());
     }
 

@@ -272,3 +272,133 @@ fn stop_with_savepoint_ends_the_job_and_the_savepoint_resumes_it_exactly_once() 
     check(&lines(&[&out1, &out2]), 200_000, "stop with savepoint, then resume");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Wait (up to 60 s) until `cond` holds for the monitor's view.
+fn wait_for(m: &weir::monitor::JobMonitor, what: &str, cond: impl Fn(&weir::monitor::JobView) -> bool) -> weir::monitor::JobView {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let v = m.view();
+        if cond(&v) {
+            return v;
+        }
+        assert!(!v.state.is_terminal(), "{what}: the job ended ({:?}, {:?}) first", v.state, v.failure);
+        assert!(std::time::Instant::now() < deadline, "{what}: not within 60 s; view: {v:?}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Poll a command until it is done; returns its location.
+fn wait_trigger(m: &weir::monitor::JobMonitor, trigger: &str) -> String {
+    use weir::monitor::TriggerStatus;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match m.trigger_status(trigger).expect("a known trigger") {
+            TriggerStatus::InProgress => assert!(std::time::Instant::now() < deadline, "trigger {trigger} not done within 60 s"),
+            TriggerStatus::Completed { location, .. } => return location.expect("a location"),
+            TriggerStatus::Failed { message } => panic!("trigger {trigger} failed: {message}; view: {:?}", m.view()),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+fn completed(v: &weir::monitor::JobView) -> u64 {
+    v.checkpoints.counts.completed
+}
+
+/// A savepoint of a running job (through its monitor, as the REST API asks for one) is full and
+/// self-contained, and the incremental checkpoints after it stay restorable, although retention
+/// (one checkpoint) then deletes everything the checkpoints before it wrote.
+#[test]
+fn a_savepoint_of_a_running_job_leaves_the_incremental_checkpoints_after_it_restorable() {
+    use weir::monitor::JobCommand;
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_env("WEIR_LOG")).with_test_writer().try_init();
+    for (backend, incremental) in BACKENDS {
+        let what = format!("{backend}, incremental {incremental}");
+        let dir = tmp(&format!("running-savepoint-{backend}-{incremental}"));
+        let out = dir.join("out");
+        let sp_dir = dir.join("savepoints");
+        let cfg = config(&dir, backend, incremental, 2, &[("execution.checkpointing.num-retained", "1")]);
+        let slow = GeneratorSource { count: 400_000, keys: 300, seed: 7, rate: Some(100_000.0) };
+        let env = StreamEnv::new("running", cfg.clone());
+        let m = env.monitor();
+        let (g, o) = (slow.clone(), out.clone());
+        let job = std::thread::spawn(move || {
+            let (panic_at, seen) = (Arc::default(), Arc::default());
+            env.execute(move |job| counting(job, "gen", &g, &o, &panic_at, &seen))
+        });
+        wait_for(&m, &what, |v| completed(v) >= 2);
+        let t = m.submit(JobCommand::Savepoint { target: Some(sp_dir.display().to_string()) }).unwrap();
+        let sp = PathBuf::from(wait_trigger(&m, &t));
+        assert!(sp.starts_with(&sp_dir) && sp.join("_metadata").exists(), "{what}: {}", sp.display());
+        let meta = std::fs::read_to_string(sp.join("_metadata")).unwrap();
+        assert!(!meta.contains("\"Delta\"") && !meta.contains("\"RocksDb\""), "{what}: a savepoint has canonical files only:\n{meta}");
+        let after = completed(&m.view());
+        assert!(m.view().checkpoints.latest_savepoint.is_some_and(|s| s.is_savepoint), "{what}: latest savepoint reported");
+        wait_for(&m, &what, |v| completed(v) >= after + 3);
+        let cancel = m.submit(JobCommand::Cancel).unwrap();
+        assert!(matches!(job.join().unwrap(), Err(weir::JobError::Cancelled)), "{what}: cancelled");
+        assert!(matches!(m.trigger_status(&cancel), Some(weir::monitor::TriggerStatus::Completed { .. })));
+        assert_eq!(m.view().state, weir::monitor::JobState::Canceled, "{what}");
+        let before = lines(&[&out]).len();
+        assert!(before < 400_000, "{what}: cancelled mid-input ({before} records)");
+        // Resume from the latest (incremental) checkpoint, taken after the savepoint.
+        run("running", cfg, Restore::Latest, "gen", slow, &out, vec![]);
+        check(&lines(&[&out]), 400_000, &what);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// What the monitor shows of a running job (vertices, records, latency, checkpoints), and stop
+/// with a savepoint asked through it: the job finishes, and the savepoint resumes it exactly once.
+#[test]
+fn the_monitor_shows_the_job_and_stops_it_with_a_savepoint() {
+    use weir::monitor::{JobCommand, JobState, VertexKind};
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_env("WEIR_LOG")).with_test_writer().try_init();
+    let dir = tmp("monitor-stop");
+    let (out1, out2) = (dir.join("out1"), dir.join("out2"));
+    let sp_dir = dir.join("stop-savepoints");
+    let cfg = config(&dir, "hashmap", true, 2, &[("metrics.reporter.interval", "50ms")]);
+    let slow = GeneratorSource { count: 300_000, keys: 300, seed: 9, rate: Some(100_000.0) };
+    let env = StreamEnv::new("monitored", cfg.clone());
+    let m = env.monitor();
+    assert_eq!(m.view().state, JobState::Created);
+    let (g, o) = (slow.clone(), out1.clone());
+    let job = std::thread::spawn(move || {
+        let (panic_at, seen) = (Arc::default(), Arc::default());
+        env.execute(move |job| counting(job, "gen", &g, &o, &panic_at, &seen))
+    });
+    let v = wait_for(&m, "metrics", |v| {
+        completed(v) >= 2 && v.vertices.iter().all(|x| x.subtasks.len() == 2 && x.subtasks.iter().all(|s| s.records_in + s.records_out > 0))
+    });
+    assert_eq!(v.state, JobState::Running);
+    let kinds: Vec<(&str, VertexKind)> = v.vertices.iter().map(|x| (x.name.as_str(), x.kind)).collect();
+    assert_eq!(kinds, [("gen", VertexKind::Source), ("counts", VertexKind::Keyed), ("out", VertexKind::Sink)]);
+    assert_eq!((v.vertices[1].inputs.clone(), v.vertices[2].inputs.clone()), (vec![0], vec![1]), "the graph's edges");
+    // Records out of the source reach the keyed operator (in flight aside), which emits one line per record.
+    // (Workers report at their own moments: the counts are of slightly different times.)
+    let src_out: u64 = v.vertices[0].subtasks.iter().map(|s| s.records_out).sum();
+    let keyed_in: u64 = v.vertices[1].subtasks.iter().map(|s| s.records_in).sum();
+    assert!(keyed_in > 0 && src_out > 0 && v.vertices[0].subtasks.iter().all(|s| s.records_in == 0), "records: source out {src_out}, keyed in {keyed_in}");
+    let sink_latency = wait_for(&m, "latency", |v| v.vertices[2].subtasks.iter().any(|s| s.latency.is_some_and(|l| l.count > 0)));
+    let l = sink_latency.vertices[2].subtasks.iter().find_map(|s| s.latency).unwrap();
+    assert!(l.p50 <= l.p99 && l.p99 <= l.max && l.max < 60_000.0, "a sane latency: {l:?}");
+    let c = v.checkpoints.history.iter().find(|c| c.status == weir::monitor::CheckpointStatus::Completed).expect("a completed checkpoint");
+    // Every stateful subtask acknowledged: source, keyed operator and sink, two subtasks each.
+    assert_eq!((c.num_subtasks, c.num_acknowledged_subtasks), (6, 6), "{c:?}");
+    assert!(c.tasks.iter().any(|t| t.vertex == 1 && t.subtasks.len() == 2), "{c:?}");
+    assert!(c.external_path.as_deref().is_some_and(|p| p.ends_with(&format!("chk-{}", c.id))), "{c:?}");
+
+    let t = m.submit(JobCommand::StopWithSavepoint { target: Some(sp_dir.display().to_string()) }).unwrap();
+    assert_eq!(m.submit(JobCommand::Cancel), Err(weir::monitor::CommandError::AlreadyStopping));
+    let r = job.join().unwrap().unwrap();
+    let sp = r.savepoint.expect("stop with a savepoint");
+    assert_eq!(wait_trigger(&m, &t), sp);
+    assert!(PathBuf::from(&sp).starts_with(&sp_dir), "{sp}");
+    assert_eq!(m.view().state, JobState::Finished);
+    assert!(matches!(m.submit(JobCommand::Checkpoint), Err(weir::monitor::CommandError::NotRunning(JobState::Finished))));
+    let before = lines(&[&out1]).len();
+    assert!(before > 0 && before < 300_000, "stopped mid-input: {before} records");
+    run("resumed", cfg, Restore::Path(sp), "gen", slow, &out2, vec![]);
+    check(&lines(&[&out1, &out2]), 300_000, "stop with a savepoint through the monitor, then resume");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use weir_checkpoint::{Action, CheckpointCoordinator, CheckpointId, CheckpointMetadata, SubtaskSnapshot, TaskId};
+use weir_checkpoint::{CheckpointCoordinator, CheckpointId, CheckpointMetadata, SubtaskSnapshot, TaskId};
 use weir_storage::CheckpointStorage;
 
 use crate::config::JobConfig;
@@ -66,7 +66,7 @@ impl Commands {
     }
 
     /// Take the monitor's new commands; returns what the loop must do at once.
-    pub(crate) fn poll(&mut self, checkpointing: bool) -> Option<Intent> {
+    pub(crate) fn poll(&mut self, c: &mut CheckpointCoordinator<SubtaskSnapshot>, checkpointing: bool) -> Option<Intent> {
         let mut intent = None;
         for (trigger, cmd) in self.monitor.take_commands() {
             let refuse = |why: &str| self.monitor.resolve_trigger(&trigger, TriggerStatus::Failed { message: why.to_string() });
@@ -74,8 +74,14 @@ impl Commands {
                 JobCommand::Checkpoint | JobCommand::Savepoint { .. } if !checkpointing => {
                     refuse("checkpoint storage is off: set execution.checkpointing.interval, or run with --savepoint-on-stop")
                 }
-                JobCommand::Checkpoint => self.waiting.push_back((trigger, Request::Checkpoint)),
-                JobCommand::Savepoint { target } => self.waiting.push_back((trigger, Request::Savepoint(target))),
+                JobCommand::Checkpoint => {
+                    c.request();
+                    self.waiting.push_back((trigger, Request::Checkpoint));
+                }
+                JobCommand::Savepoint { target } => {
+                    c.request();
+                    self.waiting.push_back((trigger, Request::Savepoint(target)));
+                }
                 JobCommand::StopWithSavepoint { .. } | JobCommand::Cancel if self.stopping => refuse("the job is already being stopped"),
                 JobCommand::StopWithSavepoint { .. } if !checkpointing => {
                     refuse("checkpoint storage is off: set execution.checkpointing.interval, or run with --savepoint-on-stop")
@@ -95,24 +101,21 @@ impl Commands {
         intent
     }
 
-    /// Triggers for asked-for checkpoints the coordinator can start now.
-    pub(crate) fn triggers(&mut self, c: &mut CheckpointCoordinator<SubtaskSnapshot>, now_ms: u64) -> Vec<Action<SubtaskSnapshot>> {
-        let mut out = Vec::new();
-        while let Some((trigger, _)) = self.waiting.front() {
-            if c.is_finishing() {
-                let message = "the job is finishing: its final checkpoint is under way".to_string();
-                self.monitor.resolve_trigger(trigger, TriggerStatus::Failed { message });
-                self.waiting.pop_front();
-                continue;
-            }
-            let Some(a) = c.trigger_now(now_ms) else { break };
-            if let Action::Trigger { id, .. } = &a {
-                let r = self.waiting.pop_front().expect("front");
-                self.running.insert(*id, r);
-            }
-            out.push(a);
+    /// The coordinator triggered checkpoint `id` for the oldest request.
+    pub(crate) fn requested_trigger(&mut self, id: CheckpointId) {
+        if let Some(r) = self.waiting.pop_front() {
+            self.running.insert(id, r);
         }
-        out
+    }
+
+    /// Requests that can no longer be served (the job finishes) fail.
+    pub(crate) fn check_finishing(&mut self, c: &CheckpointCoordinator<SubtaskSnapshot>) {
+        if c.is_finishing() {
+            for (trigger, _) in self.waiting.drain(..) {
+                let message = "the job is finishing: its final checkpoint is under way".to_string();
+                self.monitor.resolve_trigger(&trigger, TriggerStatus::Failed { message });
+            }
+        }
     }
 
     /// Whether checkpoint `id` is written as a savepoint.

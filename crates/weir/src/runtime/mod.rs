@@ -841,7 +841,7 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
         if let (Some(c), Some(ctl), Some(cmds)) = (coord.as_mut(), ctl_in.as_mut(), cmds.as_mut()) {
             let requested = inbox.borrow().iter().any(|m| matches!(m, AckMsg::CancelRequest));
             let stop_again = !cancel_sent && env.stop_request.lock().unwrap_or_else(|p| p.into_inner()).is_some();
-            match cmds.poll(env.storage.is_some()) {
+            match cmds.poll(c, env.storage.is_some()) {
                 Some(commands::Intent::Stop) if !cancel_sent => {
                     *env.stop_request.lock().unwrap_or_else(|p| p.into_inner()) = cmds.stop.clone();
                     cancel_sent = true;
@@ -1107,13 +1107,15 @@ fn drive_coordinator(
             AckMsg::RestoreCheck { .. } | AckMsg::CancelRequest => Vec::new(),
         });
     }
-    actions.extend(cmds.triggers(c, now()));
     let stop_requested = env.stop_request.lock().unwrap_or_else(|p| p.into_inner()).is_some();
     let mut sent = false;
     let mut queue: std::collections::VecDeque<_> = actions.into();
     while let Some(a) = queue.pop_front() {
         match a {
-            Action::Trigger { id, is_final, .. } => {
+            Action::Trigger { id, is_final, requested, .. } => {
+                if requested {
+                    cmds.requested_trigger(id);
+                }
                 let savepoint = cmds.is_savepoint(id, is_final, env.config.savepoint_on_stop || stop_requested);
                 tracing::debug!("trigger checkpoint {id}{}{}", if is_final { " (final)" } else { "" }, if savepoint { " (savepoint)" } else { "" });
                 cmds.on_trigger(id, savepoint, is_final, c.task_count() as u32);
@@ -1199,5 +1201,6 @@ fn drive_coordinator(
             }
         }
     }
+    cmds.check_finishing(c);
     Ok(sent)
 }
