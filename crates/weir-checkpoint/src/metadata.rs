@@ -94,8 +94,13 @@ impl SplitOffset {
 /// The cost split of one subtask's part of a checkpoint (Flink's cost model).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SubtaskStats {
-    /// Trigger → the subtask's input frontier passed the epoch (µs).
+    /// Trigger → the subtask's input frontier passed the epoch (µs): Flink's start delay plus
+    /// alignment.
     pub barrier_us: u64,
+    /// The alignment part of `barrier_us`: from the first record of a later epoch at the
+    /// subtask's input (the first barrier, in Flink's terms) to the epoch's close (µs).
+    #[serde(default)]
+    pub alignment_us: u64,
     /// The synchronous pause of the snapshot (µs).
     pub sync_us: u64,
     /// The asynchronous write to checkpoint storage (µs).

@@ -1,9 +1,8 @@
 //! The JSON shapes of Flink's REST API, built from a [`JobView`]: pure functions, no I/O, so
 //! the field names are tested without a server.
 //!
-//! The monitor keeps no accumulated busy/idle/back-pressured totals, only the last report
-//! interval's rates; Flink's `accumulated-*-time` fields therefore carry ms per second of that
-//! interval (per subtask; the largest subtask's for a vertex), as the Flink UI's "busy (max)".
+//! Flink's `accumulated-*-time` fields are totals since the job started (ms): per subtask, and
+//! the largest subtask's for a vertex, as the Flink UI's "busy (max)".
 
 use serde_json::{json, Map, Value};
 use weir::config::{JobConfig, StateBackendKind};
@@ -132,13 +131,13 @@ fn state_counts(n: u64, state: &str) -> Map<String, Value> {
 
 /// Flink's I/O metrics of some subtasks (a vertex's, or one's).
 fn io_metrics<'a>(subtasks: impl Iterator<Item = &'a SubtaskMetrics>) -> Value {
-    let (mut read, mut write, mut busy, mut bp, mut idle) = (0u64, 0u64, 0f64, 0f64, 0f64);
+    let (mut read, mut write, mut busy, mut bp, mut idle) = (0u64, 0u64, 0u64, 0u64, 0u64);
     for s in subtasks {
         read += s.records_in;
         write += s.records_out;
-        busy = busy.max(s.busy_ms_per_second);
-        bp = bp.max(s.backpressured_ms_per_second);
-        idle = idle.max(idle_ms(s));
+        busy = busy.max(s.busy_ms_total);
+        bp = bp.max(s.backpressured_ms_total);
+        idle = idle.max(s.idle_ms_total);
     }
     json!({
         "read-records": read,
@@ -149,9 +148,9 @@ fn io_metrics<'a>(subtasks: impl Iterator<Item = &'a SubtaskMetrics>) -> Value {
         "read-bytes-complete": true,
         "write-bytes": 0,
         "write-bytes-complete": true,
-        "accumulated-backpressured-time": bp.round() as u64,
-        "accumulated-idle-time": idle.round() as u64,
-        "accumulated-busy-time": busy.round() as u64,
+        "accumulated-backpressured-time": bp,
+        "accumulated-idle-time": idle,
+        "accumulated-busy-time": busy,
     })
 }
 
@@ -310,8 +309,8 @@ fn status_name(s: CheckpointStatus) -> &'static str {
 
 /// One subtask's acknowledgement as Flink's `SubtaskCheckpointStatistics` (completed).
 ///
-/// The monitor records one figure for trigger → barrier through the input (`barrier_us`); it
-/// goes to `alignment.duration`, and `start_delay` (which Flink splits off) stays 0.
+/// `start_delay` is trigger → the first record of a later epoch at the input (the barrier's
+/// first sight); `alignment.duration` from there to the epoch's close.
 fn subtask_entry(c: &CheckpointStats, s: &SubtaskCheckpointStats) -> Value {
     json!({
         "index": s.subtask,
@@ -321,8 +320,8 @@ fn subtask_entry(c: &CheckpointStats, s: &SubtaskCheckpointStats) -> Value {
         "state_size": s.state_size,
         "checkpointed_size": s.checkpointed_size,
         "checkpoint": {"sync": ms(s.sync_us), "async": ms(s.async_us)},
-        "alignment": {"duration": ms(s.barrier_us), "buffered": 0, "processed": 0, "persisted": 0},
-        "start_delay": 0,
+        "alignment": {"duration": ms(s.alignment_us), "buffered": 0, "processed": 0, "persisted": 0},
+        "start_delay": ms(s.barrier_us.saturating_sub(s.alignment_us)),
         "unaligned_checkpoint": false,
         "aborted": false,
     })
@@ -415,8 +414,8 @@ pub fn checkpoint_task(c: &CheckpointStats, x: &VertexView) -> Value {
             "end_to_end_duration": sum(&|s| s.ack_timestamp.saturating_sub(c.trigger_timestamp)),
             "checkpoint_duration": {"sync": sum(&|s| ms(s.sync_us)), "async": sum(&|s| ms(s.async_us))},
             "alignment": {"buffered": summary(Vec::new()), "processed": summary(Vec::new()), "persisted": summary(Vec::new()),
-                          "duration": sum(&|s| ms(s.barrier_us))},
-            "start_delay": summary(Vec::new()),
+                          "duration": sum(&|s| ms(s.alignment_us))},
+            "start_delay": sum(&|s| ms(s.barrier_us.saturating_sub(s.alignment_us))),
         }),
     );
     let subtasks: Vec<Value> = (0..x.parallelism)

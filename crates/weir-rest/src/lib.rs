@@ -138,7 +138,7 @@ pub fn start(monitor: Arc<JobMonitor>, settings: &RestSettings) -> Result<RestSe
         .spawn(move || runtime.block_on(serve(listener, router, stopped)))
         .map_err(RestError::Runtime)?;
     let server = RestServer { addr, token, token_file, generated, stop, thread: Some(thread) };
-    tracing::info!("REST API and dashboard at {} (token in {})", server.url(), server.token_file.display());
+    tracing::debug!("REST API and dashboard at {} (token in {})", server.url(), server.token_file.display());
     Ok(server)
 }
 

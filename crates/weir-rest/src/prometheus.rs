@@ -24,7 +24,7 @@ const GAUGES: &[(&str, &str)] = &[
     ("weir_busyTimeMsPerSecond", "Time busy, ms per second."),
     ("weir_backPressuredTimeMsPerSecond", "Time back-pressured, ms per second."),
     ("weir_checkpointAlignmentTime", "Trigger to barrier through the input in the latest completed checkpoint, ns."),
-    ("weir_checkpointStartDelayNanos", "Start delay of the latest completed checkpoint, ns (not measured apart from alignment: 0)."),
+    ("weir_checkpointStartDelayNanos", "Start delay of the latest completed checkpoint, ns (trigger → the first record of a later epoch at the input)."),
     ("weir_latency", "Source to operator latency over the last report windows, ms."),
     ("weir_lastCheckpointDuration", "Duration of the latest completed checkpoint, ms."),
     ("weir_lastCheckpointSize", "Bytes written by the latest completed checkpoint."),
@@ -70,11 +70,11 @@ fn record(v: &JobView, now: u64) {
                 .into_iter()
                 .flat_map(|c| c.tasks.iter().filter(|t| t.vertex == x.index))
                 .flat_map(|t| t.subtasks.iter().filter(|a| a.subtask == s.subtask))
-                .map(|a| a.barrier_us)
+                .map(|a| (a.barrier_us, a.alignment_us))
                 .max();
-            if let Some(us) = barrier_us {
-                gauge!("weir_checkpointAlignmentTime", labels.clone()).set(us as f64 * 1e3);
-                gauge!("weir_checkpointStartDelayNanos", labels.clone()).set(0.0);
+            if let Some((barrier, alignment)) = barrier_us {
+                gauge!("weir_checkpointAlignmentTime", labels.clone()).set(alignment as f64 * 1e3);
+                gauge!("weir_checkpointStartDelayNanos", labels.clone()).set(barrier.saturating_sub(alignment) as f64 * 1e3);
             }
             if let Some(l) = s.latency {
                 for (q, ms) in [("0.5", l.p50), ("0.95", l.p95), ("0.99", l.p99), ("1", l.max)] {

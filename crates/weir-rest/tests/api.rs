@@ -130,6 +130,7 @@ fn job() -> Arc<JobMonitor> {
         subtask,
         ack_timestamp: T0 + 50,
         barrier_us: 3_000,
+        alignment_us: 2_000,
         sync_us: 1_400,
         async_us: 12_600,
         checkpointed_size: 40,
@@ -289,7 +290,8 @@ fn checkpoints_counts_summary_latest_and_history() {
     assert_eq!(sub["index"], 1);
     assert_eq!(sub["end_to_end_duration"], 50);
     assert_eq!(sub["checkpoint"], json!({"sync": 1, "async": 13}));
-    assert_eq!(sub["alignment"], json!({"duration": 3, "buffered": 0, "processed": 0, "persisted": 0}));
+    assert_eq!(sub["alignment"], json!({"duration": 2, "buffered": 0, "processed": 0, "persisted": 0}));
+    assert_eq!(sub["start_delay"], 1, "barrier 3 ms, of which 2 ms alignment");
     assert_eq!(h[0]["tasks"][format!("{:032x}", 0xabc2)]["num_acknowledged_subtasks"], 0);
 
     let detail = get(a, "/jobs/word-count/checkpoints/details/1").json();
@@ -301,7 +303,8 @@ fn checkpoints_counts_summary_latest_and_history() {
     assert_eq!(sub["subtasks"][0]["unaligned_checkpoint"], false);
     assert_eq!(sub["subtasks"][1], json!({"index": 1, "status": "pending_or_failed"}));
     assert_eq!(sub["summary"]["checkpoint_duration"]["sync"]["max"], 1);
-    assert_eq!(sub["summary"]["alignment"]["duration"]["max"], 3);
+    assert_eq!(sub["summary"]["alignment"]["duration"]["max"], 2);
+    assert_eq!(sub["summary"]["start_delay"]["max"], 1);
 
     let bad = get(a, "/jobs/word-count/checkpoints/details/latest");
     assert_eq!(bad.status, 400);
@@ -579,7 +582,8 @@ fn prometheus_metrics() {
     assert_eq!(find("weir_numRecordsOutPerSecond", &op("source", "0")), 1000.0);
     assert_eq!(find("weir_backPressuredTimeMsPerSecond", &op("source", "0")), 600.0);
     assert_eq!(find("weir_busyTimeMsPerSecond", &op("count", "1")), 100.0);
-    assert_eq!(find("weir_checkpointAlignmentTime", &op("sink", "1")), 3_000_000.0);
+    assert_eq!(find("weir_checkpointAlignmentTime", &op("sink", "1")), 2_000_000.0);
+    assert_eq!(find("weir_checkpointStartDelayNanos", &op("sink", "1")), 1_000_000.0);
     assert_eq!(find("weir_latency", &[("task_name", "count"), ("subtask_index", "0"), ("quantile", "0.99")]), 2.0);
     assert_eq!(find("weir_latency", &[("task_name", "count"), ("subtask_index", "0"), ("quantile", "1")]), 2.0);
     assert_eq!(find("weir_numberOfCompletedCheckpoints", &[]), 2.0);

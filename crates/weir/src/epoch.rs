@@ -37,11 +37,13 @@ pub(crate) struct EpochAligner<C, D> {
     epoch: u64,
     stash: BTreeMap<u64, Vec<(C, Vec<D>)>>,
     closed_final: bool,
+    /// When the first record of a later epoch arrived (the barrier's first sight).
+    aligning_since: Option<std::time::Instant>,
 }
 
 impl<C, D> EpochAligner<C, D> {
     pub(crate) fn new(first_epoch: u64) -> Self {
-        Self { epoch: first_epoch, stash: BTreeMap::new(), closed_final: false }
+        Self { epoch: first_epoch, stash: BTreeMap::new(), closed_final: false, aligning_since: None }
     }
 
     /// The open epoch.
@@ -52,7 +54,14 @@ impl<C, D> EpochAligner<C, D> {
     /// Keep records of a later epoch until it opens.
     pub(crate) fn stash(&mut self, epoch: u64, cap: C, data: Vec<D>) {
         debug_assert!(epoch > self.epoch);
+        self.aligning_since.get_or_insert_with(std::time::Instant::now);
         self.stash.entry(epoch).or_default().push((cap, data));
+    }
+
+    /// At an epoch's close: how long records of a later epoch waited for it (µs), Flink's
+    /// alignment duration; 0 when none arrived early.
+    pub(crate) fn take_alignment_us(&mut self) -> u64 {
+        self.aligning_since.take().map(|t| t.elapsed().as_micros() as u64).unwrap_or(0)
     }
 
     /// The next thing to do, given the epoch of the input frontier (`None` if the frontier is

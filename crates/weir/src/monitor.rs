@@ -71,8 +71,11 @@ pub struct SubtaskCheckpointStats {
     pub subtask: u32,
     /// When its acknowledgement reached the coordinator (ms since the Unix epoch).
     pub ack_timestamp: u64,
-    /// Trigger → the barrier passed this subtask's input (alignment and start delay), µs.
+    /// Trigger → the barrier passed this subtask's input (start delay and alignment), µs.
     pub barrier_us: u64,
+    /// The alignment part of `barrier_us` (first record of a later epoch → close), µs; the
+    /// rest is Flink's start delay.
+    pub alignment_us: u64,
     /// The synchronous part of the snapshot, µs.
     pub sync_us: u64,
     /// The asynchronous write, µs.
@@ -219,6 +222,12 @@ pub struct SubtaskMetrics {
     pub busy_ms_per_second: f64,
     /// Time held back by flow control, per second (Flink's `backPressuredTimeMsPerSecond`).
     pub backpressured_ms_per_second: f64,
+    /// Busy time since the job started, ms (Flink's `accumulated-busy-time`).
+    pub busy_ms_total: u64,
+    /// Back-pressured time since the job started, ms.
+    pub backpressured_ms_total: u64,
+    /// Idle time since the job started (neither busy nor back-pressured), ms.
+    pub idle_ms_total: u64,
     /// Source → this operator, over the last `LATENCY_WINDOWS` report intervals.
     pub latency: Option<LatencySummary>,
     /// When it reported, ms since the Unix epoch.
@@ -698,6 +707,10 @@ impl JobMonitor {
             m.records_out = s.records_out;
             m.busy_ms_per_second = (s.busy_us_delta as f64 / 1e3 / secs).min(1000.0);
             m.backpressured_ms_per_second = (s.backpressured_us_delta as f64 / 1e3 / secs).min(1000.0);
+            let (busy, bp) = (s.busy_us_delta.min(report.interval_us), s.backpressured_us_delta.min(report.interval_us));
+            m.busy_ms_total += busy / 1000;
+            m.backpressured_ms_total += bp / 1000;
+            m.idle_ms_total += report.interval_us.saturating_sub(busy + bp) / 1000;
             m.latency = summary;
             m.updated_ms = now;
         }

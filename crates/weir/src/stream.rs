@@ -360,7 +360,7 @@ impl<'s, T: Data> DataStream<'s, T> {
                 out.extend(ready.drain(..).map(|u| (e, u)));
             }
             BatchEvent::Poll { oldest, .. } => *oldest = None,
-            BatchEvent::Close(_) => {}
+            BatchEvent::Close(..) => {}
         })
     }
 
@@ -396,7 +396,7 @@ impl<'s, T: Data> DataStream<'s, T> {
                 }
                 *oldest = q.front().map(|(e, _)| *e);
             }
-            BatchEvent::Close(_) => {}
+            BatchEvent::Close(..) => {}
         })
     }
 
@@ -442,7 +442,7 @@ impl<'s, T: Data> DataStream<'s, T> {
                 // Hand over what waits, collect finished work, emit it under its epoch's
                 // capability, release the capabilities of epochs with nothing left; on an
                 // epoch's close, tell the handler after its last batch.
-                let mut step = |pending: &mut Vec<T>, caps: &mut BTreeMap<u64, Cap>, oldest: &mut Option<Instant>, in_flight: &mut Option<u64>, epoch: u64, submit: bool, close: Option<u64>| {
+                let mut step = |pending: &mut Vec<T>, caps: &mut BTreeMap<u64, Cap>, oldest: &mut Option<Instant>, in_flight: &mut Option<u64>, epoch: u64, submit: bool, close: Option<(u64, u64)>| {
                     let submitted = submit && !pending.is_empty();
                     if submitted {
                         handler(BatchEvent::Batch(epoch, pending, &mut out));
@@ -464,8 +464,8 @@ impl<'s, T: Data> DataStream<'s, T> {
                         i = 0;
                     }
                     caps.retain(|&e, _| (e == epoch && !pending.is_empty()) || in_flight.is_some_and(|o| e >= o));
-                    if let Some(e) = close {
-                        handler(BatchEvent::Close(e));
+                    if let Some((e, alignment_us)) = close {
+                        handler(BatchEvent::Close(e, alignment_us));
                     }
                 };
                 input.for_each(|c, data| {
@@ -491,7 +491,10 @@ impl<'s, T: Data> DataStream<'s, T> {
                             pending.append(&mut data);
                             oldest.get_or_insert_with(Instant::now);
                         }
-                        Aligned::Close(e) => step(&mut pending, &mut caps, &mut oldest, &mut in_flight, e, true, Some(e)),
+                        Aligned::Close(e) => {
+                            let alignment = aligner.take_alignment_us();
+                            step(&mut pending, &mut caps, &mut oldest, &mut in_flight, e, true, Some((e, alignment)))
+                        }
                     }
                 }
                 if in_flight.is_some() {
@@ -569,11 +572,13 @@ impl<'s, T: Data> DataStream<'s, T> {
                     }
                     Aligned::Close(e) => {
                         let barrier_us = barrier_us(&ctx, e);
+                        let alignment_us = aligner.take_alignment_us();
                         let t0 = Instant::now();
                         match w.pre_commit(e) {
                             Ok(bytes) => {
                                 let stats = SubtaskStats {
                                     barrier_us,
+                                    alignment_us,
                                     sync_us: t0.elapsed().as_micros() as u64,
                                     bytes,
                                     ..Default::default()
@@ -630,7 +635,7 @@ enum BatchEvent<'a, T, U> {
     /// the oldest epoch with work still in flight.
     Poll { out: &'a mut Vec<(u64, U)>, oldest: &'a mut Option<u64> },
     /// Epoch `n` closed at this operator, after its last batch was handed over.
-    Close(u64),
+    Close(u64, u64),
 }
 
 /// What every keyed stateful operator starts with.
@@ -763,7 +768,10 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
                                 out.clear();
                             }
                         }
-                        Aligned::Close(e) => snapshot_tables(&ctx, &mut tables, e, task, &name_owned, &file_prefix, None, Instant::now()),
+                        Aligned::Close(e) => {
+                            let alignment = aligner.take_alignment_us();
+                            snapshot_tables(&ctx, &mut tables, e, task, &name_owned, &file_prefix, None, Instant::now(), alignment)
+                        }
                     }
                 }
             }
@@ -814,7 +822,7 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
                 out.append(&mut drained);
                 *oldest = func.poll(&mut tables, out);
             }
-            BatchEvent::Close(e) => {
+            BatchEvent::Close(e, alignment) => {
                 groups.clear();
                 let started = Instant::now();
                 // The naive baseline (`weir.gpu.state.snapshot-mode: blocking`) first waits for
@@ -831,7 +839,7 @@ impl<'s, K: Key, T: Data> KeyedStream<'s, K, T> {
                     (true, Some(arena)) => Some(arena.snapshot(e, savepoint)),
                     _ => None,
                 };
-                snapshot_tables(&ctx, &mut tables, e, task, &name_owned, &file_prefix, resident, started);
+                snapshot_tables(&ctx, &mut tables, e, task, &name_owned, &file_prefix, resident, started, alignment);
             }
         })
     }
@@ -905,6 +913,7 @@ fn snapshot_tables<K: Key>(
     prefix: &str,
     resident: Option<Result<crate::ops::resident::ResidentJob, String>>,
     started: Instant,
+    alignment_us: u64,
 ) {
     let t0 = started;
     // A state backend error (RocksDB could not read or write) fails the job, checkpoints or
@@ -922,7 +931,7 @@ fn snapshot_tables<K: Key>(
             uid,
             state_files: vec![],
             splits: vec![],
-            stats: SubtaskStats { barrier_us, ..Default::default() },
+            stats: SubtaskStats { barrier_us, alignment_us, ..Default::default() },
         };
         ctx.shared.borrow_mut().outbox.push(AckMsg::Ack { id: epoch, task, snapshot });
         return;
@@ -958,7 +967,7 @@ fn snapshot_tables<K: Key>(
     ctx.executor.submit(move || {
         // A panic while writing declines the checkpoint at once instead of leaving it to time out.
         let decline = tx.clone();
-        let wrote = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || write_snapshot_files(storage, jobs, resident, tx, epoch, task, name, uid, barrier_us, sync_us, entries)));
+        let wrote = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || write_snapshot_files(storage, jobs, resident, tx, epoch, task, name, uid, (barrier_us, alignment_us), sync_us, entries)));
         if let Err(panic) = wrote {
             let what = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
             let _ = decline.send(AckMsg::Decline { id: epoch, task, reason: format!("writing the snapshot panicked: {what}") });
@@ -977,7 +986,7 @@ fn write_snapshot_files(
     task: TaskId,
     name: String,
     uid: String,
-    barrier_us: u64,
+    (barrier_us, alignment_us): (u64, u64),
     sync_us: u64,
     entries: u64,
 ) {
@@ -1003,7 +1012,7 @@ fn write_snapshot_files(
             }
         }
     }
-    let stats = SubtaskStats { barrier_us, sync_us, async_us: t1.elapsed().as_micros() as u64, bytes, state_entries: entries };
+    let stats = SubtaskStats { barrier_us, alignment_us, sync_us, async_us: t1.elapsed().as_micros() as u64, bytes, state_entries: entries };
     let snapshot = SubtaskSnapshot { operator_name: name, uid, state_files: files, splits: vec![], stats };
     let _ = tx.send(AckMsg::Ack { id: epoch, task, snapshot });
 }

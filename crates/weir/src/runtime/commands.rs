@@ -133,6 +133,7 @@ impl Commands {
             subtask: task.subtask,
             ack_timestamp: wall_ms(),
             barrier_us: s.stats.barrier_us,
+            alignment_us: s.stats.alignment_us,
             sync_us: s.stats.sync_us,
             async_us: s.stats.async_us,
             checkpointed_size: s.stats.bytes,
