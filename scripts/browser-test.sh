@@ -3,10 +3,12 @@
 # free port, opens the dashboard in headless Chromium (driven by playwright-core, which never
 # downloads a browser here), waits for completed checkpoints in its history table and every vertex
 # in its job graph, and takes a savepoint with its button (scripts/browser-test.mjs). Saves a
-# screenshot to docs/dashboard.png (and to $OUT_DIR if set). Installs Debian's chromium and
-# playwright-core if missing.
+# screenshot to $SCREENSHOT (default: dashboard.png in the target directory, so a test run leaves
+# the clone as it was; SCREENSHOT=docs/dashboard.png refreshes the README's) and to $OUT_DIR if
+# set. Installs Debian's chromium and playwright-core if missing.
 #   scripts/browser-test.sh                 # uses $CARGO_TARGET_DIR/release/weir
 #   WEIR_BIN=path/to/weir scripts/browser-test.sh
+#   SCREENSHOT=docs/dashboard.png scripts/browser-test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,7 +75,7 @@ fi
 echo "browser test: dashboard at $url/" >&2
 
 status=0
-WEIR_BROWSER_DEPS="$deps" WEIR_JOB_PID="$job_pid" node scripts/browser-test.mjs "$url/" || status=$?
+SCREENSHOT="${SCREENSHOT:-${CARGO_TARGET_DIR:-target}/dashboard.png}" WEIR_BROWSER_DEPS="$deps" WEIR_JOB_PID="$job_pid" node scripts/browser-test.mjs "$url/" || status=$?
 
 # The .mjs SIGTERMs the job; SIGTERM cancels it (exit status 130). Anything else is a failure,
 # as is a job that does not end.
