@@ -178,6 +178,38 @@ fn savepoint_and_stop_through_the_rest_api_resume_exactly_once() {
     let ids: Vec<u64> = cps["history"].as_array().unwrap().iter().map(|c| c["id"].as_u64().unwrap()).collect();
     assert!(ids.len() >= 2 && ids.windows(2).all(|w| w[0] > w[1]), "history newest first: {ids:?}");
 
+    // Prometheus: /metrics of the running job parses as the text format, under Flink's names.
+    // (Operators report about once a second: wait for the first report.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let raw = http::request_raw("GET", &server.with_path("/metrics"), None, None).unwrap();
+        assert_eq!(raw.status, 200);
+        let text = String::from_utf8(raw.body).unwrap();
+        if text.contains("weir_numRecordsOut{") || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap_or_else(|e| panic!("/metrics does not parse: {e}\n{text}"));
+    let value = |name: &str, labels: &[(&str, &str)]| -> Vec<f64> {
+        let matching = scrape.samples.iter().filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)));
+        matching
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+            .collect()
+    };
+    let completed = value("weir_numberOfCompletedCheckpoints", &[("job_id", &jid), ("job_name", "keyed-sum")]);
+    assert!(completed.len() == 1 && completed[0] >= 2.0, "weir_numberOfCompletedCheckpoints: {completed:?}\n{text}");
+    let read: f64 = value("weir_numRecordsOut", &[("job_id", &jid)]).iter().sum();
+    assert!(read > 0.0, "weir_numRecordsOut of the job: {read}\n{text}");
+    for name in ["weir_numRecordsIn", "weir_numRecordsInPerSecond", "weir_lastCheckpointDuration", "weir_lastCheckpointSize", "weir_numberOfFailedCheckpoints", "weir_numberOfInProgressCheckpoints", "weir_checkpointAlignmentTime", "weir_checkpointStartDelayNanos"] {
+        assert!(!value(name, &[("job_id", &jid)]).is_empty(), "/metrics has no {name}:\n{text}");
+    }
+    let p99 = value("weir_latency", &[("job_id", &jid), ("quantile", "0.99")]);
+    assert!(!p99.is_empty() && p99.iter().all(|v| v.is_finite() && *v >= 0.0), "weir_latency p99 per operator subtask: {p99:?}");
+
     // weir list shows it.
     let listed = weir_cli(&home, &["list", "--address", &server.base()]);
     let text = String::from_utf8_lossy(&listed.stdout);
