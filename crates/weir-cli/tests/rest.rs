@@ -307,3 +307,48 @@ fn a_taken_port_fails_the_run_at_start_naming_the_key() {
     assert!(err.contains("rest.port") && err.contains(&port), "the error names rest.port and the port:\n{err}");
     assert!(!tmp.join("out").exists() || committed_lines(&tmp.join("out")).is_empty(), "nothing ran");
 }
+
+/// Process 1 of a two-process job reports its operators to process 0 over the job's control
+/// channel: process 0's REST API shows its subtasks, with records, and no other process serves
+/// an API of its own.
+#[test]
+fn process_0_shows_the_subtasks_of_every_process() {
+    let tmp = TempDir::new("rest-cluster");
+    let home = tmp.join("home");
+    let (out, ck) = (tmp.join("out"), tmp.join("ck"));
+    let hosts = tmp.join("hosts.txt");
+    std::fs::write(&hosts, format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port())).unwrap();
+    let args = ["--set", "source.rate=20000", "-D", "parallelism.default=2", "--rest-port", "0", "--hostfile", hosts.to_str().unwrap()];
+    let mut p1 = keyed_sum_cmd(&out, &ck, 1_000_000, 1_000, "200ms", &args);
+    p1.arg("--process").arg("1").stdout(Stdio::null()).stderr(Stdio::from(std::fs::File::create(tmp.join("p1.log")).unwrap()));
+    let mut p1 = with_home(p1, &home).spawn().unwrap();
+    let mut p0 = keyed_sum_cmd(&out, &ck, 1_000_000, 1_000, "200ms", &args);
+    p0.arg("--process").arg("0");
+    let mut run = start(with_home(p0, &home));
+    let jid = running_job(&mut run);
+    let job = get(&run.server, &format!("/jobs/{jid}"));
+    let source = job["vertices"][0]["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = get(&run.server, &format!("/jobs/{jid}/vertices/{source}"));
+        let subtasks = v["subtasks"].as_array().cloned().unwrap_or_default();
+        let of = |p: &str| subtasks.iter().find(|s| s["endpoint"] == p).map(|s| s["metrics"]["write-records"].as_u64().unwrap_or(0));
+        if of("process-0").is_some_and(|n| n > 0) && of("process-1").is_some_and(|n| n > 0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no records of process 1's source subtask at process 0 after 60 s: {v}\n{}", run.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log1 = std::fs::read_to_string(tmp.join("p1.log")).unwrap();
+    assert!(!log1.contains("REST API and dashboard at"), "only process 0 serves the API:\n{log1}");
+    let cancelled = weir_cli(&home, &["cancel", &run.server.base()]);
+    assert!(cancelled.status.success(), "weir cancel: {}", String::from_utf8_lossy(&cancelled.stderr));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while p1.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            kill9(&mut p1);
+            panic!("process 1 still running 60 s after the job was cancelled");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
