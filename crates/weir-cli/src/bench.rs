@@ -1,6 +1,8 @@
 //! `weir bench`: the keyed-sum job (generator → key_by → running SUM/COUNT → blackhole) with
 //! checkpointing off and at several intervals, in one run, plus a bare timely loop doing the
 //! same hash-map update with no state backend, sink or checkpoints, for the engine's overhead.
+//! `weir bench latency` measures the same job's event-to-sink latency at a fixed rate, `weir
+//! bench rest` the cost of its REST API, metrics scraping and latency tracking.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -15,6 +17,8 @@ use weir::StreamEnv;
 use weir_checkpoint::CheckpointMetadata;
 
 mod gpu_state;
+mod latency;
+mod rest;
 mod state;
 
 #[derive(clap::Args)]
@@ -22,8 +26,11 @@ pub struct BenchArgs {
     /// What to benchmark: `engine` (the keyed-sum job), `gpu` (the kernels), `gpu-state`
     /// (device-resident state: the naive blocking barrier against asynchronous incremental
     /// snapshots) or `state` (the `hashmap` and `rocksdb` backends: incremental against full
-    /// checkpoint bytes, checkpoint cost, throughput, restore from local copies).
-    #[arg(default_value = "engine", value_parser = ["engine", "gpu", "gpu-state", "state"])]
+    /// checkpoint bytes, checkpoint cost, throughput, restore from local copies), `latency`
+    /// (event-to-sink latency of the keyed sum at a fixed rate, with checkpointing off, every 1 s
+    /// and every 200 ms) or `rest` (throughput with the REST API scraped and latency tracking on,
+    /// against neither).
+    #[arg(default_value = "engine", value_parser = ["engine", "gpu", "gpu-state", "state", "latency", "rest"])]
     what: String,
     /// GPU to benchmark (`weir.gpu.device`: index or name substring).
     #[arg(long)]
@@ -70,6 +77,16 @@ pub struct BenchArgs {
     /// 1000000,10000000; with `--quick`: `--keys`).
     #[arg(long, value_delimiter = ',')]
     restore_keys: Option<Vec<u64>>,
+    /// `latency`: records per second over all source instances (default: half the rate of an
+    /// unthrottled run of the same job, measured first).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// `latency`: seconds per configuration.
+    #[arg(long, default_value_t = 12.0)]
+    seconds: f64,
+    /// `latency`: seconds at the start of each run whose records are not measured (start-up).
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
     /// `state`: a smoke run: 3 rounds, 200 ms checkpoints, throughput runs of about 1 s,
     /// restores of `--keys` keys.
     #[arg(long)]
@@ -181,6 +198,12 @@ pub fn main(args: BenchArgs) -> Result<()> {
     }
     if args.what == "state" {
         return state::bench(&args);
+    }
+    if args.what == "latency" {
+        return latency::bench(&args);
+    }
+    if args.what == "rest" {
+        return rest::bench(&args);
     }
     let repeat = args.repeat.unwrap_or(3).max(1);
     println!(
