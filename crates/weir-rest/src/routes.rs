@@ -142,7 +142,10 @@ fn authorize(a: &App, headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 fn submit(a: &App, cmd: JobCommand) -> Result<String, ApiError> {
-    a.monitor.submit(cmd).map_err(|e: CommandError| ApiError(StatusCode::CONFLICT, e.to_string()))
+    a.monitor.submit(cmd).map_err(|e: CommandError| {
+        let status = if matches!(e, CommandError::Busy(_)) { StatusCode::TOO_MANY_REQUESTS } else { StatusCode::CONFLICT };
+        ApiError(status, e.to_string())
+    })
 }
 
 /// A JSON object body; an empty body is an empty object (every field is optional).

@@ -402,7 +402,16 @@ pub enum CommandError {
     /// Another stop or cancel was already asked for.
     #[error("the job is already being stopped")]
     AlreadyStopping,
+    /// Too many commands are waiting already.
+    #[error("{0} commands are waiting already; try again when they are done")]
+    Busy(usize),
 }
+
+/// Commands queued or running at once, at most (each asked-for checkpoint waits for the ones
+/// before it): a flood of requests is refused rather than queued without end.
+pub const MAX_OPEN_COMMANDS: usize = 16;
+/// Outcomes of commands kept for polling, at most; the oldest finished ones go first.
+const MAX_TRIGGERS: usize = 1000;
 
 /// Report intervals a latency summary spans.
 pub const LATENCY_WINDOWS: usize = 10;
@@ -497,9 +506,22 @@ impl JobMonitor {
         if stopping && matches!(cmd, JobCommand::StopWithSavepoint { .. } | JobCommand::Cancel) {
             return Err(CommandError::AlreadyStopping);
         }
+        let mut triggers = lock(&self.triggers);
+        let open = triggers.values().filter(|s| **s == TriggerStatus::InProgress).count();
+        if open >= MAX_OPEN_COMMANDS {
+            return Err(CommandError::Busy(open));
+        }
+        if triggers.len() >= MAX_TRIGGERS {
+            // Ids count up: the smallest finished ones are the oldest.
+            let done: Vec<String> = triggers.iter().filter(|(_, s)| **s != TriggerStatus::InProgress).map(|(k, _)| k.clone()).take(triggers.len() + 1 - MAX_TRIGGERS).collect();
+            for k in done {
+                triggers.remove(&k);
+            }
+        }
         let n = self.next_trigger.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}{:016x}", &self.job_id[..16], n);
-        lock(&self.triggers).insert(id.clone(), TriggerStatus::InProgress);
+        triggers.insert(id.clone(), TriggerStatus::InProgress);
+        drop(triggers);
         q.push_back((id.clone(), cmd));
         Ok(id)
     }
@@ -904,5 +926,23 @@ mod tests {
         assert_eq!(m.take_commands().len(), 1);
         m.fail_open_triggers("ended");
         assert!(matches!(m.trigger_status(&t), Some(TriggerStatus::Failed { .. })));
+    }
+
+    #[test]
+    fn a_flood_of_commands_is_refused_and_old_outcomes_go() {
+        let cfg = JobConfig::from_pairs([("execution.checkpointing.dir", "/tmp/x")]).unwrap();
+        let m = JobMonitor::new("j", &cfg);
+        m.set_state(JobState::Running, None);
+        let first: Vec<String> = (0..MAX_OPEN_COMMANDS).map(|_| m.submit(JobCommand::Checkpoint).unwrap()).collect();
+        assert_eq!(m.submit(JobCommand::Checkpoint), Err(CommandError::Busy(MAX_OPEN_COMMANDS)));
+        for t in &first {
+            m.resolve_trigger(t, TriggerStatus::Completed { location: None, checkpoint: Some(1) });
+        }
+        for _ in 0..MAX_TRIGGERS {
+            let t = m.submit(JobCommand::Checkpoint).unwrap();
+            m.resolve_trigger(&t, TriggerStatus::Completed { location: None, checkpoint: Some(2) });
+        }
+        assert!(lock(&m.triggers).len() <= MAX_TRIGGERS, "bounded");
+        assert_eq!(m.trigger_status(&first[0]), None, "the oldest outcomes go first");
     }
 }

@@ -287,8 +287,13 @@ impl<'s> Job<'s> {
                         output.session(&*c).give_container(&mut buf);
                         buf.clear();
                         inflight.push_back(t);
-                        // Never the next epoch's time: 2^32 batches per epoch.
                         seq = (seq + 1).max(t - epoch_start(epoch) + 1);
+                        if seq > u32::MAX as u64 {
+                            // The next time would be the next epoch's: only a barrier may go there.
+                            let message = format!("source '{name_owned}': 2^32 batches in epoch {epoch}, the most one epoch holds; enable checkpointing (execution.checkpointing.interval) or raise weir.source.batch-size");
+                            ctx.fail_deterministic(message);
+                            return;
+                        }
                         c.downgrade(&(epoch_start(epoch) + seq));
                         emitted = true;
                     }

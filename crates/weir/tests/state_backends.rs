@@ -402,3 +402,29 @@ fn the_monitor_shows_the_job_and_stops_it_with_a_savepoint() {
     check(&lines(&[&out1, &out2]), 300_000, "stop with a savepoint through the monitor, then resume");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Stop with a savepoint takes effect at once, not at the next periodic checkpoint: here there
+/// is none for ten minutes.
+#[test]
+fn stop_with_a_savepoint_does_not_wait_for_the_next_periodic_checkpoint() {
+    use weir::monitor::JobCommand;
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_env("WEIR_LOG")).with_test_writer().try_init();
+    let dir = tmp("stop-long-interval");
+    let out = dir.join("out");
+    let cfg = config(&dir, "hashmap", false, 2, &[("execution.checkpointing.interval", "10 min")]);
+    let slow = GeneratorSource { count: 10_000_000, keys: 300, seed: 3, rate: Some(50_000.0) };
+    let env = StreamEnv::new("long", cfg);
+    let m = env.monitor();
+    let o = out.clone();
+    let job = std::thread::spawn(move || {
+        let (panic_at, seen) = (Arc::default(), Arc::default());
+        env.execute(move |job| counting(job, "gen", &slow, &o, &panic_at, &seen))
+    });
+    wait_for(&m, "running with records", |v| v.records_read() > 0);
+    let t = m.submit(JobCommand::StopWithSavepoint { target: Some(dir.join("sp").display().to_string()) }).unwrap();
+    let sp = wait_trigger(&m, &t);
+    let r = job.join().unwrap().unwrap();
+    assert_eq!(r.savepoint.as_deref(), Some(sp.as_str()));
+    assert_eq!(r.checkpoints.len(), 1, "only the final checkpoint, the savepoint");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -52,7 +52,8 @@ pub(crate) struct Commands {
 }
 
 impl Commands {
-    pub(crate) fn new(monitor: Arc<JobMonitor>, op_vertex: &[(u32, usize)]) -> Self {
+    /// `stopping`: a stop was asked for before this attempt (a restarted attempt stops again).
+    pub(crate) fn new(monitor: Arc<JobMonitor>, op_vertex: &[(u32, usize)], stopping: bool) -> Self {
         Self {
             monitor,
             waiting: VecDeque::new(),
@@ -61,7 +62,7 @@ impl Commands {
             op_vertex: op_vertex.iter().copied().collect(),
             pins: Arc::default(),
             copies: Vec::new(),
-            stopping: false,
+            stopping,
         }
     }
 
@@ -83,6 +84,9 @@ impl Commands {
                     self.waiting.push_back((trigger, Request::Savepoint(target)));
                 }
                 JobCommand::StopWithSavepoint { .. } | JobCommand::Cancel if self.stopping => refuse("the job is already being stopped"),
+                // Its final checkpoint is under way as an ordinary checkpoint: too late for it to
+                // become a savepoint.
+                JobCommand::StopWithSavepoint { .. } if c.is_finishing() => refuse("the job is finishing: its final checkpoint is under way"),
                 JobCommand::StopWithSavepoint { .. } if !checkpointing => {
                     refuse("checkpoint storage is off: set execution.checkpointing.interval, or run with --savepoint-on-stop")
                 }

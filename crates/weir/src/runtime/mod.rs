@@ -795,7 +795,8 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
     let mut cmds = coord.as_ref().map(|_| {
         publish_graph(&ctx, env);
         env.monitor.set_state(JobState::Running, None);
-        commands::Commands::new(env.monitor.clone(), &ctx.op_vertex.borrow())
+        let stopping = env.stop_request.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        commands::Commands::new(env.monitor.clone(), &ctx.op_vertex.borrow(), stopping)
     });
     let mut next_report = Instant::now() + env.config.metrics_interval;
     let mut last_report = Instant::now();
@@ -847,12 +848,15 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
                     cancel_sent = true;
                     tracing::warn!("job {}: stopping with a savepoint (asked through the REST API)", env.job);
                     ctl.send(Control::Stop);
+                    // Flush it now: an input handle holds a message until its time advances.
+                    ctl_time += 1;
+                    ctl.advance_to(ctl_time);
                 }
                 Some(commands::Intent::Cancel) if !cancel_sent => {
                     cancel_sent = true;
                     tracing::warn!("job {}: cancelled through the REST API", env.job);
                     env.cancel.store(true, Ordering::SeqCst);
-                    cancel_job(c, ctl, env);
+                    cancel_job(c, ctl, env, cmds);
                     ctl_time += 1;
                     ctl.advance_to(ctl_time);
                 }
@@ -862,15 +866,19 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
                 // A restarted attempt of a job asked to stop stops again.
                 cancel_sent = true;
                 ctl.send(Control::Stop);
+                ctl_time += 1;
+                ctl.advance_to(ctl_time);
             }
             if (requested || env.cancel.load(Ordering::Relaxed)) && !cancel_sent && env.config.savepoint_on_stop {
                 // Stop with a savepoint: the sources end, the final checkpoint is the savepoint.
                 cancel_sent = true;
                 tracing::warn!("job {}: stopping with a savepoint", env.job);
                 ctl.send(Control::Stop);
+                ctl_time += 1;
+                ctl.advance_to(ctl_time);
             } else if (requested || env.cancel.load(Ordering::Relaxed)) && !cancel_sent {
                 cancel_sent = true;
-                cancel_job(c, ctl, env);
+                cancel_job(c, ctl, env, cmds);
                 ctl_time += 1;
                 ctl.advance_to(ctl_time);
             }
@@ -1061,9 +1069,19 @@ fn publish_graph(ctx: &JobCtx, env: &AttemptEnv) {
 
 /// Cancel: drop pending checkpoints, keep or delete completed ones per the retention policy,
 /// and stop every worker.
-fn cancel_job(c: &mut CheckpointCoordinator<SubtaskSnapshot>, ctl: &mut InputHandle<Time, CapacityContainerBuilder<Vec<Control>>>, env: &AttemptEnv) {
+fn cancel_job(
+    c: &mut CheckpointCoordinator<SubtaskSnapshot>,
+    ctl: &mut InputHandle<Time, CapacityContainerBuilder<Vec<Control>>>,
+    env: &AttemptEnv,
+    cmds: &commands::Commands,
+) {
     let retain = env.config.checkpoint.retention == RetentionPolicy::RetainOnCancellation;
     for a in c.on_cancel(retain) {
+        if let Action::Discard { id } = a {
+            if cmds.defer_discard(id) {
+                continue; // its savepoint copy discards it when done
+            }
+        }
         if let (Action::Discard { id } | Action::Abort { id, .. }, Some(s)) = (a, &env.storage) {
             if let Err(e) = s.discard(id) {
                 tracing::warn!("cancel: discarding checkpoint {id}: {e}");
