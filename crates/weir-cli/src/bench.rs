@@ -87,6 +87,9 @@ pub struct BenchArgs {
     /// `latency`: seconds at the start of each run whose records are not measured (start-up).
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
+    /// `latency`: also print the worst latency per 100 ms of each run, with the checkpoints.
+    #[arg(long)]
+    timeline: bool,
     /// `state`: a smoke run: 3 rounds, 200 ms checkpoints, throughput runs of about 1 s,
     /// restores of `--keys` keys.
     #[arg(long)]

@@ -351,17 +351,20 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let unthrottled = |count: u64, i: usize| -> Result<f64> {
         Ok(run_once(args, &root.0.join(format!("calibrate-{i}")), Pace::Unthrottled { count }, None, 0.0)?.achieved_rate())
     };
-    let probe = unthrottled(PROBE_RECORDS, 0)?;
-    let max = unthrottled(((probe * CALIBRATION_SECS) as u64).max(PROBE_RECORDS), 1)?;
-    let rate = args.rate.unwrap_or(max / 2.0);
+    let (rate, how) = match args.rate {
+        Some(r) => (r, "given".to_string()),
+        None => {
+            let probe = unthrottled(PROBE_RECORDS, 0)?;
+            let max = unthrottled(((probe * CALIBRATION_SECS) as u64).max(PROBE_RECORDS), 1)?;
+            (max / 2.0, format!("half of {:.2} M rec/s unthrottled (about {CALIBRATION_SECS} s, checkpointing off)", max / 1e6))
+        }
+    };
     println!(
         "keyed sum, event-to-sink latency from each record's scheduled time: {} keys, parallelism {}, heap state backend; \
-         unthrottled {:.2} M rec/s (about {CALIBRATION_SECS} s, checkpointing off); fixed rate {:.2} M rec/s{}; {secs} s per run, first {warmup} s not measured",
+         fixed rate {:.2} M rec/s ({how}); {secs} s per run, first {warmup} s not measured",
         args.keys,
         args.parallelism,
-        max / 1e6,
         rate / 1e6,
-        if args.rate.is_none() { " (half the maximum)" } else { "" },
     );
     let configs = [None, Some("1s"), Some("200ms")];
     let mut runs = Vec::new();
@@ -422,6 +425,26 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             r.label,
             slow.len()
         );
+    }
+    if args.timeline {
+        println!();
+        println!("worst latency (ms) per 100 ms of scheduled time, a line per second; * = a checkpoint was triggered in that slot");
+        for r in &runs {
+            println!("{}:", r.label);
+            let first = (warmup * 10.0).ceil() as usize;
+            for (sec, chunk) in r.stats.worst.chunks(10).enumerate().skip(first / 10) {
+                let cells: Vec<String> = chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &w)| {
+                        let slot = (sec * 10 + j) as i64 * (SLOT_US / 1000) as i64;
+                        let mark = if r.triggers_ms.iter().any(|&c| c >= slot && c < slot + (SLOT_US / 1000) as i64) { "*" } else { " " };
+                        format!("{:>7.1}{mark}", w as f64 / 1e3)
+                    })
+                    .collect();
+                println!("  {sec:>3} s {}", cells.join(""));
+            }
+        }
     }
     println!();
     let p99 = |i: usize| runs[i].stats.latency.summary().p99;
