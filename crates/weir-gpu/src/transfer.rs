@@ -100,11 +100,14 @@ type Finish<T> = Box<dyn FnOnce(&[u8]) -> Result<T, GpuError> + Send>;
 
 /// Where a GPU batch's result lands: the conversion runs on the mapped bytes, once.
 struct Cell<T> {
-    inner: Mutex<(Option<Finish<T>>, Option<Result<T, GpuError>>)>,
+    /// The conversion, the result, and the host time spent reading the output out of mapped
+    /// memory and converting it (the batch's download side, for [`Pending::transfer_time`]).
+    inner: Mutex<(Option<Finish<T>>, Option<Result<T, GpuError>>, Duration)>,
 }
 
 impl<T: Send> Deliver for Cell<T> {
     fn deliver(&self, bytes: Result<&[u8], GpuError>) {
+        let t = Instant::now();
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let result = match (g.0.take(), bytes) {
             // A conversion that panics fails its own batch; it runs while harvesting holds the
@@ -115,12 +118,19 @@ impl<T: Send> Deliver for Cell<T> {
             (None, Ok(_)) => return,
         };
         g.1 = Some(result);
+        g.2 = t.elapsed();
     }
 }
 
 trait PollResult<T> {
     /// The result once done; `block` waits for it.
     fn poll(&mut self, block: bool) -> Option<Result<T, GpuError>>;
+
+    /// Host time spent packing the inputs into and reading the output out of mapped memory,
+    /// so far (zero on the CPU path).
+    fn transfer(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// A kernel result that may still be computing. On the CPU path it is ready at once; on the
@@ -147,11 +157,37 @@ impl<T, U, F: FnOnce(T) -> U> PollResult<U> for Mapped<T, F> {
         let f = self.f.take()?;
         Some(r.map(f))
     }
+
+    fn transfer(&self) -> Duration {
+        self.inner.0.transfer()
+    }
+}
+
+/// A result whose arrival is reported once to `f`, with the batch's host transfer time.
+struct Observed<T, F> {
+    inner: Pending<T>,
+    f: Option<F>,
+}
+
+impl<T, F: FnOnce(Duration)> PollResult<T> for Observed<T, F> {
+    fn poll(&mut self, block: bool) -> Option<Result<T, GpuError>> {
+        let r = self.inner.0.poll(block)?;
+        if let Some(f) = self.f.take() {
+            f(self.inner.0.transfer());
+        }
+        Some(r)
+    }
+
+    fn transfer(&self) -> Duration {
+        self.inner.0.transfer()
+    }
 }
 
 struct All<T> {
     parts: Vec<Pending<T>>,
     done: Vec<T>,
+    /// Transfer time of the parts once they are gone.
+    spent: Duration,
 }
 
 impl<T: 'static> PollResult<Vec<T>> for All<T> {
@@ -162,8 +198,13 @@ impl<T: 'static> PollResult<Vec<T>> for All<T> {
                 Err(e) => return Some(Err(e)),
             }
         }
+        self.spent += self.parts.iter().map(|p| p.0.transfer()).sum::<Duration>();
         self.parts.clear();
         Some(Ok(std::mem::take(&mut self.done)))
+    }
+
+    fn transfer(&self) -> Duration {
+        self.spent + self.parts.iter().map(|p| p.0.transfer()).sum::<Duration>()
     }
 }
 
@@ -171,6 +212,8 @@ struct OnGpu<T> {
     cell: Arc<Cell<T>>,
     engine: Arc<Engine>,
     index: wgpu::SubmissionIndex,
+    /// Host time spent packing the inputs into mapped memory.
+    pack: Duration,
 }
 
 impl<T: Send> PollResult<T> for OnGpu<T> {
@@ -192,6 +235,10 @@ impl<T: Send> PollResult<T> for OnGpu<T> {
                 return Some(Err(e));
             }
         }
+    }
+
+    fn transfer(&self) -> Duration {
+        self.pack + self.cell.inner.lock().unwrap_or_else(|p| p.into_inner()).2
     }
 }
 
@@ -215,12 +262,26 @@ impl<T: 'static> Pending<T> {
     /// All of `parts`, in order (the first error wins).
     pub fn all(parts: Vec<Pending<T>>) -> Pending<Vec<T>> {
         let done = Vec::with_capacity(parts.len());
-        Pending(Box::new(All { parts, done }))
+        Pending(Box::new(All { parts, done, spent: Duration::ZERO }))
     }
 
     /// Transform the result when it arrives (on the caller's thread).
     pub fn map<U: 'static>(self, f: impl FnOnce(T) -> U + 'static) -> Pending<U> {
         Pending(Box::new(Mapped { inner: self, f: Some(f) }))
+    }
+
+    /// Call `f` once, on the thread that polls, when the result is first there (ok or not),
+    /// with [`Pending::transfer_time`] then: the monitor's per-operator device and transfer
+    /// times. The result is unchanged.
+    pub fn on_ready(self, f: impl FnOnce(Duration) + 'static) -> Pending<T> {
+        Pending(Box::new(Observed { inner: self, f: Some(f) }))
+    }
+
+    /// Host time this batch spent packing its inputs into mapped (staging or host-visible
+    /// device) memory and reading its output back out, so far; zero on the CPU path. Device-side
+    /// copies of the staged path are not in it (they run in the batch's submission).
+    pub fn transfer_time(&self) -> Duration {
+        self.0.transfer()
     }
 }
 
@@ -448,6 +509,12 @@ impl Engine {
 
     pub(crate) fn stats(&self) -> TransferStats {
         self.lock().stats
+    }
+
+    /// The counters and the batches in flight now, under one lock.
+    pub(crate) fn stats_and_in_flight(&self) -> (TransferStats, usize) {
+        let ring = self.lock();
+        (ring.stats, ring.in_flight.len())
     }
 
     /// The ring (taken before the pool, never while holding it).
@@ -890,7 +957,7 @@ impl Engine {
         encoder.map_buffer_on_submit(&download, wgpu::MapMode::Read, 0..read_len, move |r| st.store(if r.is_ok() { 1 } else { 2 }, Ordering::Release));
         let um = upload_state.clone();
         encoder.map_buffer_on_submit(&upload, wgpu::MapMode::Write, .., move |r| um.store(if r.is_ok() { MAPPED } else { MAP_FAILED }, Ordering::Release));
-        let cell = Arc::new(Cell { inner: Mutex::new((Some(finish), None)) });
+        let cell = Arc::new(Cell { inner: Mutex::new((Some(finish), None, Duration::ZERO)) });
         let index = self.ctx.queue.submit([encoder.finish()]);
         drop(pool);
         // Native wgpu reports errors synchronously: the futures are ready at once.
@@ -920,7 +987,7 @@ impl Engine {
         ring.stats.pack += pack;
         ring.stats.max_in_flight = ring.stats.max_in_flight.max(ring.in_flight.len());
         drop(ring);
-        Ok(Pending(Box::new(OnGpu { cell, engine: self.clone(), index })))
+        Ok(Pending(Box::new(OnGpu { cell, engine: self.clone(), index, pack })))
     }
 }
 

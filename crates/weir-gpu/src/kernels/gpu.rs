@@ -69,6 +69,16 @@ impl GpuKernels {
         self.engine.stats()
     }
 
+    /// The transfer engine's counters and its batches in flight now (the monitor's GPU panel).
+    pub fn transfer_stats_and_in_flight(&self) -> (TransferStats, usize) {
+        self.engine.stats_and_in_flight()
+    }
+
+    /// Whether `self` and `other` share one transfer engine (one ring and its counters).
+    pub fn same_engine(&self, other: &GpuKernels) -> bool {
+        Arc::ptr_eq(&self.engine, &other.engine)
+    }
+
     /// Device buffers created so far: pool slabs plus staging buffers.
     pub fn buffer_creations(&self) -> u64 {
         // The ring's counters before the pool's: never the ring while holding the pool (the lock

@@ -130,6 +130,30 @@ pub fn step(arena: &mut StateArena, shape: KmeansShape, slots: &[u32], starts: &
     Pending::all(parts).map(move |ms: Vec<KmeansModels>| KmeansModels { shape, words: ms.into_iter().flat_map(|m| m.words).collect() })
 }
 
+/// The CPU path of [`step`] on a copy of `models` (the models of the keys of a step, e.g. its
+/// result), the same points per key: what the step costs on the host, for the monitor's live
+/// speedup. Nothing of the operator's state is touched.
+pub fn cpu_twin(models: &KmeansModels, starts: &[u32], points: &[f32]) -> Result<KmeansModels, GpuError> {
+    let shape = models.shape;
+    let (k, d, keys) = (shape.k, shape.d, models.keys());
+    if d == 0 || starts.len() != keys + 1 || starts.last().map(|&n| n as usize * d) != Some(points.len()) {
+        return Err(GpuError::Input(format!("kmeans twin: {keys} keys, {} starts, {} point values, d = {d}", starts.len(), points.len())));
+    }
+    let words = shape.words();
+    let mut arena = vec![0u32; keys * words];
+    for (j, slot) in arena.chunks_mut(words).enumerate() {
+        slot[..HEADER].copy_from_slice(&[d as u32, k as u32, 0, 0]);
+        for c in 0..k {
+            let at = (j * k + c) * (d + 1);
+            slot[HEADER + c * d..HEADER + (c + 1) * d].copy_from_slice(&models.words[at + 1..at + 1 + d]);
+            slot[HEADER + k * d + c] = models.words[at];
+        }
+    }
+    let bases: Vec<u32> = (0..keys).map(|j| (j * words) as u32).collect();
+    let mut dirty = vec![0u32; keys];
+    Ok(cpu_step(&mut arena, &mut dirty, words, shape, &bases, starts, points))
+}
+
 /// One launch on the device for the keys at `bases` (slot words).
 fn launch(arena: &StateArena, shape: KmeansShape, bases: &[u32], starts: &[u32], points: &[f32]) -> Pending<KmeansModels> {
     let (k, d) = (shape.k, shape.d);

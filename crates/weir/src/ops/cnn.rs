@@ -6,12 +6,14 @@ use std::sync::Arc;
 use weir_gpu::cnn::SmallCnn;
 use weir_gpu::kernels::Kernels;
 
+use crate::ops::gpu_probe::{observe, GpuProbe};
 use crate::row::{Row, Value};
 use crate::stream::DataStream;
 
 /// Append the predicted class of field `idx` (the model's input pixels) to every row.
 pub fn classify_rows<'s>(stream: DataStream<'s, Row>, name: &str, kernels: Arc<dyn Kernels>, idx: usize, model: Arc<SmallCnn>) -> DataStream<'s, Row> {
     let mut pixels: Vec<f32> = Vec::new();
+    let mut probe = GpuProbe::new(name, kernels.as_ref());
     stream.map_batches_async(name, move |batch: &mut Vec<Row>| {
         pixels.clear();
         for r in batch.iter() {
@@ -30,7 +32,8 @@ pub fn classify_rows<'s>(stream: DataStream<'s, Row>, name: &str, kernels: Arc<d
         }
         let rows = std::mem::take(batch);
         let classes = model.classes;
-        kernels.cnn_forward_async(&model, &pixels, rows.len()).map(move |logits| {
+        let n = rows.len();
+        observe(&mut probe, || kernels.cnn_forward_async(&model, &pixels, n), |cpu, _| cpu.cnn_forward(&model, &pixels, n)).map(move |logits| {
             rows.into_iter()
                 .zip(weir_gpu::cnn::argmax(&logits, classes))
                 .map(|(mut r, c)| {

@@ -5,12 +5,14 @@ use std::sync::Arc;
 
 use weir_gpu::kernels::Kernels;
 
+use crate::ops::gpu_probe::{observe, GpuProbe};
 use crate::row::{Row, Value};
 use crate::stream::DataStream;
 
 /// Replace field `idx` (a vector of `k` values) of every row by its product with `b`.
 pub fn gemm_rows<'s>(stream: DataStream<'s, Row>, name: &str, kernels: Arc<dyn Kernels>, idx: usize, k: usize, n: usize, b: Arc<Vec<f32>>) -> DataStream<'s, Row> {
     let mut a: Vec<f32> = Vec::new();
+    let mut probe = GpuProbe::new(name, kernels.as_ref());
     stream.map_batches_async(name, move |batch: &mut Vec<Row>| {
         a.clear();
         for r in batch.iter() {
@@ -20,7 +22,8 @@ pub fn gemm_rows<'s>(stream: DataStream<'s, Row>, name: &str, kernels: Arc<dyn K
             }
         }
         let rows = std::mem::take(batch);
-        kernels.gemm_async(&a, &b, rows.len(), n, k).map(move |c| {
+        let m = rows.len();
+        observe(&mut probe, || kernels.gemm_async(&a, &b, m, n, k), |cpu, _| cpu.gemm(&a, &b, m, n, k)).map(move |c| {
             rows.into_iter()
                 .zip(c.chunks(n))
                 .map(|(mut r, row)| {

@@ -11,9 +11,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use weir_gpu::kernels::Kernels;
-use weir_gpu::state::kmeans::{step, KmeansModels, KmeansShape};
+use weir_gpu::state::kmeans::{cpu_twin, step, KmeansModels, KmeansShape};
 use weir_gpu::Pending;
 
+use crate::ops::gpu_probe::{observe, GpuProbe};
 use crate::ops::resident::KeyedArena;
 use crate::row::{Row, Value};
 use crate::state::{KeyedBatchFunction, KeyedContext, StateTables, ValueState};
@@ -41,6 +42,8 @@ pub struct StreamingKMeans {
     /// jobs); without it they panic (and the restart strategy decides).
     fatal: Option<crate::stream::InputErrorHandle>,
     failed: bool,
+    /// The monitor's figures (GPU path only), made at the first launch, once attached (named).
+    probe: Option<GpuProbe>,
 }
 
 /// The keys and points gathered for one launch.
@@ -69,6 +72,7 @@ impl StreamingKMeans {
             max_in_flight: 2,
             fatal: None,
             failed: false,
+            probe: None,
         }
     }
 
@@ -249,8 +253,14 @@ impl KeyedBatchFunction<Value, Row, Row> for StreamingKMeans {
         }
         let shape = self.shape(self.dim.expect("points seen"));
         let l = std::mem::take(&mut self.launch);
+        if self.probe.is_none() {
+            self.probe = GpuProbe::new(self.models.operator_name(), self.kernels.as_ref());
+        }
         let arena = self.models.arena().expect("a key has a slot");
-        let pending = step(arena, shape, &l.slots, &l.starts, &l.points);
+        // The CPU twin steps a copy of the models after the launch: the same work as the CPU
+        // path's step on the models before it.
+        let twin = |_: &weir_gpu::kernels::cpu::CpuKernels, m: &KmeansModels| cpu_twin(m, &l.starts, &l.points);
+        let pending = observe(&mut self.probe, || step(arena, shape, &l.slots, &l.starts, &l.points), twin);
         self.in_flight.push_back((epoch, l.keys, pending));
         // Keep the buffers' capacity for the next launch.
         self.launch = Launch { keys: Vec::new(), slots: l.slots, starts: l.starts, points: l.points };

@@ -10,6 +10,7 @@
 
 pub mod cnn;
 pub mod gemm;
+pub(crate) mod gpu_probe;
 pub mod image;
 pub mod kmeans;
 pub mod resident;

@@ -193,6 +193,14 @@ impl<K: Key> KeyedArena<K> {
         self.arena.as_mut()
     }
 
+    /// The name of the operator the arena is attached to (the monitor's GPU panel lists GPU
+    /// operators by name): the quoted name of its owner, `operator '<name>' (<uid>) subtask
+    /// <i>`, else the whole owner (the arena's own name before it is attached).
+    pub(crate) fn operator_name(&self) -> &str {
+        let owner = &self.attached.owner;
+        owner.strip_prefix("operator '").and_then(|rest| rest.split_once("' (")).map_or(owner.as_str(), |(name, _)| name)
+    }
+
     /// The slot of `key`.
     pub fn slot(&self, key: &K) -> Option<u32> {
         self.index.get(key).copied()

@@ -66,6 +66,7 @@ use weir_gpu::train::{train_step_windowed_cpu, Adam, CnnShape, WindowedStats, MA
 use weir_gpu::{GpuError, Pending};
 
 use crate::ops::export::ModelExport;
+use crate::ops::gpu_probe::{observe, GpuProbe};
 use crate::ops::resident::{KeyedArena, SlotsWritten};
 use crate::row::{Row, Value};
 use crate::runtime::JobCtx;
@@ -132,6 +133,8 @@ pub struct StreamingCnnTraining {
     host_slot: Vec<f32>,
     bad_input: Option<InputErrorHandle>,
     failed: bool,
+    /// The monitor's figures (GPU path only), made at the first launch, once attached (named).
+    probe: Option<GpuProbe>,
 }
 
 impl StreamingCnnTraining {
@@ -165,6 +168,7 @@ impl StreamingCnnTraining {
             host_slot: Vec::new(),
             bad_input: None,
             failed: false,
+            probe: None,
         };
         t.init = Arc::new(t.windowed(shape.init_slot(0)));
         t
@@ -325,22 +329,44 @@ impl StreamingCnnTraining {
                 Err(err) => self.fail_step(err),
             }
         }
+        if self.gpu.is_some() && self.probe.is_none() {
+            self.probe = GpuProbe::new(self.models.operator_name(), self.kernels.as_ref());
+        }
         let Some(arena) = self.models.arena() else { return };
         let chunk_words = arena.layout().chunk_words;
         let keys: Vec<Value> = l.steps.iter().map(|(k, _)| k.clone()).collect();
         match &self.gpu {
             Some(g) => {
                 let Some((a, d)) = arena.device_places() else { panic!("{}: the arena of the GPU path is not on the device", self.described.what) };
-                let pending: Vec<_> = l
-                    .steps
-                    .iter()
-                    .enumerate()
-                    .map(|(j, (_, slot))| {
-                        let (px, lb) = (&l.pixels[j * per..(j + 1) * per], &l.labels[j * b..(j + 1) * b]);
-                        g.cnn_train_step_windowed_async(&self.shape, &self.opt, a, arena.slot_word(*slot), d, chunk_words as u32, px, lb, self.report_every)
-                    })
-                    .collect();
-                self.in_flight.push_back((epoch, keys, Pending::all(pending)));
+                let (shape, opt, report_every) = (&self.shape, &self.opt, self.report_every);
+                let submit = || {
+                    let pending: Vec<_> = l
+                        .steps
+                        .iter()
+                        .enumerate()
+                        .map(|(j, (_, slot))| {
+                            let (px, lb) = (&l.pixels[j * per..(j + 1) * per], &l.labels[j * b..(j + 1) * b]);
+                            g.cnn_train_step_windowed_async(shape, opt, a, arena.slot_word(*slot), d, chunk_words as u32, px, lb, report_every)
+                        })
+                        .collect();
+                    Pending::all(pending)
+                };
+                // The CPU twin trains a copy of a new key's model on each step's samples: the
+                // CPU path's work (its cost does not depend on the weights).
+                let init = &self.init;
+                let twin = |_: &weir_gpu::kernels::cpu::CpuKernels, _: &Vec<WindowedStats>| {
+                    let mut slot: Vec<f32> = Vec::with_capacity(init.len());
+                    let stats: Vec<Result<WindowedStats, GpuError>> = (0..l.steps.len())
+                        .map(|j| {
+                            slot.clear();
+                            slot.extend(init.iter().map(|&w| f32::from_bits(w)));
+                            train_step_windowed_cpu(shape, opt, &mut slot, &l.pixels[j * per..(j + 1) * per], &l.labels[j * b..(j + 1) * b], report_every)
+                        })
+                        .collect();
+                    stats
+                };
+                let pending = observe(&mut self.probe, submit, twin);
+                self.in_flight.push_back((epoch, keys, pending));
             }
             None => {
                 let mut stats = Vec::with_capacity(l.steps.len());
