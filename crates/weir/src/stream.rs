@@ -255,6 +255,7 @@ impl<'s> Job<'s> {
                 if ctx.shared.borrow().stop_sources {
                     // Stop with a savepoint: end here, as if the input ended.
                     exhausted = true;
+                    finish_epoch(c, epoch);
                     ctx.shared.borrow_mut().outbox.push(AckMsg::SourceFinished { task });
                     return;
                 }
@@ -302,6 +303,7 @@ impl<'s> Job<'s> {
                         Poll::Idle => break,
                         Poll::Finished => {
                             exhausted = true;
+                            finish_epoch(c, epoch);
                             ctx.shared.borrow_mut().outbox.push(AckMsg::SourceFinished { task });
                             return;
                         }
@@ -610,6 +612,13 @@ impl<'s, T: Data> DataStream<'s, T> {
             }
         });
     }
+}
+
+/// A source that has finished holds its capability at the last time of its epoch, until the
+/// barrier: at the time of its last batch it would hold back the flow-control probe, and with it
+/// the other source instances, whose later batches could then never be seen through.
+fn finish_epoch(cap: &mut timely::dataflow::operators::Capability<Time>, epoch: u64) {
+    cap.downgrade(&(epoch_start(epoch + 1) - 1));
 }
 
 /// Adds the time from its start to its drop to an operator's busy time.

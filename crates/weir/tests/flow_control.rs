@@ -70,3 +70,32 @@ fn slow_sink_keeps_memory_bounded() {
     assert!(growth < 60 << 20, "resident memory grew by {} MB", growth >> 20);
     assert!(took >= Duration::from_millis(2 * RECORDS / 1000), "the sink really was slow: {took:?}");
 }
+
+/// A source instance that has finished (here: one with no split at all) must not hold back
+/// the flow control of the others: with checkpoints off, the job's only barrier comes after
+/// every source has finished, so a held-back source would never finish.
+#[test]
+fn a_finished_source_instance_does_not_stall_the_others() {
+    use weir::connectors::memory::{CollectSink, VecSource};
+    let config = JobConfig::from_pairs([
+        ("parallelism.default", "2"),
+        ("weir.source.batch-size", "64"),
+        ("weir.source.max-inflight-batches", "4"),
+    ])
+    .unwrap();
+    let data: Vec<u64> = (0..64 * 200).collect();
+    let sink = CollectSink::new();
+    let out = sink.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = StreamEnv::new("one-split", config).execute(move |job| {
+            job.source("v", VecSource::new(data.clone())).sink("out", out.clone());
+        });
+        let _ = tx.send(r.map(|_| ()));
+    });
+    let r = rx.recv_timeout(Duration::from_secs(60)).expect("the job finishes (a finished source instance stalled the other)");
+    r.unwrap();
+    let mut got = sink.take();
+    got.sort_unstable();
+    assert_eq!(got, (0..64 * 200).collect::<Vec<u64>>());
+}
