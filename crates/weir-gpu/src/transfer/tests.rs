@@ -313,3 +313,32 @@ fn a_panicking_result_conversion_fails_only_its_batch() {
     assert_eq!(in_use(&ctx), before);
     within("the batch after a panicking conversion", move || check_add_one(&engine, &pipe, 10));
 }
+
+/// `on_ready` reports a batch once, when its result is first there, with its host transfer
+/// time (zero on the CPU path; positive for a GPU batch, summed over the parts of `all`), and
+/// leaves the result alone.
+#[test]
+fn on_ready_reports_each_batch_once_with_its_transfer_time() {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let seen: Rc<RefCell<Vec<Duration>>> = Rc::default();
+    let s = seen.clone();
+    let p = Pending::ready(Ok(7)).on_ready(move |t| s.borrow_mut().push(t));
+    assert_eq!(p.wait().unwrap(), 7);
+    assert_eq!(*seen.borrow(), vec![Duration::ZERO]);
+    let Some(ctx) = context(64 << 20) else { return };
+    let k = crate::kernels::gpu::GpuKernels::new(ctx);
+    use crate::kernels::Kernels;
+    let a: Vec<f32> = (0..64 * 32).map(|x| (x % 7) as f32).collect();
+    let b: Vec<f32> = (0..32 * 16).map(|x| (x % 3) as f32).collect();
+    let want = crate::kernels::cpu::CpuKernels::new(1).gemm(&a, &b, 64, 16, 32).unwrap();
+    let s = seen.clone();
+    let parts = vec![k.gemm_async(&a, &b, 64, 16, 32), k.gemm_async(&a, &b, 64, 16, 32)];
+    let mut p = Pending::all(parts).on_ready(move |t| s.borrow_mut().push(t));
+    let got = p.poll(true).expect("blocking poll").unwrap();
+    assert!(p.transfer_time() > Duration::ZERO);
+    assert_eq!(got, vec![want.clone(), want]);
+    let seen = seen.borrow();
+    assert_eq!(seen.len(), 2, "once per batch: {seen:?}");
+    assert!(seen[1] > Duration::ZERO, "{seen:?}");
+}
