@@ -522,9 +522,9 @@ impl JobPlan {
                 }
                 PlanStep::Resize { idx, width, height } => {
                     let Some(kernels) = self.kernels(job, i) else { return };
-                    crate::ops::image::image_batches(stream, &format!("image_resize-{i}"), idx, move |img| {
+                    crate::ops::image::image_kernel_batches(stream, &format!("image_resize-{i}"), idx, kernels, move |k, img| {
                         let h = height.unwrap_or(((img.h * width) as f64 / img.w as f64).round().max(1.0) as usize);
-                        kernels.resize_bilinear_async(img, width, h)
+                        k.resize_bilinear_async(img, width, h)
                     })
                 }
                 PlanStep::Gemm { idx, k, n, b } => {
@@ -537,9 +537,9 @@ impl JobPlan {
                 }
                 PlanStep::Filter2d { idx, kind, sigma } => {
                     let Some(kernels) = self.kernels(job, i) else { return };
-                    crate::ops::image::image_batches(stream, &format!("image_filter-{i}"), idx, move |img| match kind {
-                        FilterKind::Sobel => kernels.sobel_async(img),
-                        FilterKind::Gaussian => kernels.gaussian_blur_async(img, sigma),
+                    crate::ops::image::image_kernel_batches(stream, &format!("image_filter-{i}"), idx, kernels, move |k, img| match kind {
+                        FilterKind::Sobel => k.sobel_async(img),
+                        FilterKind::Gaussian => k.gaussian_blur_async(img, sigma),
                     })
                 }
                 PlanStep::KeyKmeans { key, field, k, uid } => {
