@@ -77,6 +77,8 @@ impl Progress {
     fn end(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
+            // Wake it from its tick: the job's end is not held up by up to a tick.
+            t.thread().unpark();
             let _ = t.join();
         }
     }
@@ -158,7 +160,7 @@ fn show(monitor: &JobMonitor, stop: &AtomicBool, tty: bool) {
         if ending || v.state.is_terminal() {
             break;
         }
-        std::thread::sleep(TICK);
+        std::thread::park_timeout(TICK);
     }
     if let Some(b) = bar {
         bar_slot().take();

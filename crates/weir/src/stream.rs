@@ -263,6 +263,13 @@ impl<'s> Job<'s> {
                     inflight.pop_front();
                 }
                 let mut emitted = false;
+                if latency {
+                    // The next batch's time carries its emit time (see runtime::metrics): once
+                    // here, for a source that waited since its last batch, and then after each
+                    // batch, so a batch costs one downgrade (one progress update), as without.
+                    let t = crate::runtime::metrics::stamp(&ctx.shared.borrow(), epoch, *c.time(), now_us());
+                    c.downgrade(&t);
+                }
                 while inflight.len() < window {
                     let status = match r.poll(&mut buf, batch) {
                         Ok(s) => s,
@@ -278,11 +285,6 @@ impl<'s> Job<'s> {
                         }
                     };
                     if !buf.is_empty() {
-                        if latency {
-                            // The batch's time carries its emit time (see runtime::metrics).
-                            let t = crate::runtime::metrics::stamp(&ctx.shared.borrow(), epoch, *c.time(), now_us());
-                            c.downgrade(&t);
-                        }
                         let t = *c.time();
                         metrics.out(buf.len());
                         output.session(&*c).give_container(&mut buf);
@@ -295,7 +297,10 @@ impl<'s> Job<'s> {
                             ctx.fail_deterministic(message);
                             return;
                         }
-                        c.downgrade(&(epoch_start(epoch) + seq));
+                        let next = epoch_start(epoch) + seq;
+                        let next = if latency { crate::runtime::metrics::stamp(&ctx.shared.borrow(), epoch, next, now_us()) } else { next };
+                        seq = next - epoch_start(epoch);
+                        c.downgrade(&next);
                         emitted = true;
                     }
                     match status {
