@@ -132,7 +132,7 @@ fn savepoint_and_stop_through_the_rest_api_resume_exactly_once() {
     run_ok(&mut keyed_sum_cmd(&out_ref, &tmp.join("ref-ck"), N, KEYS, "200ms", &["--no-rest"]));
     let expected = committed_lines(&out_ref);
     let (out, ck, sp1, sp2) = (tmp.join("out"), tmp.join("ck"), tmp.join("sp-now"), tmp.join("sp-stop"));
-    let cmd = keyed_sum_cmd(&out, &ck, N, KEYS, "200ms", &["--set", "source.rate=50000", "--rest-port", "0"]);
+    let cmd = keyed_sum_cmd(&out, &ck, N, KEYS, "200ms", &["--set", "source.rate=50000", "--rest-port", "0", "-D", "metrics.latency.interval=1s"]);
     let mut run = start(with_home(cmd, &home));
     assert!(run.token_file.starts_with(&home), "the generated token goes under $HOME/.weir: {}", run.token_file.display());
     let token = std::fs::read_to_string(&run.token_file).unwrap().trim().to_string();

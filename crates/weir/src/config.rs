@@ -281,8 +281,8 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("rest.port", Kind::Int { min: 0, max: 65535 }, "8081"),
     ("rest.token-file", Kind::Str, ""),
     ("metrics.reporter.interval", Kind::Duration, "1 s"),
-    // Flink's key; Flink's default is off, Weir's stamps cost a clock read per batch.
-    ("metrics.latency.interval", Kind::DurationOrOff, "1 s"),
+    // Flink's key and Flink's default (off): on, it costs throughput (docs/BENCHMARKS.md).
+    ("metrics.latency.interval", Kind::DurationOrOff, "off"),
     ("web.checkpoints.history", Kind::Int { min: 1, max: 10_000 }, "10"),
 ];
 

@@ -357,7 +357,7 @@ fn the_monitor_shows_the_job_and_stops_it_with_a_savepoint() {
     let dir = tmp("monitor-stop");
     let (out1, out2) = (dir.join("out1"), dir.join("out2"));
     let sp_dir = dir.join("stop-savepoints");
-    let cfg = config(&dir, "hashmap", true, 2, &[("metrics.reporter.interval", "50ms")]);
+    let cfg = config(&dir, "hashmap", true, 2, &[("metrics.reporter.interval", "50ms"), ("metrics.latency.interval", "1 s")]);
     let slow = GeneratorSource { count: 300_000, keys: 300, seed: 9, rate: Some(100_000.0) };
     let env = StreamEnv::new("monitored", cfg.clone());
     let m = env.monitor();

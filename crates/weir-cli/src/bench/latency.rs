@@ -290,6 +290,8 @@ fn run_once(args: &BenchArgs, dir: &Path, pace: Pace, interval: Option<&str>, wa
         ("parallelism.default".to_string(), args.parallelism.to_string()),
         ("state.backend.type".to_string(), "hashmap".to_string()),
         ("execution.checkpointing.dir".to_string(), dir.display().to_string()),
+        // The engine's own latency, printed beside the per-record figure.
+        ("metrics.latency.interval".to_string(), "1 s".to_string()),
     ];
     if let Some(i) = interval {
         pairs.push(("execution.checkpointing.interval".into(), i.to_string()));

@@ -1,7 +1,8 @@
 //! `weir bench rest`: what the job's operating surface costs. The keyed-sum job with 1 s
-//! checkpoints, as a user runs it with the REST API served and scraped and latency tracking on
-//! (the defaults), against the same job with no server and `metrics.latency.interval: off`.
-//! Runs alternate (off, on, off, on, ...) so that a slow moment of the machine hits both.
+//! checkpoints, as a user runs it with the REST API served and scraped (the defaults), against
+//! the same job with no server; and a third run with latency tracking on as well
+//! (`metrics.latency.interval: 1 s`). Runs alternate (off, on, latency, off, ...) so that a slow
+//! moment of the machine hits all three.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -33,7 +34,8 @@ struct RestRun {
     bytes: u64,
 }
 
-fn run_job(args: &BenchArgs, records: u64, on: bool, run: usize) -> Result<RestRun> {
+/// `on`: a REST server, scraped; `latency`: latency tracking on.
+fn run_job(args: &BenchArgs, records: u64, on: bool, latency: bool, run: usize) -> Result<RestRun> {
     let job = format!("bench-rest-{}-{run}", std::process::id());
     let yaml = format!(
         "name: {job}\nsource: {{type: generator, count: {records}, keys: {}, seed: 1}}\npipeline:\n  - key_by: key\n  - aggregate: [sum(value), count]\nsink: {{type: blackhole}}\n",
@@ -45,9 +47,7 @@ fn run_job(args: &BenchArgs, records: u64, on: bool, run: usize) -> Result<RestR
         ("execution.checkpointing.dir".to_string(), args.dir.clone()),
         ("execution.checkpointing.interval".to_string(), "1s".to_string()),
     ];
-    if !on {
-        defines.push(("metrics.latency.interval".into(), "off".into()));
-    }
+    defines.push(("metrics.latency.interval".into(), if latency { "1 s" } else { "off" }.into()));
     let plan = JobPlan::from_spec(spec, &defines).map_err(anyhow::Error::msg)?;
     let env = StreamEnv::new(&plan.name, plan.config.clone());
     let scrapes = Arc::new(Scrapes::default());
@@ -103,24 +103,24 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let repeat = args.repeat.unwrap_or(3).max(1);
     println!(
         "keyed sum: {records} records, {} keys, parallelism {}, blackhole sink, heap state backend, 1 s checkpoints; \
-         off = no REST server and metrics.latency.interval off, on = REST server (port 0) scraped every {} ms \
-         (/metrics and /jobs/<id>/checkpoints) and latency tracking on; runs alternate, median of {repeat} each",
+         off = no REST server, on = REST server (port 0) scraped every {} ms (/metrics and /jobs/<id>/checkpoints), \
+         latency = on and metrics.latency.interval 1 s; runs alternate, median of {repeat} each",
         args.keys,
         args.parallelism,
         SCRAPE_EVERY.as_millis()
     );
-    let mut off = Vec::new();
-    let mut on = Vec::new();
+    let (mut off, mut on, mut lat) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 0..repeat {
-        off.push(run_job(args, records, false, 2 * rep)?);
-        on.push(run_job(args, records, true, 2 * rep + 1)?);
+        off.push(run_job(args, records, false, false, 3 * rep)?);
+        on.push(run_job(args, records, true, false, 3 * rep + 1)?);
+        lat.push(run_job(args, records, true, true, 3 * rep + 2)?);
     }
     println!();
-    println!("{:<6} {:>4} {:>9} {:>8} {:>10} {:>8} {:>10}", "run", "#", "M rec/s", "s", "requests", "failed", "KB read");
+    println!("{:<8} {:>4} {:>9} {:>8} {:>10} {:>8} {:>10}", "run", "#", "M rec/s", "s", "requests", "failed", "KB read");
     for rep in 0..repeat {
-        for (label, r) in [("off", &off[rep]), ("on", &on[rep])] {
+        for (label, r) in [("off", &off[rep]), ("on", &on[rep]), ("latency", &lat[rep])] {
             println!(
-                "{label:<6} {:>4} {:>9.2} {:>8.2} {:>10} {:>8} {:>10.1}",
+                "{label:<8} {:>4} {:>9.2} {:>8.2} {:>10} {:>8} {:>10.1}",
                 rep + 1,
                 records as f64 / r.secs / 1e6,
                 r.secs,
@@ -130,15 +130,16 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             );
         }
     }
-    let failed: u64 = on.iter().map(|r| r.failed).sum();
+    let failed: u64 = on.iter().chain(&lat).map(|r| r.failed).sum();
     let median = |v: &[RestRun]| {
         let mut s: Vec<f64> = v.iter().map(|r| r.secs).collect();
         s.sort_by(f64::total_cmp);
         records as f64 / s[s.len() / 2] / 1e6
     };
-    let (m_on, m_off) = (median(&on), median(&off));
+    let (m_on, m_off, m_lat) = (median(&on), median(&off), median(&lat));
     println!();
     println!("rest+metrics on vs off: {m_on:.2} vs {m_off:.2} M rec/s ({:+.1}%)", 100.0 * (m_on / m_off - 1.0));
+    println!("rest+metrics+latency tracking vs off: {m_lat:.2} vs {m_off:.2} M rec/s ({:+.1}%)", 100.0 * (m_lat / m_off - 1.0));
     if failed > 0 {
         bail!("{failed} scrapes failed");
     }
