@@ -12,6 +12,7 @@ use crate::transfer::{Bind, Engine, Limits, TransferMode, TransferStats};
 use crate::{GpuError, Pending};
 
 const GEMM: &str = include_str!("../shaders/gemm.wgsl");
+const GEMM_TILED: &str = include_str!("../shaders/gemm_tiled.wgsl");
 const KMEANS: &str = include_str!("../shaders/kmeans.wgsl");
 const IMAGE: &str = include_str!("../shaders/image.wgsl");
 const CNN: &str = include_str!("../shaders/cnn.wgsl");
@@ -158,39 +159,7 @@ impl Kernels for GpuKernels {
     }
 
     fn gemm_async(&self, a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Pending<Vec<f32>> {
-        checked!(check_gemm(a, b, m, n, k));
-        if m == 0 || n == 0 {
-            return Pending::ready(Ok(vec![0.0; m * n]));
-        }
-        let limits = self.engine.limits();
-        // B is bound whole and its 64-column tiles are the dispatch's x: only rows split.
-        if k * n * 4 > limits.max_binding as usize || n.div_ceil(64) > limits.max_groups as usize {
-            return Pending::ready(Err(GpuError::Input(format!(
-                "gemm {m}×{n}×{k}: B is {} bytes in {} column tiles; the device binds at most {} bytes and dispatches at most {} workgroups per dimension",
-                k * n * 4,
-                n.div_ceil(64),
-                limits.max_binding,
-                limits.max_groups
-            ))));
-        }
-        // Rows of A and C per submission: 64-row tiles in y, A and C bindings within the limit.
-        let rows = rows_per_submission(limits, 64, &[k * 4, n * 4]);
-        if rows == 0 {
-            return Pending::ready(Err(GpuError::Input(format!(
-                "gemm {m}×{n}×{k}: one row of A ({} bytes) or C ({} bytes) exceeds the device's largest storage binding ({} bytes)",
-                k * 4,
-                n * 4,
-                limits.max_binding
-            ))));
-        }
-        if m <= rows {
-            return self.gemm_rows(a, b, m, n, k);
-        }
-        let parts = (0..m).step_by(rows).map(|r0| {
-            let r = rows.min(m - r0);
-            self.gemm_rows(&a[r0 * k..(r0 + r) * k], b, r, n, k)
-        });
-        Pending::all(parts.collect()).map(|chunks: Vec<Vec<f32>>| chunks.concat())
+        self.gemm_with(self.gemm_kernel_for(m, n, k), a, b, m, n, k)
     }
 
     fn kmeans_step_async(&self, points: &[f32], centroids: &[f32], d: usize) -> Pending<KmeansStep> {
@@ -295,14 +264,100 @@ pub(crate) fn rows_per_submission(limits: Limits, rows_per_group: usize, row_byt
     row_bytes.iter().filter(|&&b| b > 0).map(|&b| (limits.max_binding as usize) / b).fold(by_groups, usize::min)
 }
 
+/// The GEMM shaders: gemm.wgsl (64×64 tiles, 4×4 outputs per invocation) and gemm_tiled.wgsl
+/// (128×128 tiles, 8×8 outputs per invocation, double-buffered K steps).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GemmKernel {
+    /// gemm.wgsl: fewer idle invocations on small or thin shapes.
+    Small,
+    /// gemm_tiled.wgsl: four times the arithmetic per workgroup-memory load.
+    Tiled,
+}
+
+impl GemmKernel {
+    /// Rows and columns of C per workgroup.
+    fn tile(self) -> usize {
+        match self {
+            GemmKernel::Small => 64,
+            GemmKernel::Tiled => 128,
+        }
+    }
+}
+
+/// m·n·k from which gemm_async takes the tiled kernel: below it, a 128×128 tile leaves most of a
+/// GPU's cores idle (e.g. 128³ is one workgroup), and the 64×64 kernel's four times as many
+/// workgroups finish sooner. A first guess, to be tuned on a real GPU.
+pub(crate) const GEMM_TILED_MIN_WORK: usize = 256 * 256 * 256;
+
+/// Invocations per workgroup and bytes of workgroup memory of gemm_tiled.wgsl.
+const GEMM_TILED_INVOCATIONS: u32 = 256;
+const GEMM_TILED_WORKGROUP_BYTES: u32 = 16 * 1024;
+
 impl GpuKernels {
-    /// One submission of `C[m×n] = A[m×k] · B[k×n]` (within the device's limits).
-    fn gemm_rows(&self, a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Pending<Vec<f32>> {
+    /// The GEMM shader for an m×n×k product on this device: the tiled one for large shapes where
+    /// the device's limits admit it.
+    pub(crate) fn gemm_kernel_for(&self, m: usize, n: usize, k: usize) -> GemmKernel {
+        let l = self.ctx.device.limits();
+        let fits = l.max_compute_invocations_per_workgroup >= GEMM_TILED_INVOCATIONS
+            && l.max_compute_workgroup_size_x >= 16
+            && l.max_compute_workgroup_size_y >= 16
+            && l.max_compute_workgroup_storage_size >= GEMM_TILED_WORKGROUP_BYTES;
+        if fits && m.saturating_mul(n).saturating_mul(k) >= GEMM_TILED_MIN_WORK {
+            GemmKernel::Tiled
+        } else {
+            GemmKernel::Small
+        }
+    }
+
+    /// `C[m×n] = A[m×k] · B[k×n]` through `kernel`, split into submissions by rows.
+    pub(crate) fn gemm_with(&self, kernel: GemmKernel, a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Pending<Vec<f32>> {
+        checked!(check_gemm(a, b, m, n, k));
+        if m == 0 || n == 0 {
+            return Pending::ready(Ok(vec![0.0; m * n]));
+        }
+        let limits = self.engine.limits();
+        let tile = kernel.tile();
+        // B is bound whole and its column tiles are the dispatch's x: only rows split.
+        if k * n * 4 > limits.max_binding as usize || n.div_ceil(tile) > limits.max_groups as usize {
+            return Pending::ready(Err(GpuError::Input(format!(
+                "gemm {m}×{n}×{k}: B is {} bytes in {} column tiles; the device binds at most {} bytes and dispatches at most {} workgroups per dimension",
+                k * n * 4,
+                n.div_ceil(tile),
+                limits.max_binding,
+                limits.max_groups
+            ))));
+        }
+        // Rows of A and C per submission: row tiles in y, A and C bindings within the limit.
+        let rows = rows_per_submission(limits, tile, &[k * 4, n * 4]);
+        if rows == 0 {
+            return Pending::ready(Err(GpuError::Input(format!(
+                "gemm {m}×{n}×{k}: one row of A ({} bytes) or C ({} bytes) exceeds the device's largest storage binding ({} bytes)",
+                k * 4,
+                n * 4,
+                limits.max_binding
+            ))));
+        }
+        if m <= rows {
+            return self.gemm_rows(kernel, a, b, m, n, k);
+        }
+        let parts = (0..m).step_by(rows).map(|r0| {
+            let r = rows.min(m - r0);
+            self.gemm_rows(kernel, &a[r0 * k..(r0 + r) * k], b, r, n, k)
+        });
+        Pending::all(parts.collect()).map(|chunks: Vec<Vec<f32>>| chunks.concat())
+    }
+
+    /// One submission of `C[m×n] = A[m×k] · B[k×n]` through `kernel` (within the device's limits).
+    fn gemm_rows(&self, kernel: GemmKernel, a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Pending<Vec<f32>> {
         let dims = [m as u32, n as u32, k as u32, 0];
-        let pipe = self.pipeline("gemm", GEMM, "main", 4);
+        let pipe = match kernel {
+            GemmKernel::Small => self.pipeline("gemm", GEMM, "main", 4),
+            GemmKernel::Tiled => self.pipeline("gemm_tiled", GEMM_TILED, "main", 4),
+        };
+        let tile = kernel.tile();
         self.engine.submit(
             &[Bind::In(bytemuck::cast_slice(a)), Bind::In(bytemuck::cast_slice(b)), Bind::Out((m * n * 4) as u64), Bind::In(bytemuck::cast_slice(&dims))],
-            &[(pipe, n.div_ceil(64) as u32, m.div_ceil(64) as u32)],
+            &[(pipe, n.div_ceil(tile) as u32, m.div_ceil(tile) as u32)],
             2,
             move |bytes| Ok(cast::<f32>(&bytes[..m * n * 4])),
         )

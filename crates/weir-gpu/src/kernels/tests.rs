@@ -75,6 +75,85 @@ fn gemm_matches_reference_on_every_path() {
     }
 }
 
+/// The tiled GEMM kernel forced on `g` for m×n×k, against the CPU twin and the f64 reference:
+/// errors within 1e-5 × k + 1e-6 of either (inputs in [-1, 1]).
+fn check_gemm_tiled_on(g: &GpuKernels, m: usize, n: usize, k: usize, seed: u64) {
+    use super::gpu::GemmKernel;
+    let a = lcg(seed, m * k);
+    let b = lcg(seed ^ 0xABCD, k * n);
+    let got = g.gemm_with(GemmKernel::Tiled, &a, &b, m, n, k).wait().unwrap();
+    let twin = CpuKernels::new(1).gemm(&a, &b, m, n, k).unwrap();
+    let want = naive_gemm(&a, &b, m, n, k);
+    assert_eq!(got.len(), m * n, "tiled {m}×{n}×{k}");
+    let tol = 1e-5 * k as f64 + 1e-6;
+    for (i, ((g, t), w)) in got.iter().zip(&twin).zip(&want).enumerate() {
+        let (r, c) = (i / n, i % n);
+        assert!((*g as f64 - w).abs() <= tol, "tiled: C[{r}][{c}] = {g}, reference {w} ({m}×{n}×{k})");
+        assert!((*g as f64 - *t as f64).abs() <= tol, "tiled: C[{r}][{c}] = {g}, CPU twin {t} ({m}×{n}×{k})");
+    }
+}
+
+#[test]
+fn gemm_tiled_matches_cpu_twin_and_reference_on_odd_shapes_and_edge_tiles() {
+    let Some(g) = gpu() else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
+    let shapes = [
+        (1, 1, 1),
+        (1, 300, 37),   // 1×N: one row of an edge tile
+        (300, 1, 37),   // N×1
+        (129, 130, 1),  // k = 1: only the prologue's step, never a full K step
+        (128, 128, 8),  // one interior tile, one K step
+        (128, 128, 128),
+        (256, 128, 40), // two interior tiles, five full K steps
+        (127, 129, 9),  // edges in every dimension, one partial K step after a full one
+        (257, 131, 15),
+        (1, 1, 1000),   // a long K loop on one output
+        (5, 200, 3),
+        (130, 257, 7),  // k below one step: every load checked
+        (200, 300, 64),
+    ];
+    for kern in [g, gpu_staged().expect("staged path")] {
+        for (m, n, k) in shapes {
+            check_gemm_tiled_on(kern, m, n, k, (m * 7919 + n * 31 + k) as u64);
+        }
+    }
+}
+
+#[test]
+fn gemm_tiled_splits_rows_within_the_limits() {
+    use super::gpu::GemmKernel;
+    let Some(g) = gpu() else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
+    // One workgroup per dimension: 128 rows of C per submission, three submissions for 300 rows.
+    let limits = crate::transfer::Limits { max_binding: 1 << 20, max_groups: 1 };
+    let small = GpuKernels::with_limits(Arc::clone(g.context()), crate::TransferMode::Auto, 2, limits).unwrap();
+    let (m, n, k) = (300, 100, 33);
+    let (a, b) = (lcg(11, m * k), lcg(12, k * n));
+    let before = small.transfer_stats().batches;
+    let got = small.gemm_with(GemmKernel::Tiled, &a, &b, m, n, k).wait().unwrap();
+    assert_eq!(small.transfer_stats().batches - before, 3, "one submission per 128 rows");
+    let want = naive_gemm(&a, &b, m, n, k);
+    for (i, (x, w)) in got.iter().zip(&want).enumerate() {
+        assert!((*x as f64 - w).abs() <= 1e-5 * k as f64 + 1e-6, "C[{}][{}] = {x}, expected {w}", i / n, i % n);
+    }
+}
+
+#[test]
+fn gemm_takes_the_tiled_kernel_from_the_threshold_on() {
+    use super::gpu::{GemmKernel, GEMM_TILED_MIN_WORK};
+    let Some(g) = gpu() else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
+    assert_eq!(GEMM_TILED_MIN_WORK, 256 * 256 * 256, "the shapes below straddle the threshold");
+    // lavapipe and every real GPU admit 256 invocations and 16 KiB of workgroup memory.
+    assert_eq!(g.gemm_kernel_for(256, 256, 256), GemmKernel::Tiled);
+    assert_eq!(g.gemm_kernel_for(256, 256, 255), GemmKernel::Small);
+    assert_eq!(g.gemm_kernel_for(1, 1, 1), GemmKernel::Small);
+    // Odd shapes just below and just above, through the public entry point on every path.
+    for (m, n, k, kernel) in [(257, 255, 255, GemmKernel::Small), (255, 257, 257, GemmKernel::Tiled)] {
+        assert_eq!(g.gemm_kernel_for(m, n, k), kernel, "{m}×{n}×{k}");
+        for kern in paths() {
+            check_gemm_on(kern, m, n, k, (m + n + k) as u64);
+        }
+    }
+}
+
 #[test]
 fn gpu_path_is_present_when_required() {
     if std::env::var("WEIR_REQUIRE_GPU").is_ok_and(|v| v == "1") {

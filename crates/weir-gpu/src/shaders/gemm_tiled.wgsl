@@ -1,0 +1,158 @@
+// Block-tiled f32 GEMM for shapes that fill a GPU: C[m×n] = A[m×k] · B[k×n], row-major.
+// A 16×16 workgroup computes a 128×128 tile of C in K steps of 8; each invocation keeps 8×8
+// outputs in registers (rows ty*4..+4 and 64+ty*4..+4, the same split for columns, so that the
+// 16 invocations of a row read 16 consecutive vec4s of workgroup memory, not strided ones).
+// The A tile is stored transposed (k-major) so that an invocation reads its 4 rows at one k as a
+// vec4. Two buffers per operand: step s computes on one while the next step's global loads,
+// issued before the compute, are stored into the other, so one barrier per step suffices.
+// Workgroup memory: 2 operands × 2 buffers × 8 × 128 × 4 bytes = 16 KiB, wgpu's default limit.
+// Interior tiles load without bounds checks (a uniform test per tile and step); edge tiles read 0
+// outside A or B and skip stores outside C.
+// Global loads are scalar (coalesced across the invocations): vec4 global loads need k and n
+// multiples of 4 and vec4-typed bindings, which the pool's shared slab does not guarantee.
+
+// Every binding is read_write: the pool sub-allocates inputs and outputs from the same slab,
+// and wgpu forbids one buffer being bound read-only and read-write in one dispatch.
+@group(0) @binding(0) var<storage, read_write> a: array<f32>;
+@group(0) @binding(1) var<storage, read_write> b: array<f32>;
+@group(0) @binding(2) var<storage, read_write> c: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dims: array<u32, 4>; // m, n, k
+
+const TM: u32 = 128u; // tile rows and columns
+const TK: u32 = 8u; // K per step
+const V: u32 = 32u; // vec4s per tile row: TM / 4
+const BUF: u32 = 256u; // vec4s per buffer: TK × V
+
+var<workgroup> As: array<vec4<f32>, 512>; // 2 buffers × TK × V, A transposed: As[kk*V + r/4][r%4]
+var<workgroup> Bs: array<vec4<f32>, 512>; // 2 buffers × TK × V: Bs[kk*V + c/4][c%4]
+
+// A[row][col..col+4], zeros outside A unless `inside` says the whole vector is in bounds.
+fn load_a(row: u32, col: u32, m: u32, k: u32, inside: bool) -> vec4<f32> {
+    if (inside) {
+        let i = row * k + col;
+        return vec4<f32>(a[i], a[i + 1u], a[i + 2u], a[i + 3u]);
+    }
+    var v = vec4<f32>(0.0);
+    if (row < m) {
+        let i = row * k + col;
+        if (col < k) { v.x = a[i]; }
+        if (col + 1u < k) { v.y = a[i + 1u]; }
+        if (col + 2u < k) { v.z = a[i + 2u]; }
+        if (col + 3u < k) { v.w = a[i + 3u]; }
+    }
+    return v;
+}
+
+// B[row][col..col+4], zeros outside B unless `inside` says the whole vector is in bounds.
+fn load_b(row: u32, col: u32, k: u32, n: u32, inside: bool) -> vec4<f32> {
+    if (inside) {
+        let i = row * n + col;
+        return vec4<f32>(b[i], b[i + 1u], b[i + 2u], b[i + 3u]);
+    }
+    var v = vec4<f32>(0.0);
+    if (row < k) {
+        let i = row * n + col;
+        if (col < n) { v.x = b[i]; }
+        if (col + 1u < n) { v.y = b[i + 1u]; }
+        if (col + 2u < n) { v.z = b[i + 2u]; }
+        if (col + 3u < n) { v.w = b[i + 3u]; }
+    }
+    return v;
+}
+
+@compute @workgroup_size(16, 16)
+fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let m = dims[0];
+    let n = dims[1];
+    let k = dims[2];
+    let tid = lid.y * 16u + lid.x;
+    let row0 = wid.y * TM;
+    let col0 = wid.x * TM;
+    let interior = row0 + TM <= m && col0 + TM <= n;
+    // This invocation's share of a step's loads: 4 consecutive k of one A row (two invocations
+    // per row), 4 consecutive columns of one B row (32 invocations per row).
+    let ar = tid / 2u;
+    let ak = (tid % 2u) * 4u;
+    let br = tid / V;
+    let bc = tid % V;
+    let steps = (k + TK - 1u) / TK;
+
+    var acc: array<vec4<f32>, 16>; // acc[i*2 + h]: output row i (of 8), column half h
+    for (var i = 0u; i < 16u; i++) { acc[i] = vec4<f32>(0.0); }
+
+    var pa = load_a(row0 + ar, ak, m, k, interior && TK <= k);
+    var pb = load_b(br, col0 + bc * 4u, k, n, interior && TK <= k);
+    As[(ak + 0u) * V + ar / 4u][ar % 4u] = pa.x;
+    As[(ak + 1u) * V + ar / 4u][ar % 4u] = pa.y;
+    As[(ak + 2u) * V + ar / 4u][ar % 4u] = pa.z;
+    As[(ak + 3u) * V + ar / 4u][ar % 4u] = pa.w;
+    Bs[br * V + bc] = pb;
+    workgroupBarrier();
+
+    for (var s = 0u; s < steps; s++) {
+        let cur = (s % 2u) * BUF;
+        let more = s + 1u < steps;
+        // The next step's global loads go out before this step's arithmetic, to overlap with it.
+        if (more) {
+            let t = (s + 1u) * TK;
+            let inside = interior && t + TK <= k;
+            pa = load_a(row0 + ar, t + ak, m, k, inside);
+            pb = load_b(t + br, col0 + bc * 4u, k, n, inside);
+        }
+        for (var kk = 0u; kk < TK; kk++) {
+            let o = cur + kk * V;
+            let a0 = As[o + lid.y];
+            let a1 = As[o + 16u + lid.y];
+            let b0 = Bs[o + lid.x];
+            let b1 = Bs[o + 16u + lid.x];
+            acc[0] = fma(vec4<f32>(a0.x), b0, acc[0]);
+            acc[1] = fma(vec4<f32>(a0.x), b1, acc[1]);
+            acc[2] = fma(vec4<f32>(a0.y), b0, acc[2]);
+            acc[3] = fma(vec4<f32>(a0.y), b1, acc[3]);
+            acc[4] = fma(vec4<f32>(a0.z), b0, acc[4]);
+            acc[5] = fma(vec4<f32>(a0.z), b1, acc[5]);
+            acc[6] = fma(vec4<f32>(a0.w), b0, acc[6]);
+            acc[7] = fma(vec4<f32>(a0.w), b1, acc[7]);
+            acc[8] = fma(vec4<f32>(a1.x), b0, acc[8]);
+            acc[9] = fma(vec4<f32>(a1.x), b1, acc[9]);
+            acc[10] = fma(vec4<f32>(a1.y), b0, acc[10]);
+            acc[11] = fma(vec4<f32>(a1.y), b1, acc[11]);
+            acc[12] = fma(vec4<f32>(a1.z), b0, acc[12]);
+            acc[13] = fma(vec4<f32>(a1.z), b1, acc[13]);
+            acc[14] = fma(vec4<f32>(a1.w), b0, acc[14]);
+            acc[15] = fma(vec4<f32>(a1.w), b1, acc[15]);
+        }
+        // The other buffer was last read in step s-1, before every invocation passed that
+        // step's barrier: writing it now races with no one.
+        if (more) {
+            let nxt = BUF - cur;
+            As[nxt + (ak + 0u) * V + ar / 4u][ar % 4u] = pa.x;
+            As[nxt + (ak + 1u) * V + ar / 4u][ar % 4u] = pa.y;
+            As[nxt + (ak + 2u) * V + ar / 4u][ar % 4u] = pa.z;
+            As[nxt + (ak + 3u) * V + ar / 4u][ar % 4u] = pa.w;
+            Bs[nxt + br * V + bc] = pb;
+        }
+        workgroupBarrier();
+    }
+
+    for (var i = 0u; i < 8u; i++) {
+        let r = row0 + (i / 4u) * 64u + lid.y * 4u + i % 4u;
+        for (var h = 0u; h < 2u; h++) {
+            let col = col0 + h * 64u + lid.x * 4u;
+            let v = acc[i * 2u + h];
+            if (interior) {
+                let o = r * n + col;
+                c[o] = v.x;
+                c[o + 1u] = v.y;
+                c[o + 2u] = v.z;
+                c[o + 3u] = v.w;
+            } else if (r < m) {
+                let o = r * n + col;
+                if (col < n) { c[o] = v.x; }
+                if (col + 1u < n) { c[o + 1u] = v.y; }
+                if (col + 2u < n) { c[o + 2u] = v.z; }
+                if (col + 3u < n) { c[o + 3u] = v.w; }
+            }
+        }
+    }
+}
