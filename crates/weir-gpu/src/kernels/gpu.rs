@@ -163,42 +163,7 @@ impl Kernels for GpuKernels {
     }
 
     fn kmeans_step_async(&self, points: &[f32], centroids: &[f32], d: usize) -> Pending<KmeansStep> {
-        let (n, k) = checked!(check_kmeans(points, centroids, d));
-        let limits = self.engine.limits();
-        // Centroids and sums are bound whole; the update pass runs one invocation per
-        // (centroid, dimension): only points split.
-        if (k * d + k) * 4 > limits.max_binding as usize || (k * d + k).div_ceil(64) > limits.max_groups as usize {
-            return Pending::ready(Err(GpuError::Input(format!(
-                "kmeans: {k} centroids of {d} dimensions need {} bytes of sums and {} workgroups; the device binds at most {} bytes and dispatches at most {} workgroups per dimension",
-                (k * d + k) * 4,
-                (k * d + k).div_ceil(64),
-                limits.max_binding,
-                limits.max_groups
-            ))));
-        }
-        // Points per submission: one invocation each in a 1-D dispatch; points, labels and the
-        // segments' partial sums within the binding limit.
-        let width = (k * d + k) * 4;
-        let per = rows_per_submission(limits, 64, &[d * 4, 4]).min(limits.max_binding as usize / width * KMEANS_SEGMENT);
-        if per == 0 {
-            return Pending::ready(Err(GpuError::Input(format!(
-                "kmeans: one point of {d} dimensions ({} bytes) exceeds the device's largest storage binding ({} bytes)",
-                d * 4,
-                limits.max_binding
-            ))));
-        }
-        if n <= per {
-            return self.kmeans_points(points, centroids, n, k, d);
-        }
-        let parts = points.chunks(per * d).map(|p| self.kmeans_points(p, centroids, p.len() / d, k, d));
-        Pending::all(parts.collect()).map(move |steps: Vec<KmeansStep>| {
-            let mut total = KmeansStep { sums: vec![0.0; k * d], counts: vec![0; k] };
-            for s in steps {
-                total.sums.iter_mut().zip(&s.sums).for_each(|(t, v)| *t += v);
-                total.counts.iter_mut().zip(&s.counts).for_each(|(t, c)| *t += c);
-            }
-            total
-        })
+        self.kmeans_lloyd_step_async(points, centroids, d).map(|(step, _)| step)
     }
 
     fn resize_bilinear_async(&self, img: &Image, nw: usize, nh: usize) -> Pending<Image> {
@@ -251,10 +216,21 @@ impl Kernels for GpuKernels {
     }
 }
 
-/// Points per segment of the K-means update pass (`SEG` in kmeans.wgsl): every shader loop stays
-/// far below llvmpipe's 65,535 iterations, and a submission's at most 65,535 × 64 points make at
-/// most 1,024 segments.
-const KMEANS_SEGMENT: usize = 4096;
+/// Points per block of the K-means update (`slice` in kmeans.wgsl): one workgroup's share in the
+/// reduction; every shader loop stays far below llvmpipe's 65,535 iterations, and a submission's
+/// at most 65,535 × 64 points make at most 4,096 blocks.
+const KMEANS_BLOCK: usize = 1024;
+
+/// Floats of workgroup memory the K-means shader declares per entry point (`CENTRES` and `ACC` in
+/// kmeans.wgsl): 16 KiB, the least every WebGPU device offers.
+const KMEANS_WORKGROUP_FLOATS: usize = 4096;
+
+/// Lanes of the K-means update's pass 1 (`partial` in kmeans.wgsl) for `k` centres of `d`
+/// dimensions: as many as 64 invocations split into lanes of at least `d` invocations and
+/// whose accumulators fit workgroup memory; 0 when one lane's do not (the fallback pass).
+fn kmeans_lanes(k: usize, d: usize) -> usize {
+    (64 / d.min(64)).min(KMEANS_WORKGROUP_FLOATS / (k * d + k))
+}
 
 /// Rows of a batch per submission: as many as `max_groups` workgroups of `rows_per_group` rows
 /// cover, and as fit the largest storage binding in each binding of `row_bytes[i]` bytes per row.
@@ -363,37 +339,94 @@ impl GpuKernels {
         )
     }
 
-    /// One submission of a K-means step over `n` points (within the device's limits): assign,
-    /// partial sums per segment of `KMEANS_SEGMENT` points, their reduction.
-    fn kmeans_points(&self, points: &[f32], centroids: &[f32], n: usize, k: usize, d: usize) -> Pending<KmeansStep> {
-        let dims = [n as u32, k as u32, d as u32, 0];
-        let segments = n.div_ceil(KMEANS_SEGMENT).max(1);
-        let assign = self.pipeline("kmeans_assign", KMEANS, "assign", 6);
-        let update = self.pipeline("kmeans_update", KMEANS, "update", 6);
-        let reduce = self.pipeline("kmeans_reduce", KMEANS, "reduce", 6);
+    /// One submission of a K-means step over `n` points (within the device's limits): assign, the
+    /// blocks' partial sums, their reduction and the new centres. The step and the new centres.
+    fn kmeans_points(&self, points: &[f32], centroids: &[f32], n: usize, k: usize, d: usize) -> Pending<(KmeansStep, Vec<f32>)> {
+        let blocks = n.div_ceil(KMEANS_BLOCK).max(1);
+        let lanes = kmeans_lanes(k, d);
+        let dims = [n as u32, k as u32, d as u32, lanes as u32, blocks as u32, KMEANS_BLOCK as u32, 0, 0];
+        let (ax, ay) = grid(n);
+        // Centres in workgroup memory where they fit; else read from storage.
+        let assign = if k * d <= KMEANS_WORKGROUP_FLOATS {
+            (self.pipeline("kmeans_assign_tiled", KMEANS, "assign_tiled", 6), ax, ay)
+        } else {
+            (self.pipeline("kmeans_assign", KMEANS, "assign", 6), ax, ay)
+        };
+        // Pass 1: a workgroup per block where one lane's accumulators fit workgroup memory.
+        let update = if lanes > 0 {
+            (self.pipeline("kmeans_partial", KMEANS, "partial", 6), blocks as u32, 1)
+        } else {
+            (self.pipeline("kmeans_update", KMEANS, "update", 6), (k * d).div_ceil(64) as u32, blocks as u32)
+        };
+        let reduce = (self.pipeline("kmeans_reduce", KMEANS, "reduce", 6), (k * d + k).div_ceil(64) as u32, 1);
         self.engine.submit(
             &[
                 Bind::In(bytemuck::cast_slice(points)),
                 Bind::In(bytemuck::cast_slice(centroids)),
                 Bind::Out((n * 4) as u64),
-                Bind::Out(((k * d + k) * 4) as u64),
+                Bind::Out(((2 * k * d + k) * 4) as u64),
                 Bind::In(bytemuck::cast_slice(&dims)),
-                Bind::Out((segments * (k * d + k) * 4) as u64),
+                Bind::Out((blocks * (k * d + k) * 4) as u64),
             ],
-            &[
-                (assign, n.div_ceil(64) as u32, 1),
-                (update, (k * d).div_ceil(64) as u32, segments as u32),
-                (reduce, (k * d + k).div_ceil(64) as u32, 1),
-            ],
+            &[assign, update, reduce],
             3,
             move |bytes| {
-                let vals: Vec<f32> = cast(&bytes[..(k * d + k) * 4]);
-                let counts = vals[k * d..].iter().map(|&c| c as u32).collect();
-                let mut sums = vals;
-                sums.truncate(k * d);
-                Ok(KmeansStep { sums, counts })
+                let vals: Vec<f32> = cast(&bytes[..(2 * k * d + k) * 4]);
+                let counts = vals[k * d..k * d + k].iter().map(|&c| c as u32).collect();
+                Ok((KmeansStep { sums: vals[..k * d].to_vec(), counts }, vals[k * d + k..].to_vec()))
             },
         )
+    }
+
+    /// One Lloyd step of K-means: the [`Kernels::kmeans_step`] of `points` (n × d) against
+    /// `centroids` (k × d), and the new centroids: each the mean of its points, or unchanged
+    /// where none was assigned. A batch within one submission computes the centroids on the
+    /// device; a batch split over several (beyond the device's limits) on the host, from the
+    /// added steps.
+    pub fn kmeans_lloyd_step_async(&self, points: &[f32], centroids: &[f32], d: usize) -> Pending<(KmeansStep, Vec<f32>)> {
+        let (n, k) = checked!(check_kmeans(points, centroids, d));
+        let limits = self.engine.limits();
+        // Centroids and sums are bound whole; the reduction runs one invocation per
+        // (centroid, dimension): only points split.
+        if (2 * k * d + k) * 4 > limits.max_binding as usize || (k * d + k).div_ceil(64) > limits.max_groups as usize {
+            return Pending::ready(Err(GpuError::Input(format!(
+                "kmeans: {k} centroids of {d} dimensions need {} bytes of sums and centroids and {} workgroups; \
+                 the device binds at most {} bytes and dispatches at most {} workgroups per dimension",
+                (2 * k * d + k) * 4,
+                (k * d + k).div_ceil(64),
+                limits.max_binding,
+                limits.max_groups
+            ))));
+        }
+        // Points per submission: at most 65,535 × 64 (4,096 blocks, f32 counts exact); points,
+        // labels and the blocks' partial sums within the binding limit.
+        let width = (k * d + k) * 4;
+        let per = rows_per_submission(limits, 64, &[d * 4, 4]).min(limits.max_binding as usize / width * KMEANS_BLOCK);
+        if per == 0 {
+            return Pending::ready(Err(GpuError::Input(format!(
+                "kmeans: one point of {d} dimensions ({} bytes) exceeds the device's largest storage binding ({} bytes)",
+                d * 4,
+                limits.max_binding
+            ))));
+        }
+        if n <= per {
+            return self.kmeans_points(points, centroids, n, k, d);
+        }
+        let parts = points.chunks(per * d).map(|p| self.kmeans_points(p, centroids, p.len() / d, k, d));
+        let old = centroids.to_vec();
+        Pending::all(parts.collect()).map(move |steps: Vec<(KmeansStep, Vec<f32>)>| {
+            let mut total = KmeansStep { sums: vec![0.0; k * d], counts: vec![0; k] };
+            for (s, _) in steps {
+                total.sums.iter_mut().zip(&s.sums).for_each(|(t, v)| *t += v);
+                total.counts.iter_mut().zip(&s.counts).for_each(|(t, c)| *t += c);
+            }
+            let centres = (0..k * d).map(|i| match total.counts[i / d] {
+                0 => old[i],
+                c => total.sums[i] / c as f32,
+            });
+            let centres = centres.collect();
+            (total, centres)
+        })
     }
 }
 

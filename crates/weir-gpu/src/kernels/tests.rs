@@ -356,3 +356,136 @@ fn contending_workers_alternate() {
     assert!(*behind >= 75, "when one worker finished its 100 batches the other had done {behind}: {other:?}");
     assert!(one.transfer_stats().slot_waits > 0, "the workers contended");
 }
+
+/// An independent Lloyd step in f64: labels (lowest index on ties), per-centre sums, counts and
+/// sums of |x| (for the tolerance), the new centres (old where no point was assigned), and the
+/// points whose two nearest centres are within a relative 2e-6 (where f32 may choose otherwise).
+struct LloydReference {
+    counts: Vec<u32>,
+    sums: Vec<f64>,
+    abs_sums: Vec<f64>,
+    centres: Vec<f64>,
+    near_ties: usize,
+}
+
+fn lloyd_f64(points: &[f32], centroids: &[f32], d: usize) -> LloydReference {
+    let (n, k) = (points.len() / d, centroids.len() / d);
+    let mut r = LloydReference { counts: vec![0; k], sums: vec![0.0; k * d], abs_sums: vec![0.0; k * d], centres: vec![0.0; k * d], near_ties: 0 };
+    for p in points.chunks(d).take(n) {
+        let dist: Vec<f64> = centroids.chunks(d).map(|c| p.iter().zip(c).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum()).collect();
+        let mut order: Vec<usize> = (0..k).collect();
+        order.sort_by(|&a, &b| dist[a].total_cmp(&dist[b]).then(a.cmp(&b)));
+        if k > 1 && dist[order[1]] - dist[order[0]] <= 2e-6 * dist[order[1]] {
+            r.near_ties += 1;
+        }
+        let c = order[0];
+        r.counts[c] += 1;
+        for j in 0..d {
+            r.sums[c * d + j] += p[j] as f64;
+            r.abs_sums[c * d + j] += (p[j] as f64).abs();
+        }
+    }
+    for i in 0..k * d {
+        let cnt = r.counts[i / d];
+        r.centres[i] = if cnt == 0 { centroids[i] as f64 } else { r.sums[i] / cnt as f64 };
+    }
+    r
+}
+
+/// `g`'s Lloyd step on n points of d dimensions against k centroids, the last one far from every
+/// point when k > 1 (an empty cluster): against the CPU twin (its step, the centres from it as
+/// `apply_step`'s rule, an empty cluster unchanged) and the f64 reference. Summation orders
+/// differ: sums within 1e-5 of the sum of |x|, centres within a relative 1e-4.
+fn check_lloyd_on(g: &GpuKernels, n: usize, k: usize, d: usize, seed: u64) {
+    let data = |seed: u64| {
+        let points = lcg(seed, n * d);
+        let mut centroids = lcg(seed ^ 0x5EED, k * d);
+        if k > 1 {
+            centroids[(k - 1) * d..].iter_mut().for_each(|x| *x += 1000.0);
+        }
+        let reference = lloyd_f64(&points, &centroids, d);
+        (points, centroids, reference)
+    };
+    // The first of the seeds from `seed` whose data has no near-tie (in many dimensions random
+    // points are nearly equidistant from random centres, and one near-tie in a few hundred
+    // points is common).
+    let (points, centroids, reference) =
+        (seed..seed + 50).map(data).find(|(_, _, r)| r.near_ties == 0).expect("data without near-ties in 50 seeds");
+    let what = format!("{}: lloyd n={n} k={k} d={d}", g.name());
+    assert_eq!(reference.counts.iter().map(|&c| c as usize).sum::<usize>(), n);
+    if k > 1 {
+        assert_eq!(reference.counts[k - 1], 0, "{what}: the far centre is empty");
+    }
+    let twin = CpuKernels::new(1).kmeans_step(&points, &centroids, d).unwrap();
+    let (step, centres) = g.kmeans_lloyd_step_async(&points, &centroids, d).wait().unwrap();
+    assert_eq!(step.counts, reference.counts, "{what}: counts against the f64 reference");
+    assert_eq!(step.counts, twin.counts, "{what}: counts against the CPU twin");
+    assert_eq!(centres.len(), k * d, "{what}");
+    for i in 0..k * d {
+        let tol = 1e-5 * reference.abs_sums[i] + 1e-5;
+        assert!((step.sums[i] as f64 - reference.sums[i]).abs() <= tol, "{what}: sum {i}: {} vs {}", step.sums[i], reference.sums[i]);
+        assert!((step.sums[i] - twin.sums[i]).abs() as f64 <= 2.0 * tol, "{what}: sum {i}: {} vs twin {}", step.sums[i], twin.sums[i]);
+        let cnt = twin.counts[i / d];
+        let twin_centre = if cnt == 0 { centroids[i] } else { twin.sums[i] / cnt as f32 };
+        let w = reference.centres[i];
+        let tol = 1e-4 * w.abs().max(1.0);
+        assert!((centres[i] as f64 - w).abs() <= tol, "{what}: centre {i}: {} vs {w}", centres[i]);
+        assert!((centres[i] - twin_centre).abs() as f64 <= tol, "{what}: centre {i}: {} vs twin {twin_centre}", centres[i]);
+        if cnt == 0 {
+            assert_eq!(centres[i], centroids[i], "{what}: an empty cluster keeps its centre");
+        }
+    }
+}
+
+/// Shapes for every path of the K-means kernel: centres in workgroup memory (k·d <= 4096) or not,
+/// the workgroup reduction with many lanes (small d), one lane (d >= 64, or k·d + k = 4096) or
+/// the fallback beyond workgroup memory (k·d + k > 4096); odd n, n below one workgroup, k = 1,
+/// d = 1, an empty cluster, and 200,000 points (196 blocks).
+#[test]
+fn kmeans_lloyd_step_matches_reference_and_twin() {
+    let Some(g) = gpu() else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
+    let staged = gpu_staged();
+    for (n, k, d) in [
+        (1000, 16, 8),
+        (1001, 5, 3),
+        (777, 1, 4),
+        (50, 4, 1),
+        (33, 7, 5),
+        (1, 3, 2),
+        (3000, 64, 63),
+        (700, 20, 100),
+        (600, 60, 68),
+        (500, 100, 50),
+        (200_000, 16, 8),
+    ] {
+        check_lloyd_on(g, n, k, d, (n * 31 + k * 7 + d + 1) as u64);
+        if let Some(s) = staged.filter(|_| g.direct() && n <= 1001) {
+            check_lloyd_on(s, n, k, d, (n * 31 + k * 7 + d + 1) as u64);
+        }
+    }
+}
+
+/// A batch split over submissions (tiny limits: 128 points each): the steps are added and the
+/// centres computed from the total.
+#[test]
+fn kmeans_lloyd_step_split_over_submissions() {
+    let Some(g) = gpu() else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
+    let limits = crate::transfer::Limits { max_binding: 4096, max_groups: 2 };
+    let small = GpuKernels::with_limits(Arc::clone(g.context()), crate::TransferMode::Auto, 2, limits).unwrap();
+    let before = small.transfer_stats().batches;
+    check_lloyd_on(&small, 1000, 5, 3, 11);
+    assert_eq!(small.transfer_stats().batches - before, 8, "1000 points in submissions of 128");
+}
+
+/// 10 M points (beyond one 1-D dispatch of 65,535 × 64): every point counts. Integer
+/// coordinates keep the sums exact.
+#[test]
+fn kmeans_lloyd_step_ten_million_points() {
+    let Some(g) = gpu() else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
+    let n = 10_000_000;
+    let points: Vec<f32> = (0..n).map(|i| (i % 3) as f32).collect();
+    let (step, centres) = g.kmeans_lloyd_step_async(&points, &[0.1, 0.9, 2.2, 50.0], 1).wait().unwrap();
+    assert_eq!(step.counts, vec![3_333_334, 3_333_333, 3_333_333, 0]);
+    assert_eq!(step.sums, vec![0.0, 3_333_333.0, 6_666_666.0, 0.0]);
+    assert_eq!(centres, vec![0.0, 1.0, 2.0, 50.0]);
+}
