@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const JOB: &str = "file-splits";
-const LINES: usize = 5_000;
+const LINES: usize = 100_000;
 
 /// `LINES` distinct lines named after the file, so that a line read from another file's offset
 /// or twice shows.

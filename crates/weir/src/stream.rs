@@ -247,7 +247,11 @@ impl<'s> Job<'s> {
                     }
                     epoch = trig.id + 1;
                     seq = 0;
-                    c.downgrade(&epoch_start(epoch));
+                    if exhausted {
+                        finish_epoch(c, epoch);
+                    } else {
+                        c.downgrade(&epoch_start(epoch));
+                    }
                 }
                 if exhausted {
                     return; // the final barrier wakes us
