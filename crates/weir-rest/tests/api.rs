@@ -107,6 +107,7 @@ fn config() -> JobConfig {
         ("execution.checkpointing.dir", "/tmp/weir-rest-test-checkpoints"),
         ("execution.checkpointing.interval", "10 s"),
         ("parallelism.default", "2"),
+        ("metrics.latency.interval", "1 s"),
     ])
     .unwrap()
 }
