@@ -102,6 +102,15 @@ struct Run {
     checkpoints: Vec<CheckpointMetadata>,
 }
 
+/// Per checkpoint, the largest value of `f` over the subtasks that hold state (the keyed
+/// operator's: sources and sinks write none).
+fn keyed_costs(checkpoints: &[CheckpointMetadata], f: fn(&weir_checkpoint::SubtaskStats) -> u64) -> Vec<u64> {
+    checkpoints
+        .iter()
+        .map(|m| m.subtasks.iter().filter(|(_, s)| !s.state_files.is_empty()).map(|(_, s)| f(&s.stats)).max().unwrap_or(0))
+        .collect()
+}
+
 fn percentile(v: &mut [u64], p: f64) -> u64 {
     if v.is_empty() {
         return 0;
@@ -244,12 +253,7 @@ pub fn main(args: BenchArgs) -> Result<()> {
         let rate = args.records as f64 / r.secs;
         // The cost split of the keyed operator (sources and sinks have their own rows in
         // `weir checkpoints inspect`): the largest subtask value per checkpoint, then the median.
-        let keyed = |f: fn(&weir_checkpoint::SubtaskStats) -> u64| -> Vec<u64> {
-            r.checkpoints
-                .iter()
-                .map(|m| m.subtasks.iter().filter(|(_, s)| !s.state_files.is_empty()).map(|(_, s)| f(&s.stats)).max().unwrap_or(0))
-                .collect()
-        };
+        let keyed = |f: fn(&weir_checkpoint::SubtaskStats) -> u64| keyed_costs(&r.checkpoints, f);
         let mut dur: Vec<u64> = r.checkpoints.iter().map(|m| m.duration_ms()).collect();
         let (dmin, dmed, dmax) = (percentile(&mut dur, 0.0), percentile(&mut dur, 0.5), percentile(&mut dur, 1.0));
         let mut bytes: Vec<u64> = r.checkpoints.iter().map(|m| m.bytes()).collect();

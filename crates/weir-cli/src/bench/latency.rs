@@ -21,7 +21,7 @@ use weir::state::{KeyedContext, KeyedProcessFunction, StateTables, ValueState};
 use weir::{JobConfig, StreamEnv};
 use weir_checkpoint::{CheckpointMetadata, SplitOffset};
 
-use super::{percentile, BenchArgs};
+use super::{keyed_costs, percentile, BenchArgs};
 
 /// A record: key, value, scheduled time (µs since the run's schedule started).
 type Event = (i64, i64, u64);
@@ -380,12 +380,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     );
     for r in &runs {
         let l = r.stats.latency.summary();
-        let keyed = |f: fn(&weir_checkpoint::SubtaskStats) -> u64| -> Vec<u64> {
-            r.checkpoints
-                .iter()
-                .map(|m| m.subtasks.iter().filter(|(_, s)| !s.state_files.is_empty()).map(|(_, s)| f(&s.stats)).max().unwrap_or(0))
-                .collect()
-        };
+        let keyed = |f: fn(&weir_checkpoint::SubtaskStats) -> u64| keyed_costs(&r.checkpoints, f);
         let mut dur: Vec<u64> = r.checkpoints.iter().map(|m| m.duration_ms()).collect();
         let engine = |p: Option<f64>| p.map(|p| format!("{p:.2}")).unwrap_or_else(|| "-".into());
         println!(
