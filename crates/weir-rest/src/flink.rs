@@ -24,18 +24,6 @@ pub fn version() -> String {
     format!("weir {}", env!("CARGO_PKG_VERSION"))
 }
 
-fn job_state(s: JobState) -> &'static str {
-    match s {
-        JobState::Created => "CREATED",
-        JobState::Running => "RUNNING",
-        JobState::Restarting => "RESTARTING",
-        JobState::Cancelling => "CANCELLING",
-        JobState::Canceled => "CANCELED",
-        JobState::Finished => "FINISHED",
-        JobState::Failed => "FAILED",
-    }
-}
-
 /// The state every task of the job is in: Weir's subtasks live and die together.
 fn task_state(s: JobState) -> &'static str {
     match s {
@@ -94,7 +82,7 @@ pub fn overview(v: &JobView) -> Value {
 
 /// GET /jobs.
 pub fn jobs(v: &JobView) -> Value {
-    json!({"jobs": [{"id": v.job_id, "status": job_state(v.state)}]})
+    json!({"jobs": [{"id": v.job_id, "status": v.state.name()}]})
 }
 
 fn subtasks_total(v: &JobView) -> u64 {
@@ -114,7 +102,7 @@ pub fn jobs_overview(v: &JobView, now: u64) -> Value {
     json!({"jobs": [{
         "jid": v.job_id,
         "name": v.name,
-        "state": job_state(v.state),
+        "state": v.state.name(),
         "start-time": v.start_time,
         "end-time": end_time(v),
         "duration": duration(v, now),
@@ -187,7 +175,7 @@ pub fn job_detail(v: &JobView, cfg: &JobConfig, now: u64) -> Value {
         "jid": v.job_id,
         "name": v.name,
         "isStoppable": true,
-        "state": job_state(v.state),
+        "state": v.state.name(),
         "start-time": v.start_time,
         "end-time": end_time(v),
         "duration": duration(v, now),

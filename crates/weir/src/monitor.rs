@@ -46,6 +46,19 @@ pub enum JobState {
 }
 
 impl JobState {
+    /// Flink's name of the state (`RUNNING`, `CANCELED`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Created => "CREATED",
+            JobState::Running => "RUNNING",
+            JobState::Restarting => "RESTARTING",
+            JobState::Cancelling => "CANCELLING",
+            JobState::Canceled => "CANCELED",
+            JobState::Finished => "FINISHED",
+            JobState::Failed => "FAILED",
+        }
+    }
+
     /// Whether the job has ended.
     pub fn is_terminal(self) -> bool {
         matches!(self, JobState::Canceled | JobState::Finished | JobState::Failed)
@@ -449,7 +462,7 @@ impl JobMonitor {
             state: JobState::Created,
             start_time: now,
             end_time: None,
-            timestamps: BTreeMap::from([("CREATED".to_string(), now)]),
+            timestamps: BTreeMap::from([(JobState::Created.name().to_string(), now)]),
             failure: None,
             restarts: 0,
             processes: 1,
@@ -560,7 +573,7 @@ impl JobMonitor {
             v.restarts += 1;
         }
         v.state = state;
-        v.timestamps.insert(serde_json::to_value(state).ok().and_then(|s| s.as_str().map(str::to_string)).unwrap_or_default(), now);
+        v.timestamps.insert(state.name().to_string(), now);
         if let Some(f) = failure {
             v.failure = Some(f);
         }

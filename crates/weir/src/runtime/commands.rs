@@ -52,17 +52,18 @@ pub(crate) struct Commands {
 }
 
 impl Commands {
-    /// `stopping`: a stop was asked for before this attempt (a restarted attempt stops again).
-    pub(crate) fn new(monitor: Arc<JobMonitor>, op_vertex: &[(u32, usize)], stopping: bool) -> Self {
+    /// `stop`: the stop with a savepoint asked for before this attempt, if any (a restarted
+    /// attempt stops again, and refuses another stop).
+    pub(crate) fn new(monitor: Arc<JobMonitor>, op_vertex: &[(u32, usize)], stop: Option<(String, Option<String>)>) -> Self {
         Self {
             monitor,
             waiting: VecDeque::new(),
             running: BTreeMap::new(),
-            stop: None,
+            stopping: stop.is_some(),
+            stop,
             op_vertex: op_vertex.iter().copied().collect(),
             pins: Arc::default(),
             copies: Vec::new(),
-            stopping,
         }
     }
 

@@ -66,16 +66,15 @@ impl OpMetrics {
 
     fn sample(&self, vertex: u32) -> OpSample {
         let (busy, bp) = (self.busy_us.get(), self.backpressured_us.get());
-        let mut latency = self.latency.borrow_mut();
         let s = OpSample {
             vertex,
             records_in: self.records_in.get(),
             records_out: self.records_out.get(),
             busy_us_delta: busy - self.reported_busy_us.get(),
             backpressured_us_delta: bp - self.reported_backpressured_us.get(),
-            latency: if latency.count() > 0 { latency.clone() } else { LatencyHistogram::default() },
+            // The report takes the interval's histogram; the next one starts empty.
+            latency: std::mem::take(&mut *self.latency.borrow_mut()),
         };
-        latency.clear();
         self.reported_busy_us.set(busy);
         self.reported_backpressured_us.set(bp);
         s

@@ -795,9 +795,11 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
     let mut cmds = coord.as_ref().map(|_| {
         publish_graph(&ctx, env);
         env.monitor.set_state(JobState::Running, None);
-        let stopping = env.stop_request.lock().unwrap_or_else(|p| p.into_inner()).is_some();
-        commands::Commands::new(env.monitor.clone(), &ctx.op_vertex.borrow(), stopping)
+        let earlier_stop = env.stop_request.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        commands::Commands::new(env.monitor.clone(), &ctx.op_vertex.borrow(), earlier_stop)
     });
+    // A restarted attempt of a job asked to stop stops again, once.
+    let mut stop_again = cmds.as_ref().is_some_and(|c| c.stop.is_some());
     let mut next_report = Instant::now() + env.config.metrics_interval;
     let mut last_report = Instant::now();
     let mut ctl_in = (index == 0).then_some(ctl_in);
@@ -841,7 +843,6 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
         }
         if let (Some(c), Some(ctl), Some(cmds)) = (coord.as_mut(), ctl_in.as_mut(), cmds.as_mut()) {
             let requested = inbox.borrow().iter().any(|m| matches!(m, AckMsg::CancelRequest));
-            let stop_again = !cancel_sent && env.stop_request.lock().unwrap_or_else(|p| p.into_inner()).is_some();
             match cmds.poll(c, env.storage.is_some()) {
                 Some(commands::Intent::Stop) if !cancel_sent => {
                     *env.stop_request.lock().unwrap_or_else(|p| p.into_inner()) = cmds.stop.clone();
@@ -862,8 +863,7 @@ fn worker_main(worker: &mut Worker, env: &AttemptEnv) -> Result<Vec<CheckpointMe
                 }
                 _ => {}
             }
-            if stop_again && !cancel_sent {
-                // A restarted attempt of a job asked to stop stops again.
+            if std::mem::take(&mut stop_again) && !cancel_sent {
                 cancel_sent = true;
                 ctl.send(Control::Stop);
                 ctl_time += 1;
@@ -1125,7 +1125,6 @@ fn drive_coordinator(
             AckMsg::RestoreCheck { .. } | AckMsg::CancelRequest => Vec::new(),
         });
     }
-    let stop_requested = env.stop_request.lock().unwrap_or_else(|p| p.into_inner()).is_some();
     let mut sent = false;
     let mut queue: std::collections::VecDeque<_> = actions.into();
     while let Some(a) = queue.pop_front() {
@@ -1134,7 +1133,7 @@ fn drive_coordinator(
                 if requested {
                     cmds.requested_trigger(id);
                 }
-                let savepoint = cmds.is_savepoint(id, is_final, env.config.savepoint_on_stop || stop_requested);
+                let savepoint = cmds.is_savepoint(id, is_final, env.config.savepoint_on_stop);
                 tracing::debug!("trigger checkpoint {id}{}{}", if is_final { " (final)" } else { "" }, if savepoint { " (savepoint)" } else { "" });
                 cmds.on_trigger(id, savepoint, is_final, c.task_count() as u32);
                 ctl.send(Control::Trigger { id, at_us: now_us(), is_final, savepoint });
