@@ -171,17 +171,27 @@ impl Kernels for GpuKernels {
         if nw == 0 || nh == 0 {
             return Pending::ready(Err(GpuError::Input(format!("resize to {nw}×{nh}"))));
         }
-        self.image_passes(img, nw, nh, &[0.0], &[("image_resize", "resize")])
+        let (gx, gy) = grid(nw * nh);
+        self.image_passes(img, nw, nh, &[0.0], 0, &[("image_resize_px", "resize_px", gx, gy)])
     }
 
     fn gaussian_blur_async(&self, img: &Image, sigma: f32) -> Pending<Image> {
         checked!(img.check());
-        self.image_passes(img, img.w, img.h, &gaussian_weights(sigma), &[("image_blur_h", "blur_h"), ("image_blur_v", "blur_v")])
+        let weights = gaussian_weights(sigma);
+        let r = weights.len() / 2;
+        let plan = ImagePlan::new(img, self.engine.limits().max_groups as usize);
+        let (h, v) = (plan.blur_h(r), plan.blur_v(r));
+        let th = v.map_or(0, |_| IMAGE_TILE_ROWS - 2 * r);
+        let h = h.map_or(("image_blur_h", "blur_h", plan.gx, plan.gy), |(x, y)| ("image_blur_h_tiled", "blur_h_tiled", x, y));
+        let v = v.map_or(("image_blur_v", "blur_v", plan.gx, plan.gy), |(x, y)| ("image_blur_v_tiled", "blur_v_tiled", x, y));
+        self.image_passes(img, img.w, img.h, &weights, th, &[h, v])
     }
 
     fn sobel_async(&self, img: &Image) -> Pending<Image> {
         checked!(img.check());
-        self.image_passes(img, img.w, img.h, &[0.0], &[("image_sobel", "sobel")])
+        let plan = ImagePlan::new(img, self.engine.limits().max_groups as usize);
+        let pass = plan.sobel().map_or(("image_sobel", "sobel", plan.gx, plan.gy), |(x, y)| ("image_sobel_tiled", "sobel_tiled", x, y));
+        self.image_passes(img, img.w, img.h, &[0.0], 0, &[pass])
     }
 
     fn cnn_forward_async(&self, m: &crate::cnn::SmallCnn, images: &[f32], n: usize) -> Pending<Vec<f32>> {
@@ -436,17 +446,70 @@ pub(crate) fn grid(len: usize) -> (u32, u32) {
     (g.min(65535) as u32, g.div_ceil(65535) as u32)
 }
 
+/// Floats of workgroup memory of image.wgsl's tiled passes (`tile`): 16 KiB.
+const IMAGE_TILE_FLOATS: usize = 4096;
+
+/// Rows of `tmp` in a `blur_v_tiled` workgroup's tile: it computes 64 − 2r of them.
+const IMAGE_TILE_ROWS: usize = 64;
+
+/// Which image passes can run tiled on an image, and their dispatches (`None`: the per-value
+/// fallback, dispatched as `gx × gy`).
+pub(crate) struct ImagePlan {
+    w: usize,
+    h: usize,
+    c: usize,
+    max_groups: usize,
+    gx: u32,
+    gy: u32,
+}
+
+impl ImagePlan {
+    pub(crate) fn new(img: &Image, max_groups: usize) -> Self {
+        let (gx, gy) = grid(img.w * img.h * img.c);
+        ImagePlan { w: img.w, h: img.h, c: img.c, max_groups, gx, gy }
+    }
+
+    fn dispatch(&self, x: usize, y: usize) -> Option<(u32, u32)> {
+        (x <= self.max_groups && y <= self.max_groups).then_some((x as u32, y as u32))
+    }
+
+    /// `blur_h_tiled` at radius `r`: a workgroup per 256 values of a row, with r pixels either side.
+    pub(crate) fn blur_h(&self, r: usize) -> Option<(u32, u32)> {
+        if 256 + 2 * r * self.c > IMAGE_TILE_FLOATS {
+            return None;
+        }
+        self.dispatch((self.w * self.c).div_ceil(256), self.h)
+    }
+
+    /// `blur_v_tiled` at radius `r`: a workgroup per 64 values of 64 − 2r rows (r ≤ 24, so that a
+    /// tile computes at least 16 rows).
+    pub(crate) fn blur_v(&self, r: usize) -> Option<(u32, u32)> {
+        if 2 * r + 16 > IMAGE_TILE_ROWS {
+            return None;
+        }
+        self.dispatch((self.w * self.c).div_ceil(64), self.h.div_ceil(IMAGE_TILE_ROWS - 2 * r))
+    }
+
+    /// `sobel_tiled`: a workgroup per 64 values of 16 rows, 18 rows of 64 + 2c values loaded.
+    pub(crate) fn sobel(&self) -> Option<(u32, u32)> {
+        if 18 * (64 + 2 * self.c) > IMAGE_TILE_FLOATS {
+            return None;
+        }
+        self.dispatch((self.w * self.c).div_ceil(64), self.h.div_ceil(16))
+    }
+}
+
 impl GpuKernels {
-    /// Image kernels share one binding layout: src, tmp, dst, weights, dims. Each pass computes
-    /// the `nw × nh × c` output values, one invocation each.
-    fn image_passes(&self, img: &Image, nw: usize, nh: usize, weights: &[f32], passes: &[(&'static str, &'static str)]) -> Pending<Image> {
+    /// Image kernels share one binding layout: src, tmp, dst, weights, dims. Each pass is an
+    /// entry point of image.wgsl (its pipeline key, entry and dispatch) producing the `nw × nh ×
+    /// c` output; `th` is `blur_v_tiled`'s rows per workgroup.
+    fn image_passes(&self, img: &Image, nw: usize, nh: usize, weights: &[f32], th: usize, passes: &[(&'static str, &'static str, u32, u32)]) -> Pending<Image> {
         let r = (weights.len() / 2) as u32;
-        let dims = [img.w as u32, img.h as u32, img.c as u32, nw as u32, nh as u32, r, 0, 0];
+        let dims = [img.w as u32, img.h as u32, img.c as u32, nw as u32, nh as u32, r, th as u32, 0];
         let c = img.c;
         let out = nw * nh * c;
-        let (gx, gy) = grid(out);
         let n_in = img.data.len();
-        let pipes: Vec<_> = passes.iter().map(|(key, entry)| (self.pipeline(key, IMAGE, entry, 5), gx, gy)).collect();
+        let pipes: Vec<_> = passes.iter().map(|&(key, entry, gx, gy)| (self.pipeline(key, IMAGE, entry, 5), gx, gy)).collect();
         self.engine.submit(
             &[
                 Bind::In(bytemuck::cast_slice(&img.data)),

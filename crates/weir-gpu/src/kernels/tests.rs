@@ -281,6 +281,93 @@ fn image_kernels_do_what_they_say() {
     }
 }
 
+/// The tiled image passes and their per-value fallbacks, on shapes that span several tiles and
+/// end in partial ones, against the CPU twin; the plan assertions prove which path ran.
+#[test]
+fn image_kernels_tiled_and_fallback_passes_match_the_cpu_twin() {
+    use super::gpu::ImagePlan;
+    let reference = CpuKernels::new(1);
+    // (w, h, c, σ, blur_h tiled, blur_v tiled, sobel tiled)
+    let cases = [
+        (300, 130, 3, 1.5, true, true, true),   // 4 row tiles of 256 values, 3 of 54 rows, 9 of 16
+        (257, 17, 1, 0.5, true, true, true),    // one value past a 256-value tile
+        (70, 200, 1, 9.0, true, false, true),   // r = 27: blur_v falls back
+        (9, 7, 90, 8.0, false, true, false),    // r·c = 2160: blur_h falls back; 90 channels: Sobel too
+        (1, 40, 2, 2.0, true, true, true),      // one pixel wide
+        (40, 1, 3, 2.0, true, true, true),      // one row
+    ];
+    for (w, h, c, sigma, th, tv, ts) in cases {
+        let img = test_image(w, h, c, (w * 31 + h * 7 + c) as u64);
+        let r = gaussian_weights(sigma).len() / 2;
+        let plan = ImagePlan::new(&img, 65535);
+        assert_eq!((plan.blur_h(r).is_some(), plan.blur_v(r).is_some(), plan.sobel().is_some()), (th, tv, ts), "{w}×{h}×{c} σ={sigma}");
+        let blur = reference.gaussian_blur(&img, sigma).unwrap();
+        let sob = reference.sobel(&img).unwrap();
+        let down = reference.resize_bilinear(&img, (w / 3).max(1), (h / 2).max(1)).unwrap();
+        for kern in paths() {
+            let what = format!("{w}×{h}×{c} σ={sigma}");
+            assert_close(kern, &format!("blur {what}"), &kern.gaussian_blur(&img, sigma).unwrap(), &blur, 1e-3);
+            assert_close(kern, &format!("sobel {what}"), &kern.sobel(&img).unwrap(), &sob, 1e-2);
+            assert_close(kern, &format!("resize {what}"), &kern.resize_bilinear(&img, down.w, down.h).unwrap(), &down, 1e-3);
+        }
+    }
+}
+
+/// Image kernels against values computed by hand, not by the CPU twin: the blur of an impulse is
+/// the outer product of the normalised Gaussian, Sobel of a plane a·x + b·y is 8·√(a² + b²) away
+/// from the border, and halving an image bilinearly averages each 2 × 2 block.
+#[test]
+fn image_kernels_match_hand_computed_values() {
+    let (w, h, c) = (301, 77, 2);
+    let (cx, cy) = (150usize, 40usize);
+    let mut impulse = Image { w, h, c, data: vec![0.0; w * h * c] };
+    impulse.data[(cy * w + cx) * c + 1] = 1.0;
+    let sigma = 2.0f64;
+    let g: Vec<f64> = (-6i32..=6).map(|k| (-(k * k) as f64 / (2.0 * sigma * sigma)).exp()).collect();
+    let total: f64 = g.iter().sum();
+    let mut ramp = Image { w, h, c, data: vec![0.0; w * h * c] };
+    for y in 0..h {
+        for x in 0..w {
+            ramp.data[(y * w + x) * c] = 0.5 * x as f32 + 0.25 * y as f32;
+            ramp.data[(y * w + x) * c + 1] = -2.0 * y as f32;
+        }
+    }
+    let mut blocks = Image { w: 200, h: 60, c: 3, data: Vec::new() };
+    blocks.data = lcg(77, 200 * 60 * 3).into_iter().map(|v| (v + 1.0) * 100.0).collect();
+    for kern in paths() {
+        let name = kern.name();
+        let blur = kern.gaussian_blur(&impulse, sigma as f32).unwrap();
+        for y in 0..h {
+            for x in 0..w {
+                let (dx, dy) = (x as i64 - cx as i64, y as i64 - cy as i64);
+                let want = if dx.abs() <= 6 && dy.abs() <= 6 { g[(dx + 6) as usize] * g[(dy + 6) as usize] / (total * total) } else { 0.0 };
+                let got = blur.data[(y * w + x) * c + 1] as f64;
+                assert!((got - want).abs() < 1e-6, "{name}: blur of the impulse at ({x}, {y}) = {got}, expected {want}");
+                assert_eq!(blur.data[(y * w + x) * c], 0.0, "{name}: channel 0 stays black at ({x}, {y})");
+            }
+        }
+        let sob = kern.sobel(&ramp).unwrap();
+        for y in 1..h - 1 {
+            for x in 1..w - 1 {
+                let (g0, g1) = (sob.data[(y * w + x) * c], sob.data[(y * w + x) * c + 1]);
+                let want0 = 8.0 * (0.5f32 * 0.5 + 0.25 * 0.25).sqrt();
+                assert!((g0 - want0).abs() < 1e-3 && (g1 - 16.0).abs() < 1e-3, "{name}: Sobel of the planes at ({x}, {y}) = {g0}, {g1}");
+            }
+        }
+        let half = kern.resize_bilinear(&blocks, 100, 30).unwrap();
+        for y in 0..30 {
+            for x in 0..100 {
+                for ch in 0..3 {
+                    let at = |xx: usize, yy: usize| blocks.data[(yy * 200 + xx) * 3 + ch];
+                    let want = (at(2 * x, 2 * y) + at(2 * x + 1, 2 * y) + at(2 * x, 2 * y + 1) + at(2 * x + 1, 2 * y + 1)) / 4.0;
+                    let got = half.data[(y * 100 + x) * 3 + ch];
+                    assert!((got - want).abs() < 1e-3, "{name}: half-size ({x}, {y}, {ch}) = {got}, expected the 2×2 mean {want}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn cnn_forward_matches_on_every_path_and_loads_the_trained_model() {
     // Cargo sets CARGO_MANIFEST_DIR when it runs a test too: prefer that to the compile-time
@@ -322,6 +409,18 @@ proptest! {
         let want = CpuKernels::new(1).resize_bilinear(&img, nw, nh).unwrap();
         for kern in paths() {
             assert_close(kern, "resize", &kern.resize_bilinear(&img, nw, nh).unwrap(), &want, 1e-3);
+        }
+    }
+
+    /// Blur and Sobel on odd shapes and radii: tiles cut anywhere, both sides of every fallback.
+    #[test]
+    fn blur_and_sobel_random_shapes(w in 1usize..300, h in 1usize..90, c in 1usize..5, sigma in 0.2f32..10.0, seed in any::<u64>()) {
+        let img = test_image(w, h, c, seed);
+        let cpu = CpuKernels::new(1);
+        let (blur, sob) = (cpu.gaussian_blur(&img, sigma).unwrap(), cpu.sobel(&img).unwrap());
+        for kern in paths() {
+            assert_close(kern, "blur", &kern.gaussian_blur(&img, sigma).unwrap(), &blur, 1e-3);
+            assert_close(kern, "sobel", &kern.sobel(&img).unwrap(), &sob, 1e-2);
         }
     }
 }
