@@ -13,6 +13,8 @@ use crate::{GpuError, Pending};
 
 const GEMM: &str = include_str!("../shaders/gemm.wgsl");
 const GEMM_TILED: &str = include_str!("../shaders/gemm_tiled.wgsl");
+const GEMM_TILED_SCALAR: &str = include_str!("../shaders/gemm_tiled_scalar.wgsl");
+const GEMM_TILED_VEC4: &str = include_str!("../shaders/gemm_tiled_vec4.wgsl");
 const KMEANS: &str = include_str!("../shaders/kmeans.wgsl");
 const IMAGE: &str = include_str!("../shaders/image.wgsl");
 const CNN: &str = include_str!("../shaders/cnn.wgsl");
@@ -251,13 +253,16 @@ pub(crate) fn rows_per_submission(limits: Limits, rows_per_group: usize, row_byt
 }
 
 /// The GEMM shaders: gemm.wgsl (64×64 tiles, 4×4 outputs per invocation) and gemm_tiled.wgsl
-/// (128×128 tiles, 8×8 outputs per invocation, double-buffered K steps).
+/// (128×128 tiles, 8×8 outputs per invocation, double-buffered K steps) with scalar or vec4
+/// global loads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum GemmKernel {
     /// gemm.wgsl: fewer idle invocations on small or thin shapes.
     Small,
-    /// gemm_tiled.wgsl: four times the arithmetic per workgroup-memory load.
+    /// gemm_tiled.wgsl with scalar global loads and stores: any shape.
     Tiled,
+    /// gemm_tiled.wgsl with vec4 global loads and stores: k and n positive multiples of 4.
+    TiledVec4,
 }
 
 impl GemmKernel {
@@ -265,7 +270,33 @@ impl GemmKernel {
     fn tile(self) -> usize {
         match self {
             GemmKernel::Small => 64,
-            GemmKernel::Tiled => 128,
+            GemmKernel::Tiled | GemmKernel::TiledVec4 => 128,
+        }
+    }
+
+    /// Whether the kernel computes an m×n×k product: the vec4 one needs k and n multiples of 4.
+    pub(crate) fn admits(self, n: usize, k: usize) -> bool {
+        self != GemmKernel::TiledVec4 || (n % 4 == 0 && k % 4 == 0 && n > 0 && k > 0)
+    }
+
+    /// The shader source: the tiled kernel with its prelude of bindings, loads and stores.
+    fn source(self) -> &'static str {
+        use std::sync::OnceLock;
+        static SCALAR: OnceLock<String> = OnceLock::new();
+        static VEC4: OnceLock<String> = OnceLock::new();
+        match self {
+            GemmKernel::Small => GEMM,
+            GemmKernel::Tiled => SCALAR.get_or_init(|| format!("{GEMM_TILED_SCALAR}\n{GEMM_TILED}")),
+            GemmKernel::TiledVec4 => VEC4.get_or_init(|| format!("{GEMM_TILED_VEC4}\n{GEMM_TILED}")),
+        }
+    }
+
+    /// The pipeline cache's key.
+    fn key(self) -> &'static str {
+        match self {
+            GemmKernel::Small => "gemm",
+            GemmKernel::Tiled => "gemm_tiled",
+            GemmKernel::TiledVec4 => "gemm_tiled_vec4",
         }
     }
 }
@@ -281,7 +312,7 @@ const GEMM_TILED_WORKGROUP_BYTES: u32 = 16 * 1024;
 
 impl GpuKernels {
     /// The GEMM shader for an m×n×k product on this device: the tiled one for large shapes where
-    /// the device's limits admit it.
+    /// the device's limits admit it, with vec4 global loads where k and n are multiples of 4.
     pub(crate) fn gemm_kernel_for(&self, m: usize, n: usize, k: usize) -> GemmKernel {
         let l = self.ctx.device.limits();
         let fits = l.max_compute_invocations_per_workgroup >= GEMM_TILED_INVOCATIONS
@@ -289,7 +320,11 @@ impl GpuKernels {
             && l.max_compute_workgroup_size_y >= 16
             && l.max_compute_workgroup_storage_size >= GEMM_TILED_WORKGROUP_BYTES;
         if fits && m.saturating_mul(n).saturating_mul(k) >= GEMM_TILED_MIN_WORK {
-            GemmKernel::Tiled
+            if GemmKernel::TiledVec4.admits(n, k) {
+                GemmKernel::TiledVec4
+            } else {
+                GemmKernel::Tiled
+            }
         } else {
             GemmKernel::Small
         }
@@ -298,6 +333,9 @@ impl GpuKernels {
     /// `C[m×n] = A[m×k] · B[k×n]` through `kernel`, split into submissions by rows.
     pub(crate) fn gemm_with(&self, kernel: GemmKernel, a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Pending<Vec<f32>> {
         checked!(check_gemm(a, b, m, n, k));
+        if !kernel.admits(n, k) {
+            return Pending::ready(Err(GpuError::Input(format!("gemm {m}×{n}×{k}: the {kernel:?} kernel needs k and n multiples of 4"))));
+        }
         if m == 0 || n == 0 {
             return Pending::ready(Ok(vec![0.0; m * n]));
         }
@@ -336,10 +374,7 @@ impl GpuKernels {
     /// One submission of `C[m×n] = A[m×k] · B[k×n]` through `kernel` (within the device's limits).
     fn gemm_rows(&self, kernel: GemmKernel, a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Pending<Vec<f32>> {
         let dims = [m as u32, n as u32, k as u32, 0];
-        let pipe = match kernel {
-            GemmKernel::Small => self.pipeline("gemm", GEMM, "main", 4),
-            GemmKernel::Tiled => self.pipeline("gemm_tiled", GEMM_TILED, "main", 4),
-        };
+        let pipe = self.pipeline(kernel.key(), kernel.source(), "main", 4);
         let tile = kernel.tile();
         self.engine.submit(
             &[Bind::In(bytemuck::cast_slice(a)), Bind::In(bytemuck::cast_slice(b)), Bind::Out((m * n * 4) as u64), Bind::In(bytemuck::cast_slice(&dims))],

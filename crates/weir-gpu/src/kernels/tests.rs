@@ -75,13 +75,12 @@ fn gemm_matches_reference_on_every_path() {
     }
 }
 
-/// The tiled GEMM kernel forced on `g` for m×n×k, against the CPU twin and the f64 reference:
+/// A tiled GEMM kernel forced on `g` for m×n×k, against the CPU twin and the f64 reference:
 /// errors within 1e-5 × k + 1e-6 of either (inputs in [-1, 1]).
-fn check_gemm_tiled_on(g: &GpuKernels, m: usize, n: usize, k: usize, seed: u64) {
-    use super::gpu::GemmKernel;
+fn check_gemm_tiled_on(g: &GpuKernels, kernel: super::gpu::GemmKernel, m: usize, n: usize, k: usize, seed: u64) {
     let a = lcg(seed, m * k);
     let b = lcg(seed ^ 0xABCD, k * n);
-    let got = g.gemm_with(GemmKernel::Tiled, &a, &b, m, n, k).wait().unwrap();
+    let got = g.gemm_with(kernel, &a, &b, m, n, k).wait().unwrap();
     let twin = CpuKernels::new(1).gemm(&a, &b, m, n, k).unwrap();
     let want = naive_gemm(&a, &b, m, n, k);
     assert_eq!(got.len(), m * n, "tiled {m}×{n}×{k}");
@@ -113,9 +112,34 @@ fn gemm_tiled_matches_cpu_twin_and_reference_on_odd_shapes_and_edge_tiles() {
     ];
     for kern in [g, gpu_staged().expect("staged path")] {
         for (m, n, k) in shapes {
-            check_gemm_tiled_on(kern, m, n, k, (m * 7919 + n * 31 + k) as u64);
+            check_gemm_tiled_on(kern, super::gpu::GemmKernel::Tiled, m, n, k, (m * 7919 + n * 31 + k) as u64);
         }
     }
+}
+
+#[test]
+fn gemm_tiled_vec4_matches_cpu_twin_and_reference_on_edge_tiles() {
+    use super::gpu::GemmKernel;
+    let Some(g) = gpu() else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
+    // k and n multiples of 4, m anything: vectors wholly inside or outside A, B and C.
+    let shapes = [
+        (1, 4, 4),      // one vector of B and C
+        (128, 128, 8),  // one interior tile, one K step
+        (129, 132, 4),  // edge tiles in m and n, k below one step
+        (256, 256, 12), // interior tiles, a partial K step after a full one
+        (300, 260, 36),
+        (7, 516, 200),
+        (130, 4, 1000), // one vector column, a long K loop
+    ];
+    for kern in [g, gpu_staged().expect("staged path")] {
+        for (m, n, k) in shapes {
+            check_gemm_tiled_on(kern, GemmKernel::TiledVec4, m, n, k, (m * 7919 + n * 31 + k) as u64);
+        }
+    }
+    // Shapes it cannot take are refused, not computed wrong.
+    let (a, b) = (lcg(1, 8 * 6), lcg(2, 6 * 8));
+    let err = g.gemm_with(GemmKernel::TiledVec4, &a, &b, 8, 8, 6).wait().unwrap_err().to_string();
+    assert!(err.contains("multiples of 4"), "{err}");
 }
 
 #[test]
@@ -142,11 +166,13 @@ fn gemm_takes_the_tiled_kernel_from_the_threshold_on() {
     let Some(g) = gpu() else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
     assert_eq!(GEMM_TILED_MIN_WORK, 256 * 256 * 256, "the shapes below straddle the threshold");
     // lavapipe and every real GPU admit 256 invocations and 16 KiB of workgroup memory.
-    assert_eq!(g.gemm_kernel_for(256, 256, 256), GemmKernel::Tiled);
+    assert_eq!(g.gemm_kernel_for(256, 256, 256), GemmKernel::TiledVec4);
+    assert_eq!(g.gemm_kernel_for(256, 254, 260), GemmKernel::Tiled, "n not a multiple of 4: scalar loads");
+    assert_eq!(g.gemm_kernel_for(256, 256, 257), GemmKernel::Tiled, "k not a multiple of 4: scalar loads");
     assert_eq!(g.gemm_kernel_for(256, 256, 255), GemmKernel::Small);
     assert_eq!(g.gemm_kernel_for(1, 1, 1), GemmKernel::Small);
     // Odd shapes just below and just above, through the public entry point on every path.
-    for (m, n, k, kernel) in [(257, 255, 255, GemmKernel::Small), (255, 257, 257, GemmKernel::Tiled)] {
+    for (m, n, k, kernel) in [(257, 255, 255, GemmKernel::Small), (255, 257, 257, GemmKernel::Tiled), (255, 260, 260, GemmKernel::TiledVec4)] {
         assert_eq!(g.gemm_kernel_for(m, n, k), kernel, "{m}×{n}×{k}");
         for kern in paths() {
             check_gemm_on(kern, m, n, k, (m + n + k) as u64);

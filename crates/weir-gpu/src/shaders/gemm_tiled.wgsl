@@ -8,15 +8,11 @@
 // Workgroup memory: 2 operands × 2 buffers × 8 × 128 × 4 bytes = 16 KiB, wgpu's default limit.
 // Interior tiles load without bounds checks (a uniform test per tile and step); edge tiles read 0
 // outside A or B and skip stores outside C.
-// Global loads are scalar (coalesced across the invocations): vec4 global loads need k and n
-// multiples of 4 and vec4-typed bindings, which the pool's shared slab does not guarantee.
-
-// Every binding is read_write: the pool sub-allocates inputs and outputs from the same slab,
-// and wgpu forbids one buffer being bound read-only and read-write in one dispatch.
-@group(0) @binding(0) var<storage, read_write> a: array<f32>;
-@group(0) @binding(1) var<storage, read_write> b: array<f32>;
-@group(0) @binding(2) var<storage, read_write> c: array<f32>;
-@group(0) @binding(3) var<storage, read_write> dims: array<u32, 4>; // m, n, k
+// The bindings and the global loads and stores (load_a, load_b, store_c) come from one of two
+// preludes, prepended by gpu.rs: gemm_tiled_vec4.wgsl binds A, B and C as vec4 arrays (one 16-byte
+// load per 4 values; k and n multiples of 4, so that a vector is wholly inside or outside its
+// matrix), gemm_tiled_scalar.wgsl as f32 arrays (any shape; 4 scalar loads, coalesced across the
+// invocations). Binding offsets are 256-byte aligned (transfer.rs), as vec4 arrays need.
 
 const TM: u32 = 128u; // tile rows and columns
 const TK: u32 = 8u; // K per step
@@ -25,40 +21,6 @@ const BUF: u32 = 256u; // vec4s per buffer: TK × V
 
 var<workgroup> As: array<vec4<f32>, 512>; // 2 buffers × TK × V, A transposed: As[kk*V + r/4][r%4]
 var<workgroup> Bs: array<vec4<f32>, 512>; // 2 buffers × TK × V: Bs[kk*V + c/4][c%4]
-
-// A[row][col..col+4], zeros outside A unless `inside` says the whole vector is in bounds.
-fn load_a(row: u32, col: u32, m: u32, k: u32, inside: bool) -> vec4<f32> {
-    if (inside) {
-        let i = row * k + col;
-        return vec4<f32>(a[i], a[i + 1u], a[i + 2u], a[i + 3u]);
-    }
-    var v = vec4<f32>(0.0);
-    if (row < m) {
-        let i = row * k + col;
-        if (col < k) { v.x = a[i]; }
-        if (col + 1u < k) { v.y = a[i + 1u]; }
-        if (col + 2u < k) { v.z = a[i + 2u]; }
-        if (col + 3u < k) { v.w = a[i + 3u]; }
-    }
-    return v;
-}
-
-// B[row][col..col+4], zeros outside B unless `inside` says the whole vector is in bounds.
-fn load_b(row: u32, col: u32, k: u32, n: u32, inside: bool) -> vec4<f32> {
-    if (inside) {
-        let i = row * n + col;
-        return vec4<f32>(b[i], b[i + 1u], b[i + 2u], b[i + 3u]);
-    }
-    var v = vec4<f32>(0.0);
-    if (row < k) {
-        let i = row * n + col;
-        if (col < n) { v.x = b[i]; }
-        if (col + 1u < n) { v.y = b[i + 1u]; }
-        if (col + 2u < n) { v.z = b[i + 2u]; }
-        if (col + 3u < n) { v.w = b[i + 3u]; }
-    }
-    return v;
-}
 
 @compute @workgroup_size(16, 16)
 fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
@@ -140,19 +102,7 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
         for (var h = 0u; h < 2u; h++) {
             let col = col0 + h * 64u + lid.x * 4u;
             let v = acc[i * 2u + h];
-            if (interior) {
-                let o = r * n + col;
-                c[o] = v.x;
-                c[o + 1u] = v.y;
-                c[o + 2u] = v.z;
-                c[o + 3u] = v.w;
-            } else if (r < m) {
-                let o = r * n + col;
-                if (col < n) { c[o] = v.x; }
-                if (col + 1u < n) { c[o + 1u] = v.y; }
-                if (col + 2u < n) { c[o + 2u] = v.z; }
-                if (col + 3u < n) { c[o + 3u] = v.w; }
-            }
+            store_c(r, col, m, n, v, interior);
         }
     }
 }
