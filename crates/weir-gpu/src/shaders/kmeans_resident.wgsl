@@ -3,8 +3,12 @@
 //   [d, k, 0, 0] | k × d centroids (f32 bits) | k counts (u32)
 // `assign`: one invocation per point finds the nearest centroid of its key's model
 // (squared Euclidean distance, lowest index on ties).
-// `partial`: one invocation per (chunk of at most 256 points of one key, centroid, value) sums
-// the chunk's points of that centroid (value d counts them).
+// `partial_tiled` (k × (d + 1) <= ACC): a workgroup reduces `lanes` chunks of at most 256 points
+// of one key each, a lane of 64 / lanes invocations per chunk, the invocations splitting the
+// values (value d counts the points), with the lane's k × (d + 1) sums in workgroup memory:
+// every coordinate is read once, by one invocation, and added in the CPU twin's order.
+// `partial` is the fallback beyond workgroup memory: one invocation per (chunk, centroid, value)
+// scans the chunk.
 // `update`: one invocation per (key, centroid) adds up its chunks' partial sums and moves the
 // centroid toward their mean by count / (seen + count) (Sculley's per-centre rate), in place; it
 // marks the chunks of the arena it writes in the dirty map and copies the updated centroid and
@@ -18,7 +22,12 @@
 @group(0) @binding(3) var<storage, read_write> arena: array<u32>;    // the state arena (resident)
 @group(0) @binding(4) var<storage, read_write> dirty: array<u32>;    // one word per chunk of the arena (resident)
 @group(0) @binding(5) var<storage, read_write> out: array<u32>;      // per key, per centroid: count, d values
-@group(0) @binding(6) var<storage, read_write> dims: array<u32, 8>;  // keys, n, k, d, arena chunk words, point chunks
+@group(0) @binding(6) var<storage, read_write> dims: array<u32, 8>;  // keys, n, k, d, arena chunk words, point chunks, lanes of partial_tiled
+
+// Floats of workgroup memory of partial_tiled: 16 KiB, the least every WebGPU device offers
+// (RESIDENT_ACC_FLOATS in state/kmeans.rs).
+const ACC: u32 = 4096u;
+var<workgroup> acc: array<f32, ACC>;
 
 const CHUNK: u32 = 256u;
 
@@ -59,6 +68,35 @@ fn partial(@builtin(global_invocation_id) gid: vec3<u32>) {
         }
     }
     scratch[n + id] = bitcast<u32>(s);
+}
+
+// Workgroups in a 2-D grid beyond 65,535, row-major.
+@compute @workgroup_size(64)
+fn partial_tiled(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
+    let keys = dims[0]; let n = dims[1]; let k = dims[2]; let d = dims[3]; let chunks = dims[5]; let lanes = dims[6];
+    let w = k * (d + 1u);
+    for (var i = t; i < lanes * w; i += 64u) { acc[i] = 0.0; }
+    workgroupBarrier();
+    let width = 64u / lanes;
+    let lane = t / width;
+    let x0 = t % width;
+    let q0 = (wg.y * groups.x + wg.x) * lanes;
+    let q = q0 + lane;
+    if (lane < lanes && q < chunks) {
+        let at = keys * 4u + n + q * 4u;
+        let first = segs[at + 1u]; let len = segs[at + 2u];
+        let base = lane * w;
+        for (var p = first; p < first + len; p++) {
+            let o = base + scratch[p] * (d + 1u);
+            for (var x = x0; x <= d; x += width) {
+                if (x == d) { acc[o + d] += 1.0; } else { acc[o + x] += points[p * d + x]; }
+            }
+        }
+    }
+    workgroupBarrier();
+    for (var i = t; i < lanes * w; i += 64u) {
+        if (q0 + i / w < chunks) { scratch[n + q0 * w + i] = bitcast<u32>(acc[i]); }
+    }
 }
 
 @compute @workgroup_size(64)

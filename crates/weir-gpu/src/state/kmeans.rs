@@ -180,13 +180,20 @@ fn launch(arena: &StateArena, shape: KmeansShape, bases: &[u32], starts: &[u32],
             p += len;
         }
     }
-    let dims = [keys as u32, n as u32, k as u32, d as u32, chunk as u32, chunks as u32, 0, 0];
+    let lanes = resident_lanes(k, d);
+    let dims = [keys as u32, n as u32, k as u32, d as u32, chunk as u32, chunks as u32, lanes as u32, 0];
     let out_words = keys * k * (d + 1);
     let assign = kernels.pipeline("kmeans_resident_assign", SHADER, "assign", 7);
-    let partial = kernels.pipeline("kmeans_resident_partial", SHADER, "partial", 7);
     let update = kernels.pipeline("kmeans_resident_update", SHADER, "update", 7);
     let (ax, ay) = crate::kernels::gpu::grid(n);
-    let (px, py) = crate::kernels::gpu::grid(chunks * k * (d + 1));
+    // Chunks reduced in workgroup memory where a lane's sums fit; else an invocation per sum.
+    let (partial, px, py) = if lanes > 0 {
+        let groups = chunks.div_ceil(lanes);
+        (kernels.pipeline("kmeans_resident_partial_tiled", SHADER, "partial_tiled", 7), groups.min(65535) as u32, groups.div_ceil(65535) as u32)
+    } else {
+        let (px, py) = crate::kernels::gpu::grid(chunks * k * (d + 1));
+        (kernels.pipeline("kmeans_resident_partial", SHADER, "partial", 7), px, py)
+    };
     let (ux, uy) = crate::kernels::gpu::grid(keys * k);
     kernels.engine.submit(
         &[
@@ -202,6 +209,16 @@ fn launch(arena: &StateArena, shape: KmeansShape, bases: &[u32], starts: &[u32],
         5,
         move |bytes| Ok(KmeansModels { shape, words: bytemuck::pod_collect_to_vec(&bytes[..out_words * 4]) }),
     )
+}
+
+/// Floats of workgroup memory of `partial_tiled` (`ACC` in kmeans_resident.wgsl).
+const RESIDENT_ACC_FLOATS: usize = 4096;
+
+/// Chunks per workgroup of `partial_tiled` for k centroids of d values: as many lanes of at least
+/// d + 1 invocations (at most 64) as fit 64 invocations and whose sums fit workgroup memory; 0
+/// when one lane's do not (the fallback pass).
+pub(crate) fn resident_lanes(k: usize, d: usize) -> usize {
+    (64 / (d + 1).min(64)).min(RESIDENT_ACC_FLOATS / (k * (d + 1)))
 }
 
 /// Points per partial sum: no kernel invocation loops over more (Mesa's llvmpipe stops a loop

@@ -272,3 +272,39 @@ fn launches_beyond_the_largest_binding_are_split_by_keys() {
     let e = step(&mut dev, shape, &[0], &[0, 600], &big).wait().unwrap_err();
     assert!(e.to_string().contains("weir.gpu.batch.max-records"), "{e}");
 }
+
+/// The partial sums of the device's step in workgroup memory (several chunks per workgroup, a
+/// lane's invocations splitting the values, more values than invocations) and beyond it (the
+/// fallback): the device's models equal the host twin's bit for bit, since both add in one order.
+#[test]
+fn partial_sums_in_workgroup_memory_and_beyond_match_the_host_exactly() {
+    use super::kmeans::resident_lanes;
+    let Some(g) = gpu() else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
+    // (k, d, lanes): 10 chunks per workgroup; one lane of 64 invocations over 101 values; none.
+    for (k, d, lanes) in [(3usize, 5usize, 10usize), (4, 100, 1), (64, 64, 0)] {
+        assert_eq!(resident_lanes(k, d), lanes, "k = {k}, d = {d}");
+        let shape = KmeansShape { k, d };
+        let mut host = StateArena::new(ArenaLayout::new(shape.words()), None, "h").unwrap();
+        let mut dev = StateArena::new(ArenaLayout::new(shape.words()), Some(g), "d").unwrap();
+        let mut x = (k * 1000 + d) as u64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % 2000) as f32 / 100.0 - 10.0
+        };
+        for _ in 0..3 {
+            let init: Vec<f32> = (0..k * d).map(|_| rnd()).collect();
+            host.alloc_slot(&shape.init_slot(&init)).unwrap();
+            dev.alloc_slot(&shape.init_slot(&init)).unwrap();
+        }
+        // Keys of 700 (two full chunks and a partial one), 0 and 257 points.
+        let starts = [0u32, 700, 700, 957];
+        let points: Vec<f32> = (0..957 * d).map(|_| rnd()).collect();
+        for round in 0..2 {
+            let (h, v) = (models(&mut host, shape, &[2, 0, 1], &starts, &points), models(&mut dev, shape, &[2, 0, 1], &starts, &points));
+            assert_eq!(v, h, "k = {k}, d = {d}, round {round}");
+            assert_eq!(v.iter().flatten().map(|c| c.0 as usize).sum::<usize>(), 957 * (round + 1), "every point counted once per round");
+        }
+    }
+}
