@@ -34,11 +34,14 @@ pub struct GpuConfig {
     pub transfer: TransferMode,
     /// `weir.gpu.transfer.ring-size`: staging slots shared by the process's GPU operators.
     pub ring_size: usize,
+    /// `weir.gpu.tuning.file`: where per-adapter tuning is cached (`weir gpu tune`); `None`: the
+    /// built-in values.
+    pub tuning_file: Option<std::path::PathBuf>,
 }
 
 impl Default for GpuConfig {
     fn default() -> Self {
-        Self { mode: GpuMode::Auto, device: None, fraction: 0.5, memory: 1 << 30, amount: 1, transfer: TransferMode::Auto, ring_size: 4 }
+        Self { mode: GpuMode::Auto, device: None, fraction: 0.5, memory: 1 << 30, amount: 1, transfer: TransferMode::Auto, ring_size: 4, tuning_file: crate::kernels::tune::default_tuning_file() }
     }
 }
 
@@ -132,6 +135,8 @@ pub struct GpuContext {
     pub direct_capable: bool,
     /// The configured transfer path and ring size.
     pub(crate) transfer: (TransferMode, usize),
+    /// m·n·k from which GEMM takes the tiled kernel: cached tuning or the built-in value.
+    pub(crate) gemm_tiled_min_work: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -207,6 +212,20 @@ impl GpuContext {
             cfg.ring_size
         );
         let pool = DevicePool::new(budget, limits.max_storage_buffer_binding_size as u64);
-        Ok(Some(Arc::new(GpuContext { device, queue, adapter: desc, pool: Mutex::new(pool), pipelines: Mutex::default(), direct_capable, transfer: (cfg.transfer, cfg.ring_size) })))
+        let tuned = cfg.tuning_file.as_deref().and_then(|f| crate::kernels::tune::cached(f, &desc));
+        if let Some(t) = &tuned {
+            tracing::info!("GPU tuning of {} from {}: GEMM tiled from m·n·k = {}", desc.name, cfg.tuning_file.as_deref().unwrap_or(std::path::Path::new("")).display(), t.tiled_min_work);
+        }
+        let tiled_min_work = tuned.map_or(crate::kernels::gpu::GEMM_TILED_MIN_WORK, |t| t.tiled_min_work);
+        Ok(Some(Arc::new(GpuContext {
+            device,
+            queue,
+            adapter: desc,
+            pool: Mutex::new(pool),
+            pipelines: Mutex::default(),
+            direct_capable,
+            transfer: (cfg.transfer, cfg.ring_size),
+            gemm_tiled_min_work: std::sync::atomic::AtomicUsize::new(tiled_min_work),
+        })))
     }
 }

@@ -7,11 +7,12 @@ use std::sync::{Arc, OnceLock};
 use crate::device::{GpuConfig, GpuContext, GpuMode};
 use crate::kernels::gpu::GpuKernels;
 
-/// A device of its own with a budget of `memory` × `fraction` bytes, or `None` without an
-/// adapter (a failure when `WEIR_REQUIRE_GPU=1`).
+/// A device of its own with a budget of `memory` × `fraction` bytes and the built-in tuning (no
+/// cached tuning of the machine's adapter), or `None` without an adapter (a failure when
+/// `WEIR_REQUIRE_GPU=1`).
 pub(crate) fn context(memory: u64, fraction: f64) -> Option<Arc<GpuContext>> {
     let required = std::env::var("WEIR_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    let cfg = GpuConfig { mode: if required { GpuMode::On } else { GpuMode::Auto }, memory, fraction, ..GpuConfig::default() };
+    let cfg = GpuConfig { mode: if required { GpuMode::On } else { GpuMode::Auto }, memory, fraction, tuning_file: None, ..GpuConfig::default() };
     let ctx = GpuContext::select(&cfg).expect("WEIR_REQUIRE_GPU=1 but no GPU adapter (install mesa-vulkan-drivers)");
     if ctx.is_none() {
         eprintln!("NO GPU ADAPTER: a GPU test ran on nothing (set WEIR_REQUIRE_GPU=1 to fail)");

@@ -266,6 +266,7 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("weir.gpu.max-inflight-batches", Kind::Int { min: 1, max: 64 }, "2"),
     ("weir.gpu.transfer.mode", Kind::Enum(&["auto", "staged", "direct"]), "auto"),
     ("weir.gpu.transfer.ring-size", Kind::Int { min: 1, max: 64 }, "4"),
+    ("weir.gpu.tuning.file", Kind::Str, ""),
     ("weir.gpu.state.full-every", Kind::Int { min: 1, max: 1 << 20 }, "10"),
     ("weir.gpu.state.max-delta-share", Kind::Fraction, "0.5"),
     ("weir.gpu.state.snapshot-tier", Kind::Enum(&["vram", "host"]), "vram"),
@@ -435,6 +436,12 @@ impl JobConfig {
                     _ => weir_gpu::TransferMode::Auto,
                 },
                 ring_size: int("weir.gpu.transfer.ring-size") as usize,
+                // Empty: the default cache file; `none`: the built-in values.
+                tuning_file: match get("weir.gpu.tuning.file").as_str() {
+                    "" => weir_gpu::kernels::tune::default_tuning_file(),
+                    "none" => None,
+                    f => Some(f.into()),
+                },
             },
             gpu_max_inflight: int("weir.gpu.max-inflight-batches") as usize,
             gpu_batch_records: int("weir.gpu.batch.max-records") as usize,

@@ -301,10 +301,15 @@ impl GemmKernel {
     }
 }
 
-/// m·n·k from which gemm_async takes the tiled kernel: below it, a 128×128 tile leaves most of a
-/// GPU's cores idle (e.g. 128³ is one workgroup), and the 64×64 kernel's four times as many
-/// workgroups finish sooner. A first guess, to be tuned on a real GPU.
-pub(crate) const GEMM_TILED_MIN_WORK: usize = 256 * 256 * 256;
+/// m·n·k from which gemm_async takes the tiled kernel unless the adapter was tuned
+/// ([`tune`](super::tune)): below it, a 128×128 tile leaves most of a GPU's cores idle (e.g. 128³
+/// is one workgroup), and the 64×64 kernel's four times as many workgroups finish sooner.
+pub const GEMM_TILED_MIN_WORK: usize = 256 * 256 * 256;
+
+/// The GEMM kernels' sources (the tuning file's key changes with them).
+pub(crate) fn gemm_sources() -> [&'static str; 4] {
+    [GEMM, GEMM_TILED, GEMM_TILED_SCALAR, GEMM_TILED_VEC4]
+}
 
 /// Invocations per workgroup and bytes of workgroup memory of gemm_tiled.wgsl.
 const GEMM_TILED_INVOCATIONS: u32 = 256;
@@ -319,7 +324,7 @@ impl GpuKernels {
             && l.max_compute_workgroup_size_x >= 16
             && l.max_compute_workgroup_size_y >= 16
             && l.max_compute_workgroup_storage_size >= GEMM_TILED_WORKGROUP_BYTES;
-        if fits && m.saturating_mul(n).saturating_mul(k) >= GEMM_TILED_MIN_WORK {
+        if fits && m.saturating_mul(n).saturating_mul(k) >= self.gemm_tiled_min_work() {
             if GemmKernel::TiledVec4.admits(n, k) {
                 GemmKernel::TiledVec4
             } else {

@@ -614,3 +614,45 @@ fn kmeans_lloyd_step_ten_million_points() {
     assert_eq!(step.sums, vec![0.0, 3_333_333.0, 6_666_666.0, 0.0]);
     assert_eq!(centres, vec![0.0, 1.0, 2.0, 50.0]);
 }
+
+#[test]
+fn gemm_tuning_threshold_is_where_the_tiled_kernel_wins_from_then_on() {
+    use super::tune::threshold;
+    // (n, 64×64 ms, tiled ms)
+    assert_eq!(threshold(&[(128, 1.0, 2.0), (256, 4.0, 3.0), (512, 20.0, 9.0)]), 256 * 256 * 256);
+    assert_eq!(threshold(&[(128, 1.0, 0.5), (256, 4.0, 5.0), (512, 20.0, 9.0)]), 512 * 512 * 512, "a win below a loss does not count");
+    assert_eq!(threshold(&[(128, 1.0, 0.5), (256, 2.0, 1.0)]), 128 * 128 * 128);
+    assert_eq!(threshold(&[(128, 1.0, 2.0), (256, 2.0, 3.0)]), usize::MAX, "never: the 64×64 kernel always");
+    assert_eq!(threshold(&[]), usize::MAX);
+}
+
+/// A tuning pass on a device of its own: measured, applied, stored beside another adapter's
+/// entry, and taken by the next device opened with the file; a corrupt file is ignored.
+#[test]
+fn gemm_tuning_is_measured_cached_per_adapter_and_taken_at_start() {
+    use super::tune::cached;
+    let Some(ctx) = crate::test_device::context(1 << 30, 0.5) else { return };
+    let dir = std::env::temp_dir().join(format!("weir-tune-{}", std::process::id()));
+    let file = dir.join("gpu-tuning.json");
+    std::fs::create_dir_all(&dir).unwrap();
+    let other = r#"{"0123456789abcdef": {"adapter": "Another GPU", "driver": "x 1", "tiled_min_work": 4096, "measured_at": 1}}"#;
+    std::fs::write(&file, other).unwrap();
+    let g = GpuKernels::new(Arc::clone(&ctx));
+    assert_eq!(g.gemm_tiled_min_work(), super::gpu::GEMM_TILED_MIN_WORK, "no tuning file: the built-in value");
+    let report = g.tune_gemm(&[64, 128], 1, Some(&file)).unwrap();
+    assert_eq!(report.rows.iter().map(|r| r.0).collect::<Vec<_>>(), vec![64, 128]);
+    assert!(report.rows.iter().all(|&(_, s, t)| s > 0.0 && t > 0.0), "{:?}", report.rows);
+    assert!([64 * 64 * 64, 128 * 128 * 128, usize::MAX].contains(&report.tuning.tiled_min_work), "{:?}", report.tuning);
+    assert_eq!(g.gemm_tiled_min_work(), report.tuning.tiled_min_work, "applied to the device");
+    assert_eq!(cached(&file, &ctx.adapter), Some(report.tuning.clone()));
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("Another GPU") && text.contains(&ctx.adapter.name), "both adapters' entries: {text}");
+    let cfg = GpuConfig { mode: GpuMode::On, device: Some(ctx.adapter.name.clone()), tuning_file: Some(file.clone()), ..GpuConfig::default() };
+    let again = GpuKernels::new(GpuContext::select(&cfg).unwrap().unwrap());
+    assert_eq!(again.gemm_tiled_min_work(), report.tuning.tiled_min_work, "a device opened later takes the cached value");
+    std::fs::write(&file, b"{ not json").unwrap();
+    assert_eq!(cached(&file, &ctx.adapter), None, "a corrupt file is ignored");
+    let fresh = GpuKernels::new(GpuContext::select(&cfg).unwrap().unwrap());
+    assert_eq!(fresh.gemm_tiled_min_work(), super::gpu::GEMM_TILED_MIN_WORK);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1,0 +1,164 @@
+//! Per-adapter tuning of the GEMM: the size from which the tiled kernel (128×128 tiles) beats
+//! the 64×64 one depends on the adapter (its cores, occupancy and memory), so it is measured on
+//! the adapter (`weir gpu tune`, or [`GpuKernels::tune_gemm`]) and cached in a file
+//! (`weir.gpu.tuning.file`; default `$XDG_CACHE_HOME/weir/gpu-tuning.json`, else
+//! `~/.cache/weir/gpu-tuning.json`) under a key of the adapter, its driver and the kernels'
+//! source, so that a new driver or a changed kernel is measured again rather than trusted. A
+//! device opened with a cached entry takes its threshold; without one, the built-in
+//! [`GEMM_TILED_MIN_WORK`](super::gpu::GEMM_TILED_MIN_WORK).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::gpu::{GemmKernel, GpuKernels};
+use crate::device::AdapterDesc;
+use crate::GpuError;
+
+/// The default tuning file: `$XDG_CACHE_HOME/weir/gpu-tuning.json`, else
+/// `$HOME/.cache/weir/gpu-tuning.json`; `None` without either.
+pub fn default_tuning_file() -> Option<PathBuf> {
+    let non_empty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    non_empty("XDG_CACHE_HOME").or_else(|| non_empty("HOME").map(|h| h.join(".cache"))).map(|d| d.join("weir").join("gpu-tuning.json"))
+}
+
+/// One adapter's tuned values.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GemmTuning {
+    /// The adapter's name, for the reader of the file.
+    pub adapter: String,
+    /// Its driver and version.
+    pub driver: String,
+    /// m·n·k from which GEMM takes the tiled kernel (`usize::MAX`: never).
+    pub tiled_min_work: usize,
+    /// When it was measured (seconds since the Unix epoch).
+    pub measured_at: u64,
+}
+
+/// FNV-1a, 64 bits: a hash that stays the same across Rust releases (the key of a file).
+fn fnv1a(parts: &[&str]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for p in parts {
+        for b in p.bytes().chain(std::iter::once(0)) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// The key of an adapter's entry: its name, driver and the GEMM kernels' source.
+pub(crate) fn tuning_key(adapter: &AdapterDesc) -> String {
+    let sources = super::gpu::gemm_sources();
+    let mut parts = vec![adapter.name.as_str(), adapter.driver.as_str()];
+    parts.extend(sources.iter().copied());
+    format!("{:016x}", fnv1a(&parts))
+}
+
+/// The entries of a tuning file; an empty map where there is none.
+fn read_file(path: &Path) -> Result<BTreeMap<String, GemmTuning>, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// The cached tuning of `adapter` in `path`, if any. A file that cannot be read or parsed is
+/// logged (naming it) and ignored: the built-in values are always correct, only slower.
+pub(crate) fn cached(path: &Path, adapter: &AdapterDesc) -> Option<GemmTuning> {
+    match read_file(path) {
+        Ok(mut entries) => entries.remove(&tuning_key(adapter)),
+        Err(e) => {
+            tracing::warn!("GPU tuning file ignored ({e}); delete it or run `weir gpu tune` again");
+            None
+        }
+    }
+}
+
+/// Store `tuning` for `adapter` in `path`, keeping the other adapters' entries: written to a
+/// temporary file, synced and renamed over the old one, so a reader never sees half a file.
+fn store(path: &Path, adapter: &AdapterDesc, tuning: &GemmTuning) -> Result<(), GpuError> {
+    let io = |e: std::io::Error| GpuError::Device(format!("GPU tuning file {}: {e}", path.display()));
+    let mut entries = read_file(path).unwrap_or_default();
+    entries.insert(tuning_key(adapter), tuning.clone());
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let json = serde_json::to_vec_pretty(&entries).map_err(|e| GpuError::Device(e.to_string()))?;
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(&json).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// What a tuning pass measured: per square size, the 64×64 kernel's and the tiled kernel's
+/// time (median of the repetitions), and the threshold chosen.
+#[derive(Clone, Debug)]
+pub struct TuneReport {
+    /// (n, ms of the 64×64 kernel, ms of the tiled kernel) per n×n×n product.
+    pub rows: Vec<(usize, f64, f64)>,
+    /// The threshold chosen (m·n·k).
+    pub tuning: GemmTuning,
+    /// Where it was stored, if anywhere.
+    pub file: Option<PathBuf>,
+}
+
+/// The threshold from measured `(n, small ms, tiled ms)` rows in increasing n: the smallest n³
+/// from which the tiled kernel is at least as fast at that and every larger n; `usize::MAX`
+/// when it never is. Below the smallest measured size the 64×64 kernel keeps the shape.
+pub(crate) fn threshold(rows: &[(usize, f64, f64)]) -> usize {
+    let mut t = usize::MAX;
+    for &(n, small, tiled) in rows.iter().rev() {
+        if tiled > small {
+            break;
+        }
+        t = n * n * n;
+    }
+    t
+}
+
+impl GpuKernels {
+    /// The m·n·k from which GEMM takes the tiled kernel on this device.
+    pub fn gemm_tiled_min_work(&self) -> usize {
+        self.ctx.gemm_tiled_min_work.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Measure both GEMM kernels on square products of `sizes` (increasing, multiples of 4:
+    /// the vec4 variant), `reps` times each after a warm-up, choose the threshold, apply it to
+    /// this device and store it in `file` (if given) for the devices opened later.
+    pub fn tune_gemm(&self, sizes: &[usize], reps: usize, file: Option<&Path>) -> Result<TuneReport, GpuError> {
+        let mut rows = Vec::with_capacity(sizes.len());
+        for &n in sizes {
+            let a: Vec<f32> = (0..n * n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+            let tiled = if GemmKernel::TiledVec4.admits(n, n) { GemmKernel::TiledVec4 } else { GemmKernel::Tiled };
+            let mut ms = [0f64; 2];
+            for (slot, kernel) in [GemmKernel::Small, tiled].into_iter().enumerate() {
+                self.gemm_with(kernel, &a, &a, n, n, n).wait()?;
+                let mut times: Vec<f64> = (0..reps.max(1))
+                    .map(|_| {
+                        let t = Instant::now();
+                        self.gemm_with(kernel, &a, &a, n, n, n).wait().map(|_| t.elapsed().as_secs_f64() * 1e3)
+                    })
+                    .collect::<Result<_, _>>()?;
+                times.sort_by(f64::total_cmp);
+                ms[slot] = times[times.len() / 2];
+            }
+            rows.push((n, ms[0], ms[1]));
+        }
+        let measured_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let adapter = &self.ctx.adapter;
+        let tuning = GemmTuning { adapter: adapter.name.clone(), driver: adapter.driver.clone(), tiled_min_work: threshold(&rows), measured_at };
+        self.ctx.gemm_tiled_min_work.store(tuning.tiled_min_work, std::sync::atomic::Ordering::Relaxed);
+        if let Some(f) = file {
+            store(f, adapter, &tuning)?;
+        }
+        Ok(TuneReport { rows, tuning, file: file.map(Path::to_path_buf) })
+    }
+}
