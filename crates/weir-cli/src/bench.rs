@@ -35,6 +35,13 @@ pub struct BenchArgs {
     /// GPU to benchmark (`weir.gpu.device`: index or name substring).
     #[arg(long)]
     device: Option<String>,
+    /// `gpu`: the sizes to time, comma-separated; presets and `KIND:SIZE` tokens mix freely.
+    /// `gemm:N` (an N×N GEMM), `kmeans:N` (N points, k=64 d=32), `image:WxH` (RGB: resize,
+    /// gaussian, sobel), `cnn:N` (a batch of N digits); SIZE may end in k or M (10M =
+    /// 10,000,000). Presets: `quick` (a smoke run of seconds), `default` (the default), `full`
+    /// (GEMM up to 4096, K-means up to 10M points, images up to 3840x2160, CNN up to 65536).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = crate::gpu::parse_sizes_token)]
+    sizes: Vec<crate::gpu::Sizes>,
     /// Records per run.
     #[arg(long, default_value_t = 10_000_000)]
     records: u64,
@@ -203,7 +210,7 @@ fn bare_timely(args: &BenchArgs) -> f64 {
 
 pub fn main(args: BenchArgs) -> Result<()> {
     if args.what == "gpu" {
-        return crate::gpu::bench(args.device.clone());
+        return crate::gpu::bench(args.device.clone(), &args.sizes);
     }
     if args.what == "gpu-state" {
         return gpu_state::bench(&args);
