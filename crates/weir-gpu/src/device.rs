@@ -137,6 +137,8 @@ pub struct GpuContext {
     pub(crate) transfer: (TransferMode, usize),
     /// m·n·k from which GEMM takes the tiled kernel: cached tuning or the built-in value.
     pub(crate) gemm_tiled_min_work: std::sync::atomic::AtomicUsize,
+    /// Whether the tiled GEMM takes K steps of 16 (tuned; else 8).
+    pub(crate) gemm_deep: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -214,9 +216,9 @@ impl GpuContext {
         let pool = DevicePool::new(budget, limits.max_storage_buffer_binding_size as u64);
         let tuned = cfg.tuning_file.as_deref().and_then(|f| crate::kernels::tune::cached(f, &desc));
         if let Some(t) = &tuned {
-            tracing::info!("GPU tuning of {} from {}: GEMM tiled from m·n·k = {}", desc.name, cfg.tuning_file.as_deref().unwrap_or(std::path::Path::new("")).display(), t.tiled_min_work);
+            tracing::info!("GPU tuning of {} from {}: GEMM tiled from m·n·k = {}, K steps of {}", desc.name, cfg.tuning_file.as_deref().unwrap_or(std::path::Path::new("")).display(), t.tiled_min_work, if t.deep { 16 } else { 8 });
         }
-        let tiled_min_work = tuned.map_or(crate::kernels::gpu::GEMM_TILED_MIN_WORK, |t| t.tiled_min_work);
+        let (tiled_min_work, deep) = tuned.map_or((crate::kernels::gpu::GEMM_TILED_MIN_WORK, false), |t| (t.tiled_min_work, t.deep));
         Ok(Some(Arc::new(GpuContext {
             device,
             queue,
@@ -226,6 +228,7 @@ impl GpuContext {
             direct_capable,
             transfer: (cfg.transfer, cfg.ring_size),
             gemm_tiled_min_work: std::sync::atomic::AtomicUsize::new(tiled_min_work),
+            gemm_deep: std::sync::atomic::AtomicBool::new(deep),
         })))
     }
 }

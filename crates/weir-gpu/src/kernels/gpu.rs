@@ -253,16 +253,15 @@ pub(crate) fn rows_per_submission(limits: Limits, rows_per_group: usize, row_byt
 }
 
 /// The GEMM shaders: gemm.wgsl (64×64 tiles, 4×4 outputs per invocation) and gemm_tiled.wgsl
-/// (128×128 tiles, 8×8 outputs per invocation, double-buffered K steps) with scalar or vec4
-/// global loads.
+/// (128×128 tiles, 8×8 outputs per invocation, double-buffered K steps) in four variants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum GemmKernel {
     /// gemm.wgsl: fewer idle invocations on small or thin shapes.
     Small,
-    /// gemm_tiled.wgsl with scalar global loads and stores: any shape.
-    Tiled,
-    /// gemm_tiled.wgsl with vec4 global loads and stores: k and n positive multiples of 4.
-    TiledVec4,
+    /// gemm_tiled.wgsl with vec4 global loads and stores (k and n positive multiples of 4) or
+    /// scalar ones (any shape); K steps of 16 (`deep`: 32 KiB of workgroup memory, half the
+    /// barriers) or of 8 (16 KiB).
+    Tiled { vec4: bool, deep: bool },
 }
 
 impl GemmKernel {
@@ -270,34 +269,47 @@ impl GemmKernel {
     fn tile(self) -> usize {
         match self {
             GemmKernel::Small => 64,
-            GemmKernel::Tiled | GemmKernel::TiledVec4 => 128,
+            GemmKernel::Tiled { .. } => 128,
         }
     }
 
-    /// Whether the kernel computes an m×n×k product: the vec4 one needs k and n multiples of 4.
+    /// Whether the kernel computes an m×n×k product: the vec4 ones need k and n multiples of 4.
     pub(crate) fn admits(self, n: usize, k: usize) -> bool {
-        self != GemmKernel::TiledVec4 || (n % 4 == 0 && k % 4 == 0 && n > 0 && k > 0)
+        !matches!(self, GemmKernel::Tiled { vec4: true, .. }) || (n % 4 == 0 && k % 4 == 0 && n > 0 && k > 0)
     }
 
-    /// The shader source: the tiled kernel with its prelude of bindings, loads and stores.
+    /// Bytes of workgroup memory.
+    fn workgroup_bytes(self) -> u32 {
+        match self {
+            GemmKernel::Small => 8 * 1024,
+            GemmKernel::Tiled { deep, .. } => if deep { 32 * 1024 } else { 16 * 1024 },
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            GemmKernel::Small => 4,
+            GemmKernel::Tiled { vec4, deep } => vec4 as usize + 2 * deep as usize,
+        }
+    }
+
+    /// The shader source: the tiled kernel with its K step and its prelude of bindings, loads
+    /// and stores.
     fn source(self) -> &'static str {
         use std::sync::OnceLock;
-        static SCALAR: OnceLock<String> = OnceLock::new();
-        static VEC4: OnceLock<String> = OnceLock::new();
+        static TILED: [OnceLock<String>; 4] = [const { OnceLock::new() }; 4];
         match self {
             GemmKernel::Small => GEMM,
-            GemmKernel::Tiled => SCALAR.get_or_init(|| format!("{GEMM_TILED_SCALAR}\n{GEMM_TILED}")),
-            GemmKernel::TiledVec4 => VEC4.get_or_init(|| format!("{GEMM_TILED_VEC4}\n{GEMM_TILED}")),
+            GemmKernel::Tiled { vec4, deep } => TILED[self.index()].get_or_init(|| {
+                let prelude = if vec4 { GEMM_TILED_VEC4 } else { GEMM_TILED_SCALAR };
+                format!("const TK: u32 = {}u;\n{prelude}\n{GEMM_TILED}", if deep { 16 } else { 8 })
+            }),
         }
     }
 
     /// The pipeline cache's key.
     fn key(self) -> &'static str {
-        match self {
-            GemmKernel::Small => "gemm",
-            GemmKernel::Tiled => "gemm_tiled",
-            GemmKernel::TiledVec4 => "gemm_tiled_vec4",
-        }
+        ["gemm_tiled", "gemm_tiled_vec4", "gemm_tiled_deep", "gemm_tiled_vec4_deep", "gemm"][self.index()]
     }
 }
 
@@ -311,28 +323,29 @@ pub(crate) fn gemm_sources() -> [&'static str; 4] {
     [GEMM, GEMM_TILED, GEMM_TILED_SCALAR, GEMM_TILED_VEC4]
 }
 
-/// Invocations per workgroup and bytes of workgroup memory of gemm_tiled.wgsl.
-const GEMM_TILED_INVOCATIONS: u32 = 256;
-const GEMM_TILED_WORKGROUP_BYTES: u32 = 16 * 1024;
-
 impl GpuKernels {
-    /// The GEMM shader for an m×n×k product on this device: the tiled one for large shapes where
-    /// the device's limits admit it, with vec4 global loads where k and n are multiples of 4.
-    pub(crate) fn gemm_kernel_for(&self, m: usize, n: usize, k: usize) -> GemmKernel {
+    /// Whether this device's limits admit `kernel` (256 invocations of 16 × 16, its workgroup
+    /// memory).
+    pub(crate) fn gemm_fits(&self, kernel: GemmKernel) -> bool {
         let l = self.ctx.device.limits();
-        let fits = l.max_compute_invocations_per_workgroup >= GEMM_TILED_INVOCATIONS
-            && l.max_compute_workgroup_size_x >= 16
-            && l.max_compute_workgroup_size_y >= 16
-            && l.max_compute_workgroup_storage_size >= GEMM_TILED_WORKGROUP_BYTES;
-        if fits && m.saturating_mul(n).saturating_mul(k) >= self.gemm_tiled_min_work() {
-            if GemmKernel::TiledVec4.admits(n, k) {
-                GemmKernel::TiledVec4
-            } else {
-                GemmKernel::Tiled
-            }
-        } else {
-            GemmKernel::Small
+        kernel == GemmKernel::Small
+            || (l.max_compute_invocations_per_workgroup >= 256
+                && l.max_compute_workgroup_size_x >= 16
+                && l.max_compute_workgroup_size_y >= 16
+                && l.max_compute_workgroup_storage_size >= kernel.workgroup_bytes())
+    }
+
+    /// The GEMM shader for an m×n×k product on this device: the tiled one from the device's
+    /// threshold on (built in or tuned), with vec4 global loads where k and n are multiples of 4
+    /// and K steps of 16 where tuning found them faster, within the device's limits.
+    pub(crate) fn gemm_kernel_for(&self, m: usize, n: usize, k: usize) -> GemmKernel {
+        use std::sync::atomic::Ordering::Relaxed;
+        if m.saturating_mul(n).saturating_mul(k) < self.gemm_tiled_min_work() {
+            return GemmKernel::Small;
         }
+        let vec4 = GemmKernel::Tiled { vec4: true, deep: false }.admits(n, k);
+        let deep = self.ctx.gemm_deep.load(Relaxed);
+        [GemmKernel::Tiled { vec4, deep }, GemmKernel::Tiled { vec4, deep: false }].into_iter().find(|&g| self.gemm_fits(g)).unwrap_or(GemmKernel::Small)
     }
 
     /// `C[m×n] = A[m×k] · B[k×n]` through `kernel`, split into submissions by rows.
@@ -340,6 +353,9 @@ impl GpuKernels {
         checked!(check_gemm(a, b, m, n, k));
         if !kernel.admits(n, k) {
             return Pending::ready(Err(GpuError::Input(format!("gemm {m}×{n}×{k}: the {kernel:?} kernel needs k and n multiples of 4"))));
+        }
+        if !self.gemm_fits(kernel) {
+            return Pending::ready(Err(GpuError::Input(format!("gemm: the {kernel:?} kernel exceeds the device's workgroup limits"))));
         }
         if m == 0 || n == 0 {
             return Pending::ready(Ok(vec![0.0; m * n]));

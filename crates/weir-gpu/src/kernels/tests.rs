@@ -92,6 +92,19 @@ fn check_gemm_tiled_on(g: &GpuKernels, kernel: super::gpu::GemmKernel, m: usize,
     }
 }
 
+/// The default and the staged transfer paths with K steps of 8, and with K steps of 16 where
+/// the device admits 32 KiB of workgroup memory (lavapipe does: CI would fail otherwise).
+fn deep_variants(g: &'static GpuKernels) -> Vec<(&'static GpuKernels, bool)> {
+    let staged = gpu_staged().expect("staged path");
+    let mut v = vec![(g, false), (staged, false)];
+    if g.gemm_fits(super::gpu::GemmKernel::Tiled { vec4: false, deep: true }) {
+        v.extend([(g, true), (staged, true)]);
+    } else {
+        assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1"), "CI's lavapipe offers 32 KiB of workgroup memory: the deep variant must be tested");
+    }
+    v
+}
+
 #[test]
 fn gemm_tiled_matches_cpu_twin_and_reference_on_odd_shapes_and_edge_tiles() {
     let Some(g) = gpu() else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
@@ -110,9 +123,9 @@ fn gemm_tiled_matches_cpu_twin_and_reference_on_odd_shapes_and_edge_tiles() {
         (130, 257, 7),  // k below one step: every load checked
         (200, 300, 64),
     ];
-    for kern in [g, gpu_staged().expect("staged path")] {
+    for (kern, deep) in deep_variants(g) {
         for (m, n, k) in shapes {
-            check_gemm_tiled_on(kern, super::gpu::GemmKernel::Tiled, m, n, k, (m * 7919 + n * 31 + k) as u64);
+            check_gemm_tiled_on(kern, super::gpu::GemmKernel::Tiled { vec4: false, deep }, m, n, k, (m * 7919 + n * 31 + k) as u64);
         }
     }
 }
@@ -131,14 +144,14 @@ fn gemm_tiled_vec4_matches_cpu_twin_and_reference_on_edge_tiles() {
         (7, 516, 200),
         (130, 4, 1000), // one vector column, a long K loop
     ];
-    for kern in [g, gpu_staged().expect("staged path")] {
+    for (kern, deep) in deep_variants(g) {
         for (m, n, k) in shapes {
-            check_gemm_tiled_on(kern, GemmKernel::TiledVec4, m, n, k, (m * 7919 + n * 31 + k) as u64);
+            check_gemm_tiled_on(kern, GemmKernel::Tiled { vec4: true, deep }, m, n, k, (m * 7919 + n * 31 + k) as u64);
         }
     }
     // Shapes it cannot take are refused, not computed wrong.
     let (a, b) = (lcg(1, 8 * 6), lcg(2, 6 * 8));
-    let err = g.gemm_with(GemmKernel::TiledVec4, &a, &b, 8, 8, 6).wait().unwrap_err().to_string();
+    let err = g.gemm_with(GemmKernel::Tiled { vec4: true, deep: false }, &a, &b, 8, 8, 6).wait().unwrap_err().to_string();
     assert!(err.contains("multiples of 4"), "{err}");
 }
 
@@ -152,7 +165,7 @@ fn gemm_tiled_splits_rows_within_the_limits() {
     let (m, n, k) = (300, 100, 33);
     let (a, b) = (lcg(11, m * k), lcg(12, k * n));
     let before = small.transfer_stats().batches;
-    let got = small.gemm_with(GemmKernel::Tiled, &a, &b, m, n, k).wait().unwrap();
+    let got = small.gemm_with(GemmKernel::Tiled { vec4: false, deep: false }, &a, &b, m, n, k).wait().unwrap();
     assert_eq!(small.transfer_stats().batches - before, 3, "one submission per 128 rows");
     let want = naive_gemm(&a, &b, m, n, k);
     for (i, (x, w)) in got.iter().zip(&want).enumerate() {
@@ -166,13 +179,13 @@ fn gemm_takes_the_tiled_kernel_from_the_threshold_on() {
     let Some(g) = gpu() else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
     assert_eq!(GEMM_TILED_MIN_WORK, 256 * 256 * 256, "the shapes below straddle the threshold");
     // lavapipe and every real GPU admit 256 invocations and 16 KiB of workgroup memory.
-    assert_eq!(g.gemm_kernel_for(256, 256, 256), GemmKernel::TiledVec4);
-    assert_eq!(g.gemm_kernel_for(256, 254, 260), GemmKernel::Tiled, "n not a multiple of 4: scalar loads");
-    assert_eq!(g.gemm_kernel_for(256, 256, 257), GemmKernel::Tiled, "k not a multiple of 4: scalar loads");
+    assert_eq!(g.gemm_kernel_for(256, 256, 256), GemmKernel::Tiled { vec4: true, deep: false });
+    assert_eq!(g.gemm_kernel_for(256, 254, 260), GemmKernel::Tiled { vec4: false, deep: false }, "n not a multiple of 4: scalar loads");
+    assert_eq!(g.gemm_kernel_for(256, 256, 257), GemmKernel::Tiled { vec4: false, deep: false }, "k not a multiple of 4: scalar loads");
     assert_eq!(g.gemm_kernel_for(256, 256, 255), GemmKernel::Small);
     assert_eq!(g.gemm_kernel_for(1, 1, 1), GemmKernel::Small);
     // Odd shapes just below and just above, through the public entry point on every path.
-    for (m, n, k, kernel) in [(257, 255, 255, GemmKernel::Small), (255, 257, 257, GemmKernel::Tiled), (255, 260, 260, GemmKernel::TiledVec4)] {
+    for (m, n, k, kernel) in [(257, 255, 255, GemmKernel::Small), (255, 257, 257, GemmKernel::Tiled { vec4: false, deep: false }), (255, 260, 260, GemmKernel::Tiled { vec4: true, deep: false })] {
         assert_eq!(g.gemm_kernel_for(m, n, k), kernel, "{m}×{n}×{k}");
         for kern in paths() {
             check_gemm_on(kern, m, n, k, (m + n + k) as u64);
@@ -640,8 +653,9 @@ fn gemm_tuning_is_measured_cached_per_adapter_and_taken_at_start() {
     let g = GpuKernels::new(Arc::clone(&ctx));
     assert_eq!(g.gemm_tiled_min_work(), super::gpu::GEMM_TILED_MIN_WORK, "no tuning file: the built-in value");
     let report = g.tune_gemm(&[64, 128], 1, Some(&file)).unwrap();
-    assert_eq!(report.rows.iter().map(|r| r.0).collect::<Vec<_>>(), vec![64, 128]);
-    assert!(report.rows.iter().all(|&(_, s, t)| s > 0.0 && t > 0.0), "{:?}", report.rows);
+    assert_eq!(report.rows.iter().map(|r| r.n).collect::<Vec<_>>(), vec![64, 128]);
+    assert!(report.rows.iter().all(|r| r.small_ms > 0.0 && r.tiled_ms > 0.0 && r.deep_ms.is_none_or(|d| d > 0.0)), "{:?}", report.rows);
+    assert_eq!(report.rows[1].deep_ms.is_some(), ctx.device.limits().max_compute_workgroup_storage_size >= 32 * 1024, "K steps of 16 measured where they fit");
     assert!([64 * 64 * 64, 128 * 128 * 128, usize::MAX].contains(&report.tuning.tiled_min_work), "{:?}", report.tuning);
     assert_eq!(g.gemm_tiled_min_work(), report.tuning.tiled_min_work, "applied to the device");
     assert_eq!(cached(&file, &ctx.adapter), Some(report.tuning.clone()));

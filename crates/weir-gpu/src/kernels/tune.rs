@@ -33,6 +33,9 @@ pub struct GemmTuning {
     pub driver: String,
     /// m·n·k from which GEMM takes the tiled kernel (`usize::MAX`: never).
     pub tiled_min_work: usize,
+    /// Whether the tiled kernel takes K steps of 16 (32 KiB of workgroup memory) rather than 8.
+    #[serde(default)]
+    pub deep: bool,
     /// When it was measured (seconds since the Unix epoch).
     pub measured_at: u64,
 }
@@ -98,12 +101,31 @@ fn store(path: &Path, adapter: &AdapterDesc, tuning: &GemmTuning) -> Result<(), 
     std::fs::rename(&tmp, path).map_err(io)
 }
 
-/// What a tuning pass measured: per square size, the 64×64 kernel's and the tiled kernel's
-/// time (median of the repetitions), and the threshold chosen.
+/// One size of a tuning pass: milliseconds per n×n×n product (median of the repetitions).
+#[derive(Clone, Debug)]
+pub struct TuneRow {
+    /// The size.
+    pub n: usize,
+    /// The 64×64 kernel.
+    pub small_ms: f64,
+    /// The tiled kernel with K steps of 8.
+    pub tiled_ms: f64,
+    /// The tiled kernel with K steps of 16, where the device's workgroup memory admits it.
+    pub deep_ms: Option<f64>,
+}
+
+impl TuneRow {
+    /// The faster tiled variant's time.
+    fn best_tiled(&self) -> f64 {
+        self.deep_ms.map_or(self.tiled_ms, |d| d.min(self.tiled_ms))
+    }
+}
+
+/// What a tuning pass measured, and the values chosen.
 #[derive(Clone, Debug)]
 pub struct TuneReport {
-    /// (n, ms of the 64×64 kernel, ms of the tiled kernel) per n×n×n product.
-    pub rows: Vec<(usize, f64, f64)>,
+    /// Per size, in increasing order.
+    pub rows: Vec<TuneRow>,
     /// The threshold chosen (m·n·k).
     pub tuning: GemmTuning,
     /// Where it was stored, if anywhere.
@@ -130,16 +152,17 @@ impl GpuKernels {
         self.ctx.gemm_tiled_min_work.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Measure both GEMM kernels on square products of `sizes` (increasing, multiples of 4:
-    /// the vec4 variant), `reps` times each after a warm-up, choose the threshold, apply it to
-    /// this device and store it in `file` (if given) for the devices opened later.
+    /// Measure the GEMM kernels on square products of `sizes` (increasing; multiples of 4 take
+    /// the vec4 variants): the 64×64 kernel and the tiled one with K steps of 8 and, where the
+    /// device admits 32 KiB of workgroup memory, of 16; `reps` times each after a warm-up.
+    /// Choose the threshold and the K step (the faster at the largest size), apply them to this
+    /// device and store them in `file` (if given) for the devices opened later.
     pub fn tune_gemm(&self, sizes: &[usize], reps: usize, file: Option<&Path>) -> Result<TuneReport, GpuError> {
         let mut rows = Vec::with_capacity(sizes.len());
         for &n in sizes {
             let a: Vec<f32> = (0..n * n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
-            let tiled = if GemmKernel::TiledVec4.admits(n, n) { GemmKernel::TiledVec4 } else { GemmKernel::Tiled };
-            let mut ms = [0f64; 2];
-            for (slot, kernel) in [GemmKernel::Small, tiled].into_iter().enumerate() {
+            let vec4 = GemmKernel::Tiled { vec4: true, deep: false }.admits(n, n);
+            let time = |kernel: GemmKernel| -> Result<f64, GpuError> {
                 self.gemm_with(kernel, &a, &a, n, n, n).wait()?;
                 let mut times: Vec<f64> = (0..reps.max(1))
                     .map(|_| {
@@ -148,14 +171,23 @@ impl GpuKernels {
                     })
                     .collect::<Result<_, _>>()?;
                 times.sort_by(f64::total_cmp);
-                ms[slot] = times[times.len() / 2];
-            }
-            rows.push((n, ms[0], ms[1]));
+                Ok(times[times.len() / 2])
+            };
+            let deep = GemmKernel::Tiled { vec4, deep: true };
+            rows.push(TuneRow {
+                n,
+                small_ms: time(GemmKernel::Small)?,
+                tiled_ms: time(GemmKernel::Tiled { vec4, deep: false })?,
+                deep_ms: if self.gemm_fits(deep) { Some(time(deep)?) } else { None },
+            });
         }
         let measured_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let adapter = &self.ctx.adapter;
-        let tuning = GemmTuning { adapter: adapter.name.clone(), driver: adapter.driver.clone(), tiled_min_work: threshold(&rows), measured_at };
+        let deep = rows.last().and_then(|r| r.deep_ms.map(|d| d < r.tiled_ms)).unwrap_or(false);
+        let tiled_min_work = threshold(&rows.iter().map(|r| (r.n, r.small_ms, r.best_tiled())).collect::<Vec<_>>());
+        let tuning = GemmTuning { adapter: adapter.name.clone(), driver: adapter.driver.clone(), tiled_min_work, deep, measured_at };
         self.ctx.gemm_tiled_min_work.store(tuning.tiled_min_work, std::sync::atomic::Ordering::Relaxed);
+        self.ctx.gemm_deep.store(tuning.deep, std::sync::atomic::Ordering::Relaxed);
         if let Some(f) = file {
             store(f, adapter, &tuning)?;
         }

@@ -1,11 +1,13 @@
 // Block-tiled f32 GEMM for shapes that fill a GPU: C[m×n] = A[m×k] · B[k×n], row-major.
-// A 16×16 workgroup computes a 128×128 tile of C in K steps of 8; each invocation keeps 8×8
+// A 16×16 workgroup computes a 128×128 tile of C in K steps of TK; each invocation keeps 8×8
 // outputs in registers (rows ty*4..+4 and 64+ty*4..+4, the same split for columns, so that the
 // 16 invocations of a row read 16 consecutive vec4s of workgroup memory, not strided ones).
 // The A tile is stored transposed (k-major) so that an invocation reads its 4 rows at one k as a
 // vec4. Two buffers per operand: step s computes on one while the next step's global loads,
 // issued before the compute, are stored into the other, so one barrier per step suffices.
-// Workgroup memory: 2 operands × 2 buffers × 8 × 128 × 4 bytes = 16 KiB, wgpu's default limit.
+// Workgroup memory: 2 operands × 2 buffers × TK × 128 × 4 bytes: 16 KiB (wgpu's default limit)
+// with TK = 8, 32 KiB with TK = 16 (half the barriers; on adapters that offer it, where the
+// tuning pass finds it faster).
 // Interior tiles load without bounds checks (a uniform test per tile and step); edge tiles read 0
 // outside A or B and skip stores outside C.
 // The bindings and the global loads and stores (load_a, load_b, store_c) come from one of two
@@ -13,14 +15,15 @@
 // load per 4 values; k and n multiples of 4, so that a vector is wholly inside or outside its
 // matrix), gemm_tiled_scalar.wgsl as f32 arrays (any shape; 4 scalar loads, coalesced across the
 // invocations). Binding offsets are 256-byte aligned (transfer.rs), as vec4 arrays need.
+// `const TK: u32` (8 or 16, K per step) is prepended by gpu.rs as well.
 
 const TM: u32 = 128u; // tile rows and columns
-const TK: u32 = 8u; // K per step
 const V: u32 = 32u; // vec4s per tile row: TM / 4
-const BUF: u32 = 256u; // vec4s per buffer: TK × V
+const BUF: u32 = TK * V; // vec4s per buffer
+const LOADS: u32 = TK / 8u; // vec4s of A and of B each invocation loads per step
 
-var<workgroup> As: array<vec4<f32>, 512>; // 2 buffers × TK × V, A transposed: As[kk*V + r/4][r%4]
-var<workgroup> Bs: array<vec4<f32>, 512>; // 2 buffers × TK × V: Bs[kk*V + c/4][c%4]
+var<workgroup> As: array<vec4<f32>, 2u * TK * V>; // 2 buffers × TK × V, A transposed: As[kk*V + r/4][r%4]
+var<workgroup> Bs: array<vec4<f32>, 2u * TK * V>; // 2 buffers × TK × V: Bs[kk*V + c/4][c%4]
 
 @compute @workgroup_size(16, 16)
 fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
@@ -31,8 +34,8 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     let row0 = wid.y * TM;
     let col0 = wid.x * TM;
     let interior = row0 + TM <= m && col0 + TM <= n;
-    // This invocation's share of a step's loads: 4 consecutive k of one A row (two invocations
-    // per row), 4 consecutive columns of one B row (32 invocations per row).
+    // This invocation's share of a step's loads, LOADS times 8 k apart: 4 consecutive k of one A
+    // row (two invocations per row), 4 consecutive columns of one B row (32 invocations per row).
     let ar = tid / 2u;
     let ak = (tid % 2u) * 4u;
     let br = tid / V;
@@ -42,13 +45,20 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     var acc: array<vec4<f32>, 16>; // acc[i*2 + h]: output row i (of 8), column half h
     for (var i = 0u; i < 16u; i++) { acc[i] = vec4<f32>(0.0); }
 
-    var pa = load_a(row0 + ar, ak, m, k, interior && TK <= k);
-    var pb = load_b(br, col0 + bc * 4u, k, n, interior && TK <= k);
-    As[(ak + 0u) * V + ar / 4u][ar % 4u] = pa.x;
-    As[(ak + 1u) * V + ar / 4u][ar % 4u] = pa.y;
-    As[(ak + 2u) * V + ar / 4u][ar % 4u] = pa.z;
-    As[(ak + 3u) * V + ar / 4u][ar % 4u] = pa.w;
-    Bs[br * V + bc] = pb;
+    var pa: array<vec4<f32>, LOADS>;
+    var pb: array<vec4<f32>, LOADS>;
+    for (var j = 0u; j < LOADS; j++) {
+        pa[j] = load_a(row0 + ar, ak + j * 8u, m, k, interior && TK <= k);
+        pb[j] = load_b(br + j * 8u, col0 + bc * 4u, k, n, interior && TK <= k);
+    }
+    for (var j = 0u; j < LOADS; j++) {
+        let kk = ak + j * 8u;
+        As[(kk + 0u) * V + ar / 4u][ar % 4u] = pa[j].x;
+        As[(kk + 1u) * V + ar / 4u][ar % 4u] = pa[j].y;
+        As[(kk + 2u) * V + ar / 4u][ar % 4u] = pa[j].z;
+        As[(kk + 3u) * V + ar / 4u][ar % 4u] = pa[j].w;
+        Bs[(br + j * 8u) * V + bc] = pb[j];
+    }
     workgroupBarrier();
 
     for (var s = 0u; s < steps; s++) {
@@ -58,8 +68,10 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
         if (more) {
             let t = (s + 1u) * TK;
             let inside = interior && t + TK <= k;
-            pa = load_a(row0 + ar, t + ak, m, k, inside);
-            pb = load_b(t + br, col0 + bc * 4u, k, n, inside);
+            for (var j = 0u; j < LOADS; j++) {
+                pa[j] = load_a(row0 + ar, t + ak + j * 8u, m, k, inside);
+                pb[j] = load_b(t + br + j * 8u, col0 + bc * 4u, k, n, inside);
+            }
         }
         for (var kk = 0u; kk < TK; kk++) {
             let o = cur + kk * V;
@@ -88,11 +100,14 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
         // step's barrier: writing it now races with no one.
         if (more) {
             let nxt = BUF - cur;
-            As[nxt + (ak + 0u) * V + ar / 4u][ar % 4u] = pa.x;
-            As[nxt + (ak + 1u) * V + ar / 4u][ar % 4u] = pa.y;
-            As[nxt + (ak + 2u) * V + ar / 4u][ar % 4u] = pa.z;
-            As[nxt + (ak + 3u) * V + ar / 4u][ar % 4u] = pa.w;
-            Bs[nxt + br * V + bc] = pb;
+            for (var j = 0u; j < LOADS; j++) {
+                let kk = ak + j * 8u;
+                As[nxt + (kk + 0u) * V + ar / 4u][ar % 4u] = pa[j].x;
+                As[nxt + (kk + 1u) * V + ar / 4u][ar % 4u] = pa[j].y;
+                As[nxt + (kk + 2u) * V + ar / 4u][ar % 4u] = pa[j].z;
+                As[nxt + (kk + 3u) * V + ar / 4u][ar % 4u] = pa[j].w;
+                Bs[nxt + (br + j * 8u) * V + bc] = pb[j];
+            }
         }
         workgroupBarrier();
     }
