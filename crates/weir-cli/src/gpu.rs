@@ -254,6 +254,49 @@ fn stream_kmeans(gpu: &GpuKernels, pts: &[f32], cents: &[f32], d: usize, batches
 /// `weir bench gpu`: the cases of `sizes` (the `default` preset when empty), each on one CPU
 /// core, all cores and the GPU; then the headline targets where their sizes ran, a
 /// stream of K-means batches (when any K-means size ran) and the pool's allocations.
+#[derive(clap::Args)]
+pub struct TuneArgs {
+    /// The adapter (`weir.gpu.device`: index or name substring; default: the one `auto` selects).
+    #[arg(long)]
+    device: Option<String>,
+    /// Square GEMM sizes to measure, increasing.
+    #[arg(long, value_delimiter = ',', default_value = "64,128,192,256,384,512,768,1024")]
+    sizes: Vec<usize>,
+    /// Timed runs per kernel and size (the median counts), after one warm-up run.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// The tuning file (`weir.gpu.tuning.file`; default: `$XDG_CACHE_HOME/weir/gpu-tuning.json`,
+    /// else `~/.cache/weir/gpu-tuning.json`).
+    #[arg(long)]
+    file: Option<std::path::PathBuf>,
+}
+
+/// `weir gpu tune`.
+pub fn tune(args: TuneArgs) -> Result<()> {
+    if args.sizes.is_empty() || args.sizes.contains(&0) || !args.sizes.windows(2).all(|w| w[0] < w[1]) {
+        anyhow::bail!("--sizes: expected increasing positive sizes, got {:?}", args.sizes);
+    }
+    let file = args.file.or_else(weir_gpu::kernels::tune::default_tuning_file).context("no tuning file: set --file (neither XDG_CACHE_HOME nor HOME is set)")?;
+    // The built-in values while measuring: an earlier tuning must not decide what is compared.
+    let cfg = GpuConfig { mode: GpuMode::On, device: args.device, tuning_file: None, ..GpuConfig::default() };
+    let ctx = GpuContext::select(&cfg)?.context("no GPU")?;
+    let gpu = GpuKernels::new(Arc::clone(&ctx));
+    println!("tuning GEMM on {} ({}, driver {}): median of {} runs per kernel and size", ctx.adapter.name, ctx.adapter.vendor, ctx.adapter.driver, args.reps);
+    let report = gpu.tune_gemm(&args.sizes, args.reps, Some(&file))?;
+    println!("{:>6} {:>14} {:>20} {:>20}", "n", "64×64 ms", "128×128 K=8 ms", "128×128 K=16 ms");
+    for r in &report.rows {
+        let deep = r.deep_ms.map_or("-".to_string(), |d| format!("{d:.3}"));
+        println!("{:>6} {:>14.3} {:>20.3} {:>20}", r.n, r.small_ms, r.tiled_ms, deep);
+    }
+    let t = &report.tuning;
+    match t.tiled_min_work {
+        usize::MAX => println!("the 64×64 kernel at every size measured: the tiled kernel is not used on this adapter"),
+        w => println!("tiled kernel from m·n·k = {w} ({}³) on, K steps of {}", (w as f64).cbrt().round(), if t.deep { 16 } else { 8 }),
+    }
+    println!("cached in {} (jobs and benchmarks that open this adapter read it)", file.display());
+    Ok(())
+}
+
 pub fn bench(device: Option<String>, sizes: &[Sizes]) -> Result<()> {
     let cases: BTreeSet<Case> = if sizes.is_empty() {
         preset("default").unwrap_or_default().into_iter().collect()
@@ -283,6 +326,13 @@ pub fn bench(device: Option<String>, sizes: &[Sizes]) -> Result<()> {
         ctx.adapter.device_type,
         if gpu.direct() { "direct (kernels bind host-visible memory)" } else { "staged" },
         gpu.ring_slots()
+    );
+    let work = gpu.gemm_tiled_min_work();
+    println!(
+        "GEMM: the 128×128-tile kernel (K steps of {}) from m·n·k = {} on, the 64×64 one below ({}; `weir gpu tune` measures this adapter)",
+        if gpu.gemm_deep() { 16 } else { 8 },
+        if work == usize::MAX { "never".to_string() } else { format!("{work} ({}³)", (work as f64).cbrt().round()) },
+        if gpu.gemm_tuned() { "tuned on this adapter" } else { "built-in values" },
     );
     match &peak {
         Some(p) => println!("GPU FP32 peak: {:.1} TFLOP/s ({}; non-tensor FP32 at the boost clock)", p.tflops, p.source),

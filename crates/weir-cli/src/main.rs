@@ -75,9 +75,11 @@ enum Cmd {
   weir bench gpu
   weir bench gpu-state")]
     Bench(bench::BenchArgs),
-    /// GPU devices.
+    /// GPU devices: the adapters found, and tuning the kernels to one.
     #[command(after_help = "Examples:
-  weir gpu info")]
+  weir gpu info
+  weir gpu tune
+  weir gpu tune --device 'H100' --sizes 128,256,512,1024,2048")]
     Gpu {
         #[command(subcommand)]
         cmd: GpuCmd,
@@ -93,6 +95,10 @@ enum Cmd {
 enum GpuCmd {
     /// The Vulkan adapters found, and the one `weir.gpu.enabled: auto` selects.
     Info,
+    /// Measure the GEMM kernels on an adapter (from which size the 128×128-tile kernel beats the
+    /// 64×64 one, and its K step) and cache the result for that adapter and driver in
+    /// `weir.gpu.tuning.file`, where every job opening the adapter later reads it.
+    Tune(gpu::TuneArgs),
 }
 
 #[derive(clap::Args)]
@@ -287,6 +293,7 @@ fn main() {
         Cmd::Checkpoints { cmd } => checkpoints::main(cmd),
         Cmd::Bench(a) => bench::main(a),
         Cmd::Gpu { cmd: GpuCmd::Info } => gpu::info(),
+        Cmd::Gpu { cmd: GpuCmd::Tune(args) } => gpu::tune(args),
         Cmd::Config => {
             println!("{:<60} {:<45} default", "key", "type");
             for (k, t, d) in weir::config::known_keys() {

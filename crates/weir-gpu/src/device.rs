@@ -139,6 +139,8 @@ pub struct GpuContext {
     pub(crate) gemm_tiled_min_work: std::sync::atomic::AtomicUsize,
     /// Whether the tiled GEMM takes K steps of 16 (tuned; else 8).
     pub(crate) gemm_deep: std::sync::atomic::AtomicBool,
+    /// Whether those two come from a tuning pass.
+    pub(crate) gemm_tuned: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -218,6 +220,7 @@ impl GpuContext {
         if let Some(t) = &tuned {
             tracing::info!("GPU tuning of {} from {}: GEMM tiled from m·n·k = {}, K steps of {}", desc.name, cfg.tuning_file.as_deref().unwrap_or(std::path::Path::new("")).display(), t.tiled_min_work, if t.deep { 16 } else { 8 });
         }
+        let tuned_any = tuned.is_some();
         let (tiled_min_work, deep) = tuned.map_or((crate::kernels::gpu::GEMM_TILED_MIN_WORK, false), |t| (t.tiled_min_work, t.deep));
         Ok(Some(Arc::new(GpuContext {
             device,
@@ -229,6 +232,7 @@ impl GpuContext {
             transfer: (cfg.transfer, cfg.ring_size),
             gemm_tiled_min_work: std::sync::atomic::AtomicUsize::new(tiled_min_work),
             gemm_deep: std::sync::atomic::AtomicBool::new(deep),
+            gemm_tuned: std::sync::atomic::AtomicBool::new(tuned_any),
         })))
     }
 }

@@ -152,6 +152,16 @@ impl GpuKernels {
         self.ctx.gemm_tiled_min_work.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Whether the tiled GEMM takes K steps of 16 on this device (else 8).
+    pub fn gemm_deep(&self) -> bool {
+        self.ctx.gemm_deep.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether this device's GEMM choices come from a tuning pass (cached or run here).
+    pub fn gemm_tuned(&self) -> bool {
+        self.ctx.gemm_tuned.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Measure the GEMM kernels on square products of `sizes` (increasing; multiples of 4 take
     /// the vec4 variants): the 64×64 kernel and the tiled one with K steps of 8 and, where the
     /// device admits 32 KiB of workgroup memory, of 16; `reps` times each after a warm-up.
@@ -188,6 +198,7 @@ impl GpuKernels {
         let tuning = GemmTuning { adapter: adapter.name.clone(), driver: adapter.driver.clone(), tiled_min_work, deep, measured_at };
         self.ctx.gemm_tiled_min_work.store(tuning.tiled_min_work, std::sync::atomic::Ordering::Relaxed);
         self.ctx.gemm_deep.store(tuning.deep, std::sync::atomic::Ordering::Relaxed);
+        self.ctx.gemm_tuned.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(f) = file {
             store(f, adapter, &tuning)?;
         }
