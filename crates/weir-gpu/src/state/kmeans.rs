@@ -235,51 +235,40 @@ fn cpu_step(arena: &mut [u32], dirty: &mut [u32], chunk: usize, shape: KmeansSha
     let n = points.len() / d;
     let mut labels = vec![0u32; n];
     for (j, &base) in bases.iter().enumerate() {
-        let cents = base as usize + HEADER;
-        for p in starts[j] as usize..starts[j + 1] as usize {
-            let (mut best, mut best_dist) = (0u32, f32::MAX);
-            for c in 0..k {
-                let mut dist = 0.0f32;
-                for x in 0..d {
-                    let diff = points[p * d + x] - f32::from_bits(arena[cents + c * d + x]);
-                    dist = diff.mul_add(diff, dist);
-                }
-                if dist < best_dist {
-                    best_dist = dist;
-                    best = c as u32;
-                }
-            }
-            labels[p] = best;
-        }
+        let (first, last) = (starts[j] as usize, starts[j + 1] as usize);
+        let cents: Vec<f32> = arena[base as usize + HEADER..][..k * d].iter().map(|&w| f32::from_bits(w)).collect();
+        let kt = crate::kernels::cpu::transpose(&cents, k, d);
+        crate::kernels::cpu::assign(&points[first * d..last * d], &kt, k, d, &mut labels[first..last]);
     }
     let mut out = vec![0u32; bases.len() * k * (d + 1)];
-    let mut partial = vec![0f32; d + 1];
-    let mut sums = vec![0f32; d + 1];
+    // Per centroid: d sums and a count, per chunk of points, then added over the chunks in
+    // order: the GPU's order of additions, in one pass over the points.
+    let mut partial = vec![0f32; k * (d + 1)];
+    let mut sums = vec![0f32; k * (d + 1)];
     for (j, &base) in bases.iter().enumerate() {
         let (first, last) = (starts[j] as usize, starts[j + 1] as usize);
+        sums.fill(0.0);
+        let mut p0 = first;
+        while p0 < last {
+            let p1 = (p0 + POINT_CHUNK as usize).min(last);
+            partial.fill(0.0);
+            for p in p0..p1 {
+                let acc = &mut partial[labels[p] as usize * (d + 1)..][..d + 1];
+                for (a, &x) in acc.iter_mut().zip(&points[p * d..(p + 1) * d]) {
+                    *a += x;
+                }
+                acc[d] += 1.0;
+            }
+            for (s, v) in sums.iter_mut().zip(&partial) {
+                *s += v;
+            }
+            p0 = p1;
+        }
         for c in 0..k {
             let cent = base as usize + HEADER + c * d;
             let count_at = base as usize + HEADER + k * d + c;
             let o = (j * k + c) * (d + 1);
-            // Per chunk of points, then over chunks: the GPU's order of additions.
-            sums.fill(0.0);
-            let mut p0 = first;
-            while p0 < last {
-                let p1 = (p0 + POINT_CHUNK as usize).min(last);
-                partial.fill(0.0);
-                for p in p0..p1 {
-                    if labels[p] == c as u32 {
-                        for x in 0..d {
-                            partial[x] += points[p * d + x];
-                        }
-                        partial[d] += 1.0;
-                    }
-                }
-                for (s, v) in sums.iter_mut().zip(&partial) {
-                    *s += v;
-                }
-                p0 = p1;
-            }
+            let sums = &sums[c * (d + 1)..(c + 1) * (d + 1)];
             let cnt = sums[d] as u32;
             if cnt == 0 {
                 out[o] = arena[count_at];
