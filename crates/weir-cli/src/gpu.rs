@@ -282,17 +282,22 @@ pub fn tune(args: TuneArgs) -> Result<()> {
     let ctx = GpuContext::select(&cfg)?.context("no GPU")?;
     let gpu = GpuKernels::new(Arc::clone(&ctx));
     println!("tuning GEMM on {} ({}, driver {}): median of {} runs per kernel and size", ctx.adapter.name, ctx.adapter.vendor, ctx.adapter.driver, args.reps);
-    let report = gpu.tune_gemm(&args.sizes, args.reps, Some(&file))?;
+    let report = gpu.tune(&args.sizes, args.reps, Some(&file))?;
     println!("{:>6} {:>14} {:>20} {:>20}", "n", "64×64 ms", "128×128 K=8 ms", "128×128 K=16 ms");
     for r in &report.rows {
         let deep = r.deep_ms.map_or("-".to_string(), |d| format!("{d:.3}"));
         println!("{:>6} {:>14.3} {:>20.3} {:>20}", r.n, r.small_ms, r.tiled_ms, deep);
+    }
+    println!("{:<28} {:>14} {:>14}", "image kernel", "per value ms", "tiled ms");
+    for (name, per_value, tiled) in &report.image_rows {
+        println!("{name:<28} {per_value:>14.3} {tiled:>14.3}");
     }
     let t = &report.tuning;
     match t.tiled_min_work {
         usize::MAX => println!("the 64×64 kernel at every size measured: the tiled kernel is not used on this adapter"),
         w => println!("tiled kernel from m·n·k = {w} ({}³) on, K steps of {}", (w as f64).cbrt().round(), if t.deep { 16 } else { 8 }),
     }
+    println!("image kernels (Gaussian, Sobel): {}", if t.image_tiled { "tiled through workgroup memory" } else { "per value" });
     println!("cached in {} (jobs and benchmarks that open this adapter read it)", file.display());
     Ok(())
 }
@@ -332,8 +337,9 @@ pub fn bench(device: Option<String>, sizes: &[Sizes]) -> Result<()> {
         "GEMM: the 128×128-tile kernel (K steps of {}) from m·n·k = {} on, the 64×64 one below ({}; `weir gpu tune` measures this adapter)",
         if gpu.gemm_deep() { 16 } else { 8 },
         if work == usize::MAX { "never".to_string() } else { format!("{work} ({}³)", (work as f64).cbrt().round()) },
-        if gpu.gemm_tuned() { "tuned on this adapter" } else { "built-in values" },
+        if gpu.tuned() { "tuned on this adapter" } else { "built-in values" },
     );
+    println!("image kernels (Gaussian, Sobel): {}", if gpu.image_tiled() { "tiled through workgroup memory" } else { "per value" });
     match &peak {
         Some(p) => println!("GPU FP32 peak: {:.1} TFLOP/s ({}; non-tensor FP32 at the boost clock)", p.tflops, p.source),
         None => println!("GPU FP32 peak unknown ('{}' is not in weir's table of known cards): '% peak' shows '-'", ctx.adapter.name),

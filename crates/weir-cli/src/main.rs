@@ -95,9 +95,10 @@ enum Cmd {
 enum GpuCmd {
     /// The Vulkan adapters found, and the one `weir.gpu.enabled: auto` selects.
     Info,
-    /// Measure the GEMM kernels on an adapter (from which size the 128×128-tile kernel beats the
-    /// 64×64 one, and its K step) and cache the result for that adapter and driver in
-    /// `weir.gpu.tuning.file`, where every job opening the adapter later reads it.
+    /// Measure the kernels whose variant is chosen per adapter (from which size the 128×128-tile
+    /// GEMM beats the 64×64 one, and its K step; whether the Gaussian and Sobel gain from tiling)
+    /// and cache the result for that adapter and driver in `weir.gpu.tuning.file`, where every
+    /// job opening the adapter later reads it.
     Tune(gpu::TuneArgs),
 }
 

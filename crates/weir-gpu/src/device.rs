@@ -139,8 +139,10 @@ pub struct GpuContext {
     pub(crate) gemm_tiled_min_work: std::sync::atomic::AtomicUsize,
     /// Whether the tiled GEMM takes K steps of 16 (tuned; else 8).
     pub(crate) gemm_deep: std::sync::atomic::AtomicBool,
-    /// Whether those two come from a tuning pass.
-    pub(crate) gemm_tuned: std::sync::atomic::AtomicBool,
+    /// Whether the Gaussian and Sobel kernels run tiled (tuned; else on every adapter but a CPU).
+    pub(crate) image_tiled: std::sync::atomic::AtomicBool,
+    /// Whether those come from a tuning pass.
+    pub(crate) tuned: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -218,10 +220,20 @@ impl GpuContext {
         let pool = DevicePool::new(budget, limits.max_storage_buffer_binding_size as u64);
         let tuned = cfg.tuning_file.as_deref().and_then(|f| crate::kernels::tune::cached(f, &desc));
         if let Some(t) = &tuned {
-            tracing::info!("GPU tuning of {} from {}: GEMM tiled from m·n·k = {}, K steps of {}", desc.name, cfg.tuning_file.as_deref().unwrap_or(std::path::Path::new("")).display(), t.tiled_min_work, if t.deep { 16 } else { 8 });
+            tracing::info!(
+                "GPU tuning of {} from {}: GEMM tiled from m·n·k = {}, K steps of {}, image kernels {}",
+                desc.name,
+                cfg.tuning_file.as_deref().unwrap_or(std::path::Path::new("")).display(),
+                t.tiled_min_work,
+                if t.deep { 16 } else { 8 },
+                if t.image_tiled { "tiled" } else { "per value" }
+            );
         }
         let tuned_any = tuned.is_some();
-        let (tiled_min_work, deep) = tuned.map_or((crate::kernels::gpu::GEMM_TILED_MIN_WORK, false), |t| (t.tiled_min_work, t.deep));
+        // Untuned, the image kernels are tiled except on a CPU "device" (lavapipe), whose
+        // workgroup memory is ordinary memory: there tiling only adds barriers (measured 2× slower).
+        let cpu = desc.device_type == format!("{:?}", wgpu::DeviceType::Cpu);
+        let (tiled_min_work, deep, image_tiled) = tuned.map_or((crate::kernels::gpu::GEMM_TILED_MIN_WORK, false, !cpu), |t| (t.tiled_min_work, t.deep, t.image_tiled));
         Ok(Some(Arc::new(GpuContext {
             device,
             queue,
@@ -232,7 +244,8 @@ impl GpuContext {
             transfer: (cfg.transfer, cfg.ring_size),
             gemm_tiled_min_work: std::sync::atomic::AtomicUsize::new(tiled_min_work),
             gemm_deep: std::sync::atomic::AtomicBool::new(deep),
-            gemm_tuned: std::sync::atomic::AtomicBool::new(tuned_any),
+            image_tiled: std::sync::atomic::AtomicBool::new(image_tiled),
+            tuned: std::sync::atomic::AtomicBool::new(tuned_any),
         })))
     }
 }

@@ -178,22 +178,11 @@ impl Kernels for GpuKernels {
     }
 
     fn gaussian_blur_async(&self, img: &Image, sigma: f32) -> Pending<Image> {
-        checked!(img.check());
-        let weights = gaussian_weights(sigma);
-        let r = weights.len() / 2;
-        let plan = ImagePlan::new(img, self.engine.limits().max_groups as usize);
-        let (h, v) = (plan.blur_h(r), plan.blur_v(r));
-        let th = v.map_or(0, |_| IMAGE_TILE_ROWS - 2 * r);
-        let h = h.map_or(("image_blur_h", "blur_h", plan.gx, plan.gy), |(x, y)| ("image_blur_h_tiled", "blur_h_tiled", x, y));
-        let v = v.map_or(("image_blur_v", "blur_v", plan.gx, plan.gy), |(x, y)| ("image_blur_v_tiled", "blur_v_tiled", x, y));
-        self.image_passes(img, img.w, img.h, &weights, th, &[h, v])
+        self.gaussian_blur_with(img, sigma, self.image_tiled())
     }
 
     fn sobel_async(&self, img: &Image) -> Pending<Image> {
-        checked!(img.check());
-        let plan = ImagePlan::new(img, self.engine.limits().max_groups as usize);
-        let pass = plan.sobel().map_or(("image_sobel", "sobel", plan.gx, plan.gy), |(x, y)| ("image_sobel_tiled", "sobel_tiled", x, y));
-        self.image_passes(img, img.w, img.h, &[0.0], 0, &[pass])
+        self.sobel_with(img, self.image_tiled())
     }
 
     fn cnn_forward_async(&self, m: &crate::cnn::SmallCnn, images: &[f32], n: usize) -> Pending<Vec<f32>> {
@@ -318,9 +307,10 @@ impl GemmKernel {
 /// is one workgroup), and the 64×64 kernel's four times as many workgroups finish sooner.
 pub const GEMM_TILED_MIN_WORK: usize = 256 * 256 * 256;
 
-/// The GEMM kernels' sources (the tuning file's key changes with them).
-pub(crate) fn gemm_sources() -> [&'static str; 4] {
-    [GEMM, GEMM_TILED, GEMM_TILED_SCALAR, GEMM_TILED_VEC4]
+/// The sources of the kernels a tuning pass chooses between (the tuning file's key changes with
+/// them).
+pub(crate) fn tuned_sources() -> [&'static str; 5] {
+    [GEMM, GEMM_TILED, GEMM_TILED_SCALAR, GEMM_TILED_VEC4, IMAGE]
 }
 
 impl GpuKernels {
@@ -508,9 +498,11 @@ const IMAGE_TILE_FLOATS: usize = 4096;
 /// Rows of `tmp` in a `blur_v_tiled` workgroup's tile: it computes 64 − 2r of them.
 const IMAGE_TILE_ROWS: usize = 64;
 
-/// Which image passes can run tiled on an image, and their dispatches (`None`: the per-value
-/// fallback, dispatched as `gx × gy`).
+/// Which image passes run tiled on an image, and their dispatches (`None`: the per-value pass,
+/// dispatched as `gx × gy`). Tiling is chosen per adapter ([`GpuKernels::image_tiled`]) and then
+/// per shape: a tile must fit workgroup memory and the dispatch limits.
 pub(crate) struct ImagePlan {
+    tiled: bool,
     w: usize,
     h: usize,
     c: usize,
@@ -520,13 +512,15 @@ pub(crate) struct ImagePlan {
 }
 
 impl ImagePlan {
-    pub(crate) fn new(img: &Image, max_groups: usize) -> Self {
+    /// The plan for `img` on a device of `max_groups` workgroups per dimension; `tiled: false`
+    /// plans every pass per value.
+    pub(crate) fn new(img: &Image, max_groups: usize, tiled: bool) -> Self {
         let (gx, gy) = grid(img.w * img.h * img.c);
-        ImagePlan { w: img.w, h: img.h, c: img.c, max_groups, gx, gy }
+        ImagePlan { tiled, w: img.w, h: img.h, c: img.c, max_groups, gx, gy }
     }
 
     fn dispatch(&self, x: usize, y: usize) -> Option<(u32, u32)> {
-        (x <= self.max_groups && y <= self.max_groups).then_some((x as u32, y as u32))
+        (self.tiled && x <= self.max_groups && y <= self.max_groups).then_some((x as u32, y as u32))
     }
 
     /// `blur_h_tiled` at radius `r`: a workgroup per 256 values of a row, with r pixels either side.
@@ -556,6 +550,30 @@ impl ImagePlan {
 }
 
 impl GpuKernels {
+    /// The Gaussian blur through the tiled passes (`tiled`, where the shape admits them) or the
+    /// per-value ones.
+    pub(crate) fn gaussian_blur_with(&self, img: &Image, sigma: f32, tiled: bool) -> Pending<Image> {
+        checked!(img.check());
+        let weights = gaussian_weights(sigma);
+        let r = weights.len() / 2;
+        let plan = ImagePlan::new(img, self.engine.limits().max_groups as usize, tiled);
+        let (h, v) = (plan.blur_h(r), plan.blur_v(r));
+        let th = v.map_or(0, |_| IMAGE_TILE_ROWS - 2 * r);
+        let h = h.map_or(("image_blur_h", "blur_h", plan.gx, plan.gy), |(x, y)| ("image_blur_h_tiled", "blur_h_tiled", x, y));
+        let v = v.map_or(("image_blur_v", "blur_v", plan.gx, plan.gy), |(x, y)| ("image_blur_v_tiled", "blur_v_tiled", x, y));
+        self.image_passes(img, img.w, img.h, &weights, th, &[h, v])
+    }
+
+
+    /// Sobel through the tiled pass (`tiled`, where the shape admits it) or the per-value one.
+    pub(crate) fn sobel_with(&self, img: &Image, tiled: bool) -> Pending<Image> {
+        checked!(img.check());
+        let plan = ImagePlan::new(img, self.engine.limits().max_groups as usize, tiled);
+        let pass = plan.sobel().map_or(("image_sobel", "sobel", plan.gx, plan.gy), |(x, y)| ("image_sobel_tiled", "sobel_tiled", x, y));
+        self.image_passes(img, img.w, img.h, &[0.0], 0, &[pass])
+    }
+
+
     /// Image kernels share one binding layout: src, tmp, dst, weights, dims. Each pass is an
     /// entry point of image.wgsl (its pipeline key, entry and dispatch) producing the `nw × nh ×
     /// c` output; `th` is `blur_v_tiled`'s rows per workgroup.

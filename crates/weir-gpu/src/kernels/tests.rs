@@ -265,6 +265,46 @@ fn device_selection() {
     assert!(GpuContext::select(&off).unwrap().is_none());
 }
 
+/// A GPU path with its image kernels forced tiled or per value (the adapter's choice aside).
+struct ImageVariant(&'static GpuKernels, bool);
+
+impl Kernels for ImageVariant {
+    fn name(&self) -> String {
+        format!("{} {}", self.0.name(), if self.1 { "tiled" } else { "per value" })
+    }
+    fn gemm_async(&self, a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> crate::Pending<Vec<f32>> {
+        self.0.gemm_async(a, b, m, n, k)
+    }
+    fn kmeans_step_async(&self, points: &[f32], centroids: &[f32], d: usize) -> crate::Pending<KmeansStep> {
+        self.0.kmeans_step_async(points, centroids, d)
+    }
+    fn resize_bilinear_async(&self, img: &Image, nw: usize, nh: usize) -> crate::Pending<Image> {
+        self.0.resize_bilinear_async(img, nw, nh)
+    }
+    fn gaussian_blur_async(&self, img: &Image, sigma: f32) -> crate::Pending<Image> {
+        self.0.gaussian_blur_with(img, sigma, self.1)
+    }
+    fn sobel_async(&self, img: &Image) -> crate::Pending<Image> {
+        self.0.sobel_with(img, self.1)
+    }
+    fn cnn_forward_async(&self, cnn: &crate::cnn::SmallCnn, images: &[f32], n: usize) -> crate::Pending<Vec<f32>> {
+        self.0.cnn_forward_async(cnn, images, n)
+    }
+}
+
+/// Every path for the image kernels: the CPU, and each GPU path with its image kernels tiled
+/// and per value (whichever the adapter takes by default, both are tested).
+fn image_paths() -> Vec<&'static dyn Kernels> {
+    static VARIANTS: OnceLock<Vec<ImageVariant>> = OnceLock::new();
+    let variants = VARIANTS.get_or_init(|| {
+        let gpus = gpu().into_iter().chain(gpu().filter(|g| g.direct()).and(gpu_staged()));
+        gpus.flat_map(|g| [ImageVariant(g, true), ImageVariant(g, false)]).collect()
+    });
+    let mut v = vec![paths()[0]];
+    v.extend(variants.iter().map(|x| x as &dyn Kernels));
+    v
+}
+
 fn test_image(w: usize, h: usize, c: usize, seed: u64) -> Image {
     Image { w, h, c, data: lcg(seed, w * h * c).into_iter().map(|v| (v + 1.0) * 127.5).collect() }
 }
@@ -285,7 +325,7 @@ fn image_kernels_match_on_every_path() {
         let sob = reference.sobel(&img).unwrap();
         let small = reference.resize_bilinear(&img, (w / 2).max(1), (h / 3).max(1)).unwrap();
         let big = reference.resize_bilinear(&img, w * 2 + 1, h + 3).unwrap();
-        for kern in paths() {
+        for kern in image_paths() {
             assert_close(kern, "blur", &kern.gaussian_blur(&img, 1.5).unwrap(), &blur, 1e-3);
             assert_close(kern, "sobel", &kern.sobel(&img).unwrap(), &sob, 1e-2);
             assert_close(kern, "resize down", &kern.resize_bilinear(&img, small.w, small.h).unwrap(), &small, 1e-3);
@@ -299,7 +339,7 @@ fn image_kernels_do_what_they_say() {
     let cpu = CpuKernels::new(1);
     // A flat image: blur and resize keep it, Sobel finds no edge.
     let flat = Image { w: 8, h: 6, c: 3, data: vec![42.0; 8 * 6 * 3] };
-    for kern in paths() {
+    for kern in image_paths() {
         assert!(kern.gaussian_blur(&flat, 2.0).unwrap().data.iter().all(|v| (v - 42.0).abs() < 1e-3));
         assert!(kern.resize_bilinear(&flat, 3, 11).unwrap().data.iter().all(|v| (v - 42.0).abs() < 1e-3));
         assert!(kern.sobel(&flat).unwrap().data.iter().all(|v| v.abs() < 1e-3));
@@ -338,12 +378,12 @@ fn image_kernels_tiled_and_fallback_passes_match_the_cpu_twin() {
     for (w, h, c, sigma, th, tv, ts) in cases {
         let img = test_image(w, h, c, (w * 31 + h * 7 + c) as u64);
         let r = gaussian_weights(sigma).len() / 2;
-        let plan = ImagePlan::new(&img, 65535);
+        let plan = ImagePlan::new(&img, 65535, true);
         assert_eq!((plan.blur_h(r).is_some(), plan.blur_v(r).is_some(), plan.sobel().is_some()), (th, tv, ts), "{w}×{h}×{c} σ={sigma}");
         let blur = reference.gaussian_blur(&img, sigma).unwrap();
         let sob = reference.sobel(&img).unwrap();
         let down = reference.resize_bilinear(&img, (w / 3).max(1), (h / 2).max(1)).unwrap();
-        for kern in paths() {
+        for kern in image_paths() {
             let what = format!("{w}×{h}×{c} σ={sigma}");
             assert_close(kern, &format!("blur {what}"), &kern.gaussian_blur(&img, sigma).unwrap(), &blur, 1e-3);
             assert_close(kern, &format!("sobel {what}"), &kern.sobel(&img).unwrap(), &sob, 1e-2);
@@ -373,7 +413,7 @@ fn image_kernels_match_hand_computed_values() {
     }
     let mut blocks = Image { w: 200, h: 60, c: 3, data: Vec::new() };
     blocks.data = lcg(77, 200 * 60 * 3).into_iter().map(|v| (v + 1.0) * 100.0).collect();
-    for kern in paths() {
+    for kern in image_paths() {
         let name = kern.name();
         let blur = kern.gaussian_blur(&impulse, sigma as f32).unwrap();
         for y in 0..h {
@@ -457,7 +497,7 @@ proptest! {
         let img = test_image(w, h, c, seed);
         let cpu = CpuKernels::new(1);
         let (blur, sob) = (cpu.gaussian_blur(&img, sigma).unwrap(), cpu.sobel(&img).unwrap());
-        for kern in paths() {
+        for kern in image_paths() {
             assert_close(kern, "blur", &kern.gaussian_blur(&img, sigma).unwrap(), &blur, 1e-3);
             assert_close(kern, "sobel", &kern.sobel(&img).unwrap(), &sob, 1e-2);
         }
@@ -648,11 +688,15 @@ fn gemm_tuning_is_measured_cached_per_adapter_and_taken_at_start() {
     let dir = std::env::temp_dir().join(format!("weir-tune-{}", std::process::id()));
     let file = dir.join("gpu-tuning.json");
     std::fs::create_dir_all(&dir).unwrap();
-    let other = r#"{"0123456789abcdef": {"adapter": "Another GPU", "driver": "x 1", "tiled_min_work": 4096, "measured_at": 1}}"#;
+    let other = r#"{"0123456789abcdef": {"adapter": "Another GPU", "driver": "x 1", "tiled_min_work": 4096, "deep": true, "image_tiled": true, "measured_at": 1}}"#;
     std::fs::write(&file, other).unwrap();
     let g = GpuKernels::new(Arc::clone(&ctx));
     assert_eq!(g.gemm_tiled_min_work(), super::gpu::GEMM_TILED_MIN_WORK, "no tuning file: the built-in value");
-    let report = g.tune_gemm(&[64, 128], 1, Some(&file)).unwrap();
+    assert_eq!(g.image_tiled(), ctx.adapter.device_type != "Cpu", "untuned: image kernels tiled except on a CPU device");
+    assert!(!g.tuned());
+    let report = g.tune(&[64, 128], 1, Some(&file)).unwrap();
+    assert_eq!(report.image_rows.len(), 2, "Gaussian and Sobel measured");
+    assert_eq!(g.image_tiled(), report.tuning.image_tiled, "the image path applied");
     assert_eq!(report.rows.iter().map(|r| r.n).collect::<Vec<_>>(), vec![64, 128]);
     assert!(report.rows.iter().all(|r| r.small_ms > 0.0 && r.tiled_ms > 0.0 && r.deep_ms.is_none_or(|d| d > 0.0)), "{:?}", report.rows);
     assert_eq!(report.rows[1].deep_ms.is_some(), ctx.device.limits().max_compute_workgroup_storage_size >= 32 * 1024, "K steps of 16 measured where they fit");

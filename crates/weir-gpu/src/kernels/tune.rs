@@ -1,11 +1,14 @@
-//! Per-adapter tuning of the GEMM: the size from which the tiled kernel (128×128 tiles) beats
-//! the 64×64 one depends on the adapter (its cores, occupancy and memory), so it is measured on
-//! the adapter (`weir gpu tune`, or [`GpuKernels::tune_gemm`]) and cached in a file
+//! Per-adapter tuning: the size from which the tiled GEMM (128×128 tiles) beats the 64×64 one,
+//! its K step, and whether the image kernels gain from tiling through workgroup memory depend on
+//! the adapter (its cores, occupancy, caches; on a CPU "device" such as lavapipe workgroup memory
+//! is ordinary memory and tiling only adds barriers), so they are measured on the adapter (`weir
+//! gpu tune`, or [`GpuKernels::tune`]) and cached in a file
 //! (`weir.gpu.tuning.file`; default `$XDG_CACHE_HOME/weir/gpu-tuning.json`, else
 //! `~/.cache/weir/gpu-tuning.json`) under a key of the adapter, its driver and the kernels'
 //! source, so that a new driver or a changed kernel is measured again rather than trusted. A
-//! device opened with a cached entry takes its threshold; without one, the built-in
-//! [`GEMM_TILED_MIN_WORK`](super::gpu::GEMM_TILED_MIN_WORK).
+//! device opened with a cached entry takes its values; without one, the built-in ones:
+//! [`GEMM_TILED_MIN_WORK`](super::gpu::GEMM_TILED_MIN_WORK), K steps of 8, and tiled image
+//! kernels on every adapter but a CPU.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,6 +17,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::gpu::{GemmKernel, GpuKernels};
+use super::Image;
 use crate::device::AdapterDesc;
 use crate::GpuError;
 
@@ -26,7 +30,7 @@ pub fn default_tuning_file() -> Option<PathBuf> {
 
 /// One adapter's tuned values.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct GemmTuning {
+pub struct AdapterTuning {
     /// The adapter's name, for the reader of the file.
     pub adapter: String,
     /// Its driver and version.
@@ -36,6 +40,9 @@ pub struct GemmTuning {
     /// Whether the tiled kernel takes K steps of 16 (32 KiB of workgroup memory) rather than 8.
     #[serde(default)]
     pub deep: bool,
+    /// Whether the Gaussian and Sobel kernels run tiled through workgroup memory.
+    #[serde(default)]
+    pub image_tiled: bool,
     /// When it was measured (seconds since the Unix epoch).
     pub measured_at: u64,
 }
@@ -52,16 +59,16 @@ fn fnv1a(parts: &[&str]) -> u64 {
     h
 }
 
-/// The key of an adapter's entry: its name, driver and the GEMM kernels' source.
+/// The key of an adapter's entry: its name, driver and the tuned kernels' source.
 pub(crate) fn tuning_key(adapter: &AdapterDesc) -> String {
-    let sources = super::gpu::gemm_sources();
+    let sources = super::gpu::tuned_sources();
     let mut parts = vec![adapter.name.as_str(), adapter.driver.as_str()];
     parts.extend(sources.iter().copied());
     format!("{:016x}", fnv1a(&parts))
 }
 
 /// The entries of a tuning file; an empty map where there is none.
-fn read_file(path: &Path) -> Result<BTreeMap<String, GemmTuning>, String> {
+fn read_file(path: &Path) -> Result<BTreeMap<String, AdapterTuning>, String> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
@@ -71,7 +78,7 @@ fn read_file(path: &Path) -> Result<BTreeMap<String, GemmTuning>, String> {
 
 /// The cached tuning of `adapter` in `path`, if any. A file that cannot be read or parsed is
 /// logged (naming it) and ignored: the built-in values are always correct, only slower.
-pub(crate) fn cached(path: &Path, adapter: &AdapterDesc) -> Option<GemmTuning> {
+pub(crate) fn cached(path: &Path, adapter: &AdapterDesc) -> Option<AdapterTuning> {
     match read_file(path) {
         Ok(mut entries) => entries.remove(&tuning_key(adapter)),
         Err(e) => {
@@ -83,7 +90,7 @@ pub(crate) fn cached(path: &Path, adapter: &AdapterDesc) -> Option<GemmTuning> {
 
 /// Store `tuning` for `adapter` in `path`, keeping the other adapters' entries: written to a
 /// temporary file, synced and renamed over the old one, so a reader never sees half a file.
-fn store(path: &Path, adapter: &AdapterDesc, tuning: &GemmTuning) -> Result<(), GpuError> {
+fn store(path: &Path, adapter: &AdapterDesc, tuning: &AdapterTuning) -> Result<(), GpuError> {
     let io = |e: std::io::Error| GpuError::Device(format!("GPU tuning file {}: {e}", path.display()));
     let mut entries = read_file(path).unwrap_or_default();
     entries.insert(tuning_key(adapter), tuning.clone());
@@ -124,10 +131,12 @@ impl TuneRow {
 /// What a tuning pass measured, and the values chosen.
 #[derive(Clone, Debug)]
 pub struct TuneReport {
-    /// Per size, in increasing order.
+    /// Per GEMM size, in increasing order.
     pub rows: Vec<TuneRow>,
+    /// Per image kernel: its name, ms per value and ms tiled (median of the repetitions).
+    pub image_rows: Vec<(String, f64, f64)>,
     /// The threshold chosen (m·n·k).
-    pub tuning: GemmTuning,
+    pub tuning: AdapterTuning,
     /// Where it was stored, if anywhere.
     pub file: Option<PathBuf>,
 }
@@ -157,32 +166,40 @@ impl GpuKernels {
         self.ctx.gemm_deep.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Whether this device's GEMM choices come from a tuning pass (cached or run here).
-    pub fn gemm_tuned(&self) -> bool {
-        self.ctx.gemm_tuned.load(std::sync::atomic::Ordering::Relaxed)
+    /// Whether the Gaussian and Sobel kernels run tiled through workgroup memory on this device.
+    pub fn image_tiled(&self) -> bool {
+        self.ctx.image_tiled.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Measure the GEMM kernels on square products of `sizes` (increasing; multiples of 4 take
-    /// the vec4 variants): the 64×64 kernel and the tiled one with K steps of 8 and, where the
-    /// device admits 32 KiB of workgroup memory, of 16; `reps` times each after a warm-up.
-    /// Choose the threshold and the K step (the faster at the largest size), apply them to this
-    /// device and store them in `file` (if given) for the devices opened later.
-    pub fn tune_gemm(&self, sizes: &[usize], reps: usize, file: Option<&Path>) -> Result<TuneReport, GpuError> {
+    /// Whether this device's choices come from a tuning pass (cached or run here).
+    pub fn tuned(&self) -> bool {
+        self.ctx.tuned.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Measure the kernels whose variant is chosen per adapter, `reps` times each after a
+    /// warm-up (the median counts): GEMM on square products of `sizes` (increasing; multiples of
+    /// 4 take the vec4 variants) through the 64×64 kernel and the tiled one with K steps of 8
+    /// and, where the device admits 32 KiB of workgroup memory, of 16; the Gaussian (σ = 2) and
+    /// Sobel on a 1280×720 RGB image, tiled and per value. Choose the GEMM threshold, the K step
+    /// (the faster at the largest size) and the image path (the faster in total), apply them to
+    /// this device and store them in `file` (if given) for the devices opened later.
+    pub fn tune(&self, sizes: &[usize], reps: usize, file: Option<&Path>) -> Result<TuneReport, GpuError> {
+        let median = |f: &dyn Fn() -> Result<(), GpuError>| -> Result<f64, GpuError> {
+            f()?;
+            let mut times: Vec<f64> = (0..reps.max(1))
+                .map(|_| {
+                    let t = Instant::now();
+                    f().map(|_| t.elapsed().as_secs_f64() * 1e3)
+                })
+                .collect::<Result<_, _>>()?;
+            times.sort_by(f64::total_cmp);
+            Ok(times[times.len() / 2])
+        };
         let mut rows = Vec::with_capacity(sizes.len());
         for &n in sizes {
             let a: Vec<f32> = (0..n * n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
             let vec4 = GemmKernel::Tiled { vec4: true, deep: false }.admits(n, n);
-            let time = |kernel: GemmKernel| -> Result<f64, GpuError> {
-                self.gemm_with(kernel, &a, &a, n, n, n).wait()?;
-                let mut times: Vec<f64> = (0..reps.max(1))
-                    .map(|_| {
-                        let t = Instant::now();
-                        self.gemm_with(kernel, &a, &a, n, n, n).wait().map(|_| t.elapsed().as_secs_f64() * 1e3)
-                    })
-                    .collect::<Result<_, _>>()?;
-                times.sort_by(f64::total_cmp);
-                Ok(times[times.len() / 2])
-            };
+            let time = |kernel: GemmKernel| median(&|| self.gemm_with(kernel, &a, &a, n, n, n).wait().map(drop));
             let deep = GemmKernel::Tiled { vec4, deep: true };
             rows.push(TuneRow {
                 n,
@@ -191,17 +208,28 @@ impl GpuKernels {
                 deep_ms: if self.gemm_fits(deep) { Some(time(deep)?) } else { None },
             });
         }
+        let (w, h) = (1280, 720);
+        let img = Image { w, h, c: 3, data: (0..w * h * 3).map(|i| ((i * 7919) % 256) as f32).collect() };
+        let mut image_rows = Vec::new();
+        for name in ["gaussian σ=2 1280×720 rgb", "sobel 1280×720 rgb"] {
+            let run = |tiled: bool| {
+                median(&|| if name.starts_with("sobel") { self.sobel_with(&img, tiled) } else { self.gaussian_blur_with(&img, 2.0, tiled) }.wait().map(drop))
+            };
+            image_rows.push((name.to_string(), run(false)?, run(true)?));
+        }
+        let image_tiled = image_rows.iter().map(|r| r.2).sum::<f64>() <= image_rows.iter().map(|r| r.1).sum::<f64>();
         let measured_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let adapter = &self.ctx.adapter;
         let deep = rows.last().and_then(|r| r.deep_ms.map(|d| d < r.tiled_ms)).unwrap_or(false);
         let tiled_min_work = threshold(&rows.iter().map(|r| (r.n, r.small_ms, r.best_tiled())).collect::<Vec<_>>());
-        let tuning = GemmTuning { adapter: adapter.name.clone(), driver: adapter.driver.clone(), tiled_min_work, deep, measured_at };
+        let tuning = AdapterTuning { adapter: adapter.name.clone(), driver: adapter.driver.clone(), tiled_min_work, deep, image_tiled, measured_at };
         self.ctx.gemm_tiled_min_work.store(tuning.tiled_min_work, std::sync::atomic::Ordering::Relaxed);
         self.ctx.gemm_deep.store(tuning.deep, std::sync::atomic::Ordering::Relaxed);
-        self.ctx.gemm_tuned.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.ctx.image_tiled.store(tuning.image_tiled, std::sync::atomic::Ordering::Relaxed);
+        self.ctx.tuned.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(f) = file {
             store(f, adapter, &tuning)?;
         }
-        Ok(TuneReport { rows, tuning, file: file.map(Path::to_path_buf) })
+        Ok(TuneReport { rows, image_rows, tuning, file: file.map(Path::to_path_buf) })
     }
 }
