@@ -99,6 +99,25 @@ impl GpuKernels {
         r
     }
 
+    /// Whether this device ends an invocation's loops early: Mesa's llvmpipe (lavapipe, a CPU
+    /// device) silently stops them after 65,535 iterations in all, leaving wrong results.
+    pub(crate) fn loops_capped(&self) -> bool {
+        self.ctx.adapter.device_type == format!("{:?}", wgpu::DeviceType::Cpu)
+    }
+
+    /// Refuse work of `iterations` loop iterations per invocation on a device that would end
+    /// them early ([`GpuKernels::loops_capped`]), naming `what`; Ok elsewhere.
+    pub(crate) fn check_loops(&self, iterations: usize, what: &str) -> Result<(), GpuError> {
+        if self.loops_capped() && iterations > LOOP_BUDGET {
+            return Err(GpuError::Input(format!(
+                "{what}: {iterations} loop iterations per GPU invocation; {} ({}) ends an invocation's loops after 65,535, \
+                 which would give wrong results: use a smaller shape, or the CPU path (weir.gpu.enabled: false)",
+                self.ctx.adapter.name, self.ctx.adapter.driver
+            )));
+        }
+        Ok(())
+    }
+
     /// The compiled pipeline of `entry`, with an explicit layout of `bindings` read-write storage
     /// buffers (an automatic layout would drop the bindings an entry point does not use).
     pub(crate) fn pipeline(&self, key: &'static str, src: &'static str, entry: &'static str, bindings: u32) -> Arc<wgpu::ComputePipeline> {
@@ -173,8 +192,16 @@ impl Kernels for GpuKernels {
         if nw == 0 || nh == 0 {
             return Pending::ready(Err(GpuError::Input(format!("resize to {nw}×{nh}"))));
         }
-        let (gx, gy) = grid(nw * nh);
-        self.image_passes(img, nw, nh, &[0.0], 0, &[("image_resize_px", "resize_px", gx, gy)])
+        // One invocation per pixel loops over its channels: per value beyond a few (lavapipe
+        // ends loops after 65,535 iterations; on a GPU long loops idle the other invocations).
+        let pass = if img.c <= RESIZE_PX_MAX_CHANNELS {
+            let (gx, gy) = grid(nw * nh);
+            ("image_resize_px", "resize_px", gx, gy)
+        } else {
+            let (gx, gy) = grid(nw * nh * img.c);
+            ("image_resize", "resize", gx, gy)
+        };
+        self.image_passes(img, nw, nh, &[0.0], 0, &[pass])
     }
 
     fn gaussian_blur_async(&self, img: &Image, sigma: f32) -> Pending<Image> {
@@ -216,6 +243,14 @@ impl Kernels for GpuKernels {
         )
     }
 }
+
+/// K per product on a device that ends loops early (a multiple of 4: the vec4 kernel's K parts
+/// stay aligned).
+const GEMM_CAPPED_K: usize = 32_768;
+
+/// Loop iterations per invocation allowed on a device that ends loops after 65,535 in all
+/// (lavapipe), with a margin for a kernel's short loops (tile loads, zeroing).
+pub(crate) const LOOP_BUDGET: usize = 60_000;
 
 /// Points per block of the K-means update (`slice` in kmeans.wgsl): one workgroup's share in the
 /// reduction; every shader loop stays far below llvmpipe's 65,535 iterations, and a submission's
@@ -350,6 +385,22 @@ impl GpuKernels {
         if m == 0 || n == 0 {
             return Pending::ready(Ok(vec![0.0; m * n]));
         }
+        // lavapipe ends an invocation's loops after 65,535 iterations (about 1.25 per k): split
+        // a long K into products of at most GEMM_CAPPED_K and add them on the host.
+        if self.loops_capped() && k > GEMM_CAPPED_K {
+            let parts = (0..k).step_by(GEMM_CAPPED_K).map(|k0| {
+                let kc = GEMM_CAPPED_K.min(k - k0);
+                let a_part: Vec<f32> = a.chunks_exact(k).flat_map(|row| &row[k0..k0 + kc]).copied().collect();
+                self.gemm_with(kernel, &a_part, &b[k0 * n..(k0 + kc) * n], m, n, kc)
+            });
+            return Pending::all(parts.collect()).map(move |cs: Vec<Vec<f32>>| {
+                let mut c = vec![0f32; m * n];
+                for part in cs {
+                    c.iter_mut().zip(part).for_each(|(x, y)| *x += y);
+                }
+                c
+            });
+        }
         let limits = self.engine.limits();
         let tile = kernel.tile();
         // B is bound whole and its column tiles are the dispatch's x: only rows split.
@@ -441,6 +492,7 @@ impl GpuKernels {
     /// added steps.
     pub fn kmeans_lloyd_step_async(&self, points: &[f32], centroids: &[f32], d: usize) -> Pending<(KmeansStep, Vec<f32>)> {
         let (n, k) = checked!(check_kmeans(points, centroids, d));
+        checked!(self.check_loops(k * (d + 1), "kmeans: assigning a point to k centroids of d dimensions (k·(d + 1))"));
         let limits = self.engine.limits();
         // Centroids and sums are bound whole; the reduction runs one invocation per
         // (centroid, dimension): only points split.
@@ -491,6 +543,9 @@ pub(crate) fn grid(len: usize) -> (u32, u32) {
     let g = len.div_ceil(64);
     (g.min(65535) as u32, g.div_ceil(65535) as u32)
 }
+
+/// Channels up to which resize runs one invocation per pixel (`resize_px`), else per value.
+pub(crate) const RESIZE_PX_MAX_CHANNELS: usize = 64;
 
 /// Floats of workgroup memory of image.wgsl's tiled passes (`tile`): 16 KiB.
 const IMAGE_TILE_FLOATS: usize = 4096;
@@ -556,6 +611,7 @@ impl GpuKernels {
         checked!(img.check());
         let weights = gaussian_weights(sigma);
         let r = weights.len() / 2;
+        checked!(self.check_loops(2 * r + 64, &format!("gaussian blur σ = {sigma} (radius {r})")));
         let plan = ImagePlan::new(img, self.engine.limits().max_groups as usize, tiled);
         let (h, v) = (plan.blur_h(r), plan.blur_v(r));
         let th = v.map_or(0, |_| IMAGE_TILE_ROWS - 2 * r);

@@ -714,3 +714,67 @@ fn gemm_tuning_is_measured_cached_per_adapter_and_taken_at_start() {
     assert_eq!(fresh.gemm_tiled_min_work(), super::gpu::GEMM_TILED_MIN_WORK);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A point whose distances to the centroids come near f32::MAX: the GPU started its search at
+/// 3.4e38, below f32::MAX, where the CPU path starts, so the two took different centroids
+/// (the device kept centroid 0, at an infinite distance). Both now take centroid 1.
+#[test]
+fn kmeans_distances_near_f32_max_pick_the_same_centroid_on_every_path() {
+    // (−2e19)² overflows to ∞; 1.8442e19² ≈ 3.4011e38 lies between 3.4e38 and f32::MAX.
+    let (points, centroids) = ([0.0f32], [-2e19f32, 1.8442e19]);
+    for kern in paths() {
+        let step = kern.kmeans_step(&points, &centroids, 1).unwrap();
+        assert_eq!(step.counts, vec![0, 1], "{}: the point goes to centroid 1", kern.name());
+    }
+}
+
+/// lavapipe ends an invocation's loops after 65,535 iterations: a GEMM with a longer K gave
+/// wrong sums there (52,429 for k = 530,000 ones). K is now split on such a device.
+#[test]
+fn gemm_with_a_k_beyond_the_loop_limit_is_exact_on_every_kernel() {
+    use super::gpu::GemmKernel;
+    let Some(g) = gpu() else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
+    let (m, n, k) = (3, 8, 70_004);
+    let ones = vec![1.0f32; m.max(n) * k];
+    let kernels = [GemmKernel::Small, GemmKernel::Tiled { vec4: false, deep: false }, GemmKernel::Tiled { vec4: true, deep: true }];
+    for kernel in kernels.into_iter().filter(|&x| g.gemm_fits(x)) {
+        let c = g.gemm_with(kernel, &ones[..m * k], &ones[..k * n], m, n, k).wait().unwrap();
+        assert!(c.iter().all(|&v| v == k as f32), "{kernel:?}: {:?}, expected {k} everywhere", &c[..4]);
+    }
+    let (a, b) = (lcg(5, m * k), lcg(6, k * n));
+    let got = g.gemm(&a, &b, m, n, k).unwrap();
+    for (i, (x, w)) in got.iter().zip(naive_gemm(&a, &b, m, n, k)).enumerate() {
+        assert!((*x as f64 - w).abs() <= 1e-5 * k as f64, "C[{}][{}] = {x}, expected {w}", i / n, i % n);
+    }
+}
+
+/// Resize one invocation per pixel looped over the channels, beyond lavapipe's loop limit at
+/// 65,536 channels (the last channel came out 0): many channels resize per value.
+#[test]
+fn resize_of_an_image_with_many_channels_matches_the_cpu() {
+    let c = 65_600;
+    let img = Image { w: 2, h: 1, c, data: (0..2 * c).map(|i| (i % 7) as f32).collect() };
+    let want = CpuKernels::new(1).resize_bilinear(&img, 3, 1).unwrap();
+    for kern in paths() {
+        assert_close(kern, "resize 2×1×65600 → 3×1", &kern.resize_bilinear(&img, 3, 1).unwrap(), &want, 1e-4);
+    }
+}
+
+/// Work that would run past lavapipe's loop limit is refused with an error naming the shape and
+/// the way out, never computed wrong; on other devices it runs.
+#[test]
+fn work_beyond_the_loop_limit_is_refused_on_a_device_that_has_one() {
+    let Some(g) = gpu() else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
+    let (k, d) = (256, 300);
+    let (points, centroids) = (lcg(1, 10 * d), lcg(2, k * d));
+    match g.kmeans_step(&points, &centroids, d) {
+        Err(e) => {
+            assert!(g.loops_capped(), "refused on a device without the limit: {e}");
+            assert!(e.to_string().contains("65,535") && e.to_string().contains("weir.gpu.enabled"), "{e}");
+        }
+        Ok(step) => {
+            assert!(!g.loops_capped(), "lavapipe computed past its loop limit");
+            assert_eq!(step, CpuKernels::new(1).kmeans_step(&points, &centroids, d).unwrap());
+        }
+    }
+}

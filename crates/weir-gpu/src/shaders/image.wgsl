@@ -1,7 +1,7 @@
 // Image kernels on f32 images, interleaved channels (row-major H × W × C), clamp-to-edge.
 // dims: w, h, c, nw, nh, radius, rows of output per blur_v_tiled workgroup.
 // Resize runs one invocation per output pixel (resize_px, pixel centres aligned: align_corners =
-// false). The tiled entry points (blur_h_tiled, blur_v_tiled, sobel_tiled) are the ones used; the
+// false), per value beyond 64 channels (resize). The tiled entry points (blur_h_tiled, blur_v_tiled, sobel_tiled) are the ones used; the
 // per-value ones below them are the fallbacks for shapes whose tile exceeds workgroup memory
 // (a radius over 24, more than 81 channels) or the dispatch limits.
 
@@ -129,6 +129,25 @@ fn sobel_tiled(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_
         let gy = (p02 + 2.0 * p12 + p22) - (p00 + 2.0 * p10 + p20);
         dst[y * wc + f] = sqrt(gx * gx + gy * gy);
     }
+}
+
+// Bilinear resize, one invocation per output value (images of more than 64 channels).
+@compute @workgroup_size(64)
+fn resize(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let w = dims[0]; let h = dims[1]; let c = dims[2]; let nw = dims[3]; let nh = dims[4];
+    let i = gid.x + gid.y * 65535u * 64u;
+    if (i >= nw * nh * c) { return; }
+    let ch = i % c;
+    let x = (i / c) % nw;
+    let y = i / (c * nw);
+    let sx = clamp((f32(x) + 0.5) * f32(w) / f32(nw) - 0.5, 0.0, f32(w - 1u));
+    let sy = clamp((f32(y) + 0.5) * f32(h) / f32(nh) - 0.5, 0.0, f32(h - 1u));
+    let x0 = u32(floor(sx)); let y0 = u32(floor(sy));
+    let x1 = min(x0 + 1u, w - 1u); let y1 = min(y0 + 1u, h - 1u);
+    let fx = sx - f32(x0); let fy = sy - f32(y0);
+    let top = src[(y0 * w + x0) * c + ch] * (1.0 - fx) + src[(y0 * w + x1) * c + ch] * fx;
+    let bot = src[(y1 * w + x0) * c + ch] * (1.0 - fx) + src[(y1 * w + x1) * c + ch] * fx;
+    dst[i] = top * (1.0 - fy) + bot * fy;
 }
 
 // Separable Gaussian: horizontal pass src → tmp, vertical pass tmp → dst.

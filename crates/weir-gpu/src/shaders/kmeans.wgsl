@@ -38,7 +38,7 @@ fn assign(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     let p = gid.y * groups.x * 64u + gid.x;
     if (p >= n) { return; }
     var best = 0u;
-    var best_dist = 3.4e38;
+    var best_dist = bitcast<f32>(0x7f7fffffu); // f32::MAX, as the CPU path starts
     for (var c = 0u; c < k; c++) {
         var dist = 0.0;
         for (var j = 0u; j < d; j++) {
@@ -65,7 +65,7 @@ fn assign_tiled(
     // No return before the barrier: it must be reached by the whole workgroup.
     if (p < n) {
         var best = 0u;
-        var best_dist = 3.4e38;
+        var best_dist = bitcast<f32>(0x7f7fffffu); // f32::MAX, as the CPU path starts
         for (var c = 0u; c < k; c++) {
             var dist = 0.0;
             for (var j = 0u; j < d; j++) {

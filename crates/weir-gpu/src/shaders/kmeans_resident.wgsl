@@ -9,12 +9,13 @@
 // every coordinate is read once, by one invocation, and added in the CPU twin's order.
 // `partial` is the fallback beyond workgroup memory: one invocation per (chunk, centroid, value)
 // scans the chunk.
-// `update`: one invocation per (key, centroid) adds up its chunks' partial sums and moves the
-// centroid toward their mean by count / (seen + count) (Sculley's per-centre rate), in place; it
-// marks the chunks of the arena it writes in the dirty map and copies the updated centroid and
-// count to `out`.
-// No invocation loops over more than a chunk of points: loops stay far below the 65,535
-// iterations after which Mesa's llvmpipe (lavapipe) stops a loop.
+// `update_values`: one invocation per (key, centroid, value) adds up its chunks' partial sums and
+// moves the value toward their mean by count / (seen + count) (Sculley's per-centre rate), in
+// place; `update_counts`, one invocation per (key, centroid), then adds the count. Both mark the
+// chunks of the arena they write in the dirty map and copy what they wrote to `out`.
+// Mesa's llvmpipe (lavapipe) silently ends an invocation's loops after 65,535 iterations in all:
+// an invocation loops over at most a chunk of points (assign: k·d; update: twice the key's
+// chunks), and state/kmeans.rs refuses launches beyond that on such a device.
 
 @group(0) @binding(0) var<storage, read_write> points: array<f32>;   // n × d, grouped by key
 @group(0) @binding(1) var<storage, read_write> segs: array<u32>;     // per key: slot word, first point, points, first chunk; per point: its key; per chunk: key, first point, points, 0
@@ -41,7 +42,7 @@ fn assign(@builtin(global_invocation_id) gid: vec3<u32>) {
     let j = segs[keys * 4u + p];
     let cents = segs[j * 4u] + 4u;
     var best = 0u;
-    var best_dist = 3.4e38;
+    var best_dist = bitcast<f32>(0x7f7fffffu); // f32::MAX, as the CPU path starts
     for (var c = 0u; c < k; c++) {
         var dist = 0.0;
         for (var x = 0u; x < d; x++) {
@@ -99,15 +100,49 @@ fn partial_tiled(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id)
     }
 }
 
+// `update_values` runs before `update_counts` (a later dispatch): it reads the counts that
+// `update_counts` then overwrites.
 @compute @workgroup_size(64)
-fn update(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let keys = dims[0]; let n = dims[1]; let k = dims[2]; let d = dims[3]; let chunk = dims[4];
+fn update_values(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let n = dims[1]; let k = dims[2]; let d = dims[3]; let chunk = dims[4];
     let id = flat(gid);
-    if (id >= keys * k) { return; }
-    let j = id / k; let c = id % k;
+    if (id >= dims[0] * k * d) { return; }
+    let x = id % d; let jc = id / d; let j = jc / k; let c = jc % k;
     let base = segs[j * 4u]; let len = segs[j * 4u + 2u]; let q0 = segs[j * 4u + 3u];
     let qn = (len + CHUNK - 1u) / CHUNK;
     let cent = base + 4u + c * d;
+    let count_at = base + 4u + k * d + c;
+    let o = jc * (d + 1u);
+    var cnt = 0u;
+    for (var q = q0; q < q0 + qn; q++) {
+        cnt += u32(bitcast<f32>(scratch[n + (q * k + c) * (d + 1u) + d]));
+    }
+    if (cnt == 0u) {
+        out[o + 1u + x] = arena[cent + x];
+        return;
+    }
+    let seen = arena[count_at] + cnt;
+    let eta = f32(cnt) / f32(seen);
+    var s = 0.0;
+    for (var q = q0; q < q0 + qn; q++) {
+        s += bitcast<f32>(scratch[n + (q * k + c) * (d + 1u) + x]);
+    }
+    let mean = s / f32(cnt);
+    let old = bitcast<f32>(arena[cent + x]);
+    let v = old + eta * (mean - old);
+    arena[cent + x] = bitcast<u32>(v);
+    out[o + 1u + x] = bitcast<u32>(v);
+    dirty[(cent + x) / chunk] = 1u;
+}
+
+@compute @workgroup_size(64)
+fn update_counts(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let n = dims[1]; let k = dims[2]; let d = dims[3]; let chunk = dims[4];
+    let id = flat(gid);
+    if (id >= dims[0] * k) { return; }
+    let j = id / k; let c = id % k;
+    let base = segs[j * 4u]; let len = segs[j * 4u + 2u]; let q0 = segs[j * 4u + 3u];
+    let qn = (len + CHUNK - 1u) / CHUNK;
     let count_at = base + 4u + k * d + c;
     let o = id * (d + 1u);
     var cnt = 0u;
@@ -116,23 +151,9 @@ fn update(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     if (cnt == 0u) {
         out[o] = arena[count_at];
-        for (var x = 0u; x < d; x++) { out[o + 1u + x] = arena[cent + x]; }
         return;
     }
     let seen = arena[count_at] + cnt;
-    let eta = f32(cnt) / f32(seen);
-    for (var x = 0u; x < d; x++) {
-        var s = 0.0;
-        for (var q = q0; q < q0 + qn; q++) {
-            s += bitcast<f32>(scratch[n + (q * k + c) * (d + 1u) + x]);
-        }
-        let mean = s / f32(cnt);
-        let old = bitcast<f32>(arena[cent + x]);
-        let v = old + eta * (mean - old);
-        arena[cent + x] = bitcast<u32>(v);
-        out[o + 1u + x] = bitcast<u32>(v);
-        dirty[(cent + x) / chunk] = 1u;
-    }
     arena[count_at] = seen;
     out[o] = seen;
     dirty[count_at / chunk] = 1u;

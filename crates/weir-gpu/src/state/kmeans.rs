@@ -89,6 +89,14 @@ pub fn step(arena: &mut StateArena, shape: KmeansShape, slots: &[u32], starts: &
         return Pending::ready(Ok(cpu_step(words, dirty, chunk, shape, &bases, starts, points)));
     }
     let Some((kernels, _)) = arena.device() else { unreachable!("an arena is on the host or on the device") };
+    // An invocation's loops: assign k·d, update twice the chunks of its key's points.
+    let most_points = starts.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    if let Err(e) = kernels.check_loops(k * (d + 1), "kmeans: assigning a point to k centroids of d dimensions (k·(d + 1))") {
+        return Pending::ready(Err(e));
+    }
+    if let Err(e) = kernels.check_loops(2 * most_points.div_ceil(POINT_CHUNK) as usize, "kmeans: one key's points in one batch (lower weir.gpu.batch.max-records)") {
+        return Pending::ready(Err(e));
+    }
     // Keep every binding of a launch within the device's largest storage binding: split the
     // keys into launches (they run in submission order, like one).
     let max = kernels.engine.limits().max_binding;
@@ -184,7 +192,8 @@ fn launch(arena: &StateArena, shape: KmeansShape, bases: &[u32], starts: &[u32],
     let dims = [keys as u32, n as u32, k as u32, d as u32, chunk as u32, chunks as u32, lanes as u32, 0];
     let out_words = keys * k * (d + 1);
     let assign = kernels.pipeline("kmeans_resident_assign", SHADER, "assign", 7);
-    let update = kernels.pipeline("kmeans_resident_update", SHADER, "update", 7);
+    let values = kernels.pipeline("kmeans_resident_update_values", SHADER, "update_values", 7);
+    let counts = kernels.pipeline("kmeans_resident_update_counts", SHADER, "update_counts", 7);
     let (ax, ay) = crate::kernels::gpu::grid(n);
     // Chunks reduced in workgroup memory where a lane's sums fit; else an invocation per sum.
     let (partial, px, py) = if lanes > 0 {
@@ -194,6 +203,7 @@ fn launch(arena: &StateArena, shape: KmeansShape, bases: &[u32], starts: &[u32],
         let (px, py) = crate::kernels::gpu::grid(chunks * k * (d + 1));
         (kernels.pipeline("kmeans_resident_partial", SHADER, "partial", 7), px, py)
     };
+    let (vx, vy) = crate::kernels::gpu::grid(keys * k * d);
     let (ux, uy) = crate::kernels::gpu::grid(keys * k);
     kernels.engine.submit(
         &[
@@ -205,7 +215,7 @@ fn launch(arena: &StateArena, shape: KmeansShape, bases: &[u32], starts: &[u32],
             Bind::Out((out_words * 4) as u64),
             Bind::In(bytemuck::cast_slice(&dims)),
         ],
-        &[(assign, ax, ay), (partial, px, py), (update, ux, uy)],
+        &[(assign, ax, ay), (partial, px, py), (values, vx, vy), (counts, ux, uy)],
         5,
         move |bytes| Ok(KmeansModels { shape, words: bytemuck::pod_collect_to_vec(&bytes[..out_words * 4]) }),
     )

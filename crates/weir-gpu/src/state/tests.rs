@@ -308,3 +308,49 @@ fn partial_sums_in_workgroup_memory_and_beyond_match_the_host_exactly() {
         }
     }
 }
+
+/// The resident step near f32::MAX and beyond lavapipe's loop limit: the device picks the
+/// host's centroid (it started its search below f32::MAX), and a launch whose loops would run
+/// past the limit is refused, naming the setting to lower, instead of updating models wrong
+/// (one key of 2 M points made each update invocation loop over 7,813 chunks × 9 values).
+#[test]
+fn resident_steps_agree_near_f32_max_and_refuse_work_past_the_loop_limit() {
+    let Some(g) = gpu() else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
+    let shape = KmeansShape { k: 2, d: 1 };
+    let mut host = StateArena::new(ArenaLayout::new(shape.words()), None, "h").unwrap();
+    let mut dev = StateArena::new(ArenaLayout::new(shape.words()), Some(g), "d").unwrap();
+    host.alloc_slot(&shape.init_slot(&[-2e19, 1.8442e19])).unwrap();
+    dev.alloc_slot(&shape.init_slot(&[-2e19, 1.8442e19])).unwrap();
+    let h = models(&mut host, shape, &[0], &[0, 1], &[0.0]);
+    assert_eq!(h[0][1], (1, vec![0.0]), "the host moves centroid 1 onto the point");
+    assert_eq!(models(&mut dev, shape, &[0], &[0, 1], &[0.0]), h);
+    // One key with 2 M points of 8 dimensions in one launch: each update invocation loops
+    // over the key's 7,813 chunks twice (it looped over them 9 times, past the limit).
+    let shape = KmeansShape { k: 2, d: 8 };
+    let mut host = StateArena::new(ArenaLayout::new(shape.words()), None, "h2").unwrap();
+    let mut dev = StateArena::new(ArenaLayout::new(shape.words()), Some(g), "d2").unwrap();
+    let init: Vec<f32> = (0..16).map(|i| i as f32).collect();
+    host.alloc_slot(&shape.init_slot(&init)).unwrap();
+    dev.alloc_slot(&shape.init_slot(&init)).unwrap();
+    let n = 2_000_000u32;
+    let points: Vec<f32> = (0..n as usize * 8).map(|i| ((i * 7919) % 1000) as f32 / 100.0).collect();
+    let h = models(&mut host, shape, &[0], &[0, n], &points);
+    assert_eq!(h[0].iter().map(|c| c.0).sum::<u32>(), n);
+    assert_eq!(models(&mut dev, shape, &[0], &[0, n], &points), h, "2 M points of one key: device and host agree");
+    // 8 M points of one key: 31,250 chunks, twice: past the budget on lavapipe.
+    let shape = KmeansShape { k: 2, d: 1 };
+    let mut dev = StateArena::new(ArenaLayout::new(shape.words()), Some(g), "d3").unwrap();
+    dev.alloc_slot(&shape.init_slot(&[0.0, 5.0])).unwrap();
+    let n = 8_000_000u32;
+    let points = vec![1.0f32; n as usize];
+    match step(&mut dev, shape, &[0], &[0, n], &points).wait() {
+        Err(e) => {
+            assert!(g.loops_capped(), "refused on a device without the limit: {e}");
+            assert!(e.to_string().contains("weir.gpu.batch.max-records") && e.to_string().contains("65,535"), "{e}");
+        }
+        Ok(m) => {
+            assert!(!g.loops_capped(), "lavapipe updated past its loop budget");
+            assert_eq!(m.centroid(0, 0).0, n, "every point counted");
+        }
+    }
+}
