@@ -251,9 +251,7 @@ fn stream_kmeans(gpu: &GpuKernels, pts: &[f32], cents: &[f32], d: usize, batches
     (serial, piped)
 }
 
-/// `weir bench gpu`: the cases of `sizes` (the `default` preset when empty), each on one CPU
-/// core, all cores and the GPU; then the headline targets where their sizes ran, a
-/// stream of K-means batches (when any K-means size ran) and the pool's allocations.
+/// `weir gpu tune`'s arguments.
 #[derive(clap::Args)]
 pub struct TuneArgs {
     /// The adapter (`weir.gpu.device`: index or name substring; default: the one `auto` selects).
@@ -302,6 +300,9 @@ pub fn tune(args: TuneArgs) -> Result<()> {
     Ok(())
 }
 
+/// `weir bench gpu`: the cases of `sizes` (the `default` preset when empty), each on one CPU
+/// core, all cores and the GPU; then the headline targets where their sizes ran, a
+/// stream of K-means batches (when any K-means size ran) and the pool's allocations.
 pub fn bench(device: Option<String>, sizes: &[Sizes]) -> Result<()> {
     let cases: BTreeSet<Case> = if sizes.is_empty() {
         preset("default").unwrap_or_default().into_iter().collect()

@@ -466,7 +466,7 @@ impl JobMonitor {
             failure: None,
             restarts: 0,
             processes: 1,
-            parallelism: config.parallelism as u32,
+            parallelism: config.parallelism,
             vertices: Vec::new(),
             checkpoints: CheckpointsView::default(),
             gpu: None,

@@ -299,7 +299,7 @@ impl GemmKernel {
 
     /// Whether the kernel computes an m×n×k product: the vec4 ones need k and n multiples of 4.
     pub(crate) fn admits(self, n: usize, k: usize) -> bool {
-        !matches!(self, GemmKernel::Tiled { vec4: true, .. }) || (n % 4 == 0 && k % 4 == 0 && n > 0 && k > 0)
+        !matches!(self, GemmKernel::Tiled { vec4: true, .. }) || (n.is_multiple_of(4) && k.is_multiple_of(4) && n > 0 && k > 0)
     }
 
     /// Bytes of workgroup memory.

@@ -778,3 +778,40 @@ fn work_beyond_the_loop_limit_is_refused_on_a_device_that_has_one() {
         }
     }
 }
+
+/// Writers of the tuning file at once (two `weir gpu tune` on two adapters) keep every entry:
+/// the read-modify-write holds a lock, and each writer has a temporary file of its own.
+#[test]
+fn concurrent_tuning_writers_keep_every_adapter_entry() {
+    use super::tune::{cached, store, AdapterTuning};
+    let dir = std::env::temp_dir().join(format!("weir-tune-race-{}", std::process::id()));
+    let file = dir.join("gpu-tuning.json");
+    let adapter = |i: usize| crate::AdapterDesc {
+        index: i,
+        name: format!("GPU {i}"),
+        vendor: "test".into(),
+        device_type: "DiscreteGpu".into(),
+        backend: "Vulkan".into(),
+        driver: "test 1".into(),
+        max_buffer_size: 1 << 30,
+        max_storage_binding: 1 << 27,
+        unified_memory: false,
+    };
+    std::thread::scope(|s| {
+        for i in 0..4 {
+            let (file, a) = (&file, adapter(i));
+            s.spawn(move || {
+                for round in 0..20 {
+                    let t = AdapterTuning { adapter: a.name.clone(), driver: a.driver.clone(), tiled_min_work: round, deep: false, image_tiled: true, measured_at: 0 };
+                    store(file, &a, &t).unwrap();
+                }
+            });
+        }
+    });
+    for i in 0..4 {
+        assert_eq!(cached(&file, &adapter(i)).map(|t| t.tiled_min_work), Some(19), "adapter {i}'s last entry");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).filter(|n| n.to_string_lossy().contains(".tmp.")).collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}

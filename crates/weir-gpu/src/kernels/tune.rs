@@ -88,24 +88,42 @@ pub(crate) fn cached(path: &Path, adapter: &AdapterDesc) -> Option<AdapterTuning
     }
 }
 
-/// Store `tuning` for `adapter` in `path`, keeping the other adapters' entries: written to a
-/// temporary file, synced and renamed over the old one, so a reader never sees half a file.
-fn store(path: &Path, adapter: &AdapterDesc, tuning: &AdapterTuning) -> Result<(), GpuError> {
+/// Store `tuning` for `adapter` in `path`, keeping the other adapters' entries. Writers take an
+/// exclusive lock on `<path>.lock` for the read-modify-write (two `weir gpu tune` at once keep
+/// both entries); the file is written to a temporary file of its own, synced and renamed over
+/// the old one, so a reader never sees half a file. A file that cannot be read (other than
+/// missing) is not overwritten; one that does not parse is replaced, with a warning.
+pub(crate) fn store(path: &Path, adapter: &AdapterDesc, tuning: &AdapterTuning) -> Result<(), GpuError> {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static TMP: AtomicU64 = AtomicU64::new(0);
     let io = |e: std::io::Error| GpuError::Device(format!("GPU tuning file {}: {e}", path.display()));
-    let mut entries = read_file(path).unwrap_or_default();
-    entries.insert(tuning_key(adapter), tuning.clone());
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path.with_extension("json.lock")).map_err(io)?;
+    lock.lock().map_err(io)?;
+    let mut entries = match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::warn!("GPU tuning file {} does not parse ({e}): replaced", path.display());
+            BTreeMap::new()
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+        Err(e) => return Err(io(e)),
+    };
+    entries.insert(tuning_key(adapter), tuning.clone());
+    let tmp = path.with_extension(format!("json.tmp.{}.{}", std::process::id(), TMP.fetch_add(1, Ordering::Relaxed)));
     let json = serde_json::to_vec_pretty(&entries).map_err(|e| GpuError::Device(e.to_string()))?;
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&json).map_err(io)?;
-        f.sync_all().map_err(io)?;
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&json)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    std::fs::rename(&tmp, path).map_err(io)
+    written.map_err(io)
 }
 
 /// One size of a tuning pass: milliseconds per n×n×n product (median of the repetitions).
@@ -119,13 +137,6 @@ pub struct TuneRow {
     pub tiled_ms: f64,
     /// The tiled kernel with K steps of 16, where the device's workgroup memory admits it.
     pub deep_ms: Option<f64>,
-}
-
-impl TuneRow {
-    /// The faster tiled variant's time.
-    fn best_tiled(&self) -> f64 {
-        self.deep_ms.map_or(self.tiled_ms, |d| d.min(self.tiled_ms))
-    }
 }
 
 /// What a tuning pass measured, and the values chosen.
@@ -220,8 +231,11 @@ impl GpuKernels {
         let image_tiled = image_rows.iter().map(|r| r.2).sum::<f64>() <= image_rows.iter().map(|r| r.1).sum::<f64>();
         let measured_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let adapter = &self.ctx.adapter;
+        // The K step that wins at the largest size, then the threshold of that variant (the one
+        // the device will run).
         let deep = rows.last().and_then(|r| r.deep_ms.map(|d| d < r.tiled_ms)).unwrap_or(false);
-        let tiled_min_work = threshold(&rows.iter().map(|r| (r.n, r.small_ms, r.best_tiled())).collect::<Vec<_>>());
+        let chosen = |r: &TuneRow| if deep { r.deep_ms.unwrap_or(r.tiled_ms) } else { r.tiled_ms };
+        let tiled_min_work = threshold(&rows.iter().map(|r| (r.n, r.small_ms, chosen(r))).collect::<Vec<_>>());
         let tuning = AdapterTuning { adapter: adapter.name.clone(), driver: adapter.driver.clone(), tiled_min_work, deep, image_tiled, measured_at };
         self.ctx.gemm_tiled_min_work.store(tuning.tiled_min_work, std::sync::atomic::Ordering::Relaxed);
         self.ctx.gemm_deep.store(tuning.deep, std::sync::atomic::Ordering::Relaxed);
