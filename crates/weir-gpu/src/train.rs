@@ -615,6 +615,14 @@ impl GpuKernels {
             Ok(n) => n,
             Err(e) => return Pending::ready(Err(e)),
         };
+        // The longest loops of an invocation (a loop of N iterations costs N + 1 on lavapipe):
+        // a conv weight's gradient over the batch's pixels, a logit over the features, a dense
+        // weight's gradient over the batch.
+        let (h, w) = (shape.h, shape.w);
+        let most = (n * (h * (w + 2) + 2) + 2).max(shape.features() + 2).max(2 * (n + 1)).max(4 * (shape.classes + 1));
+        if let Err(e) = self.check_loops(most, &format!("cnn training: a batch of {n} images of {h}×{w}")) {
+            return Pending::ready(Err(e));
+        }
         let s = Scratch::new(shape, n);
         let (cb, dw, db) = shape.offsets();
         let u = |x: usize| x as u32;

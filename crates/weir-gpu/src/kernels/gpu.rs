@@ -214,6 +214,8 @@ impl Kernels for GpuKernels {
 
     fn cnn_forward_async(&self, m: &crate::cnn::SmallCnn, images: &[f32], n: usize) -> Pending<Vec<f32>> {
         checked!(check_cnn(m, images, n));
+        // A logit loops over the features, a convolution over the input channels × 3 × 3.
+        checked!(self.check_loops(m.conv_c * (m.h / 2) * (m.w / 2) + 16 * m.in_c + 8, &format!("cnn: a model of {} features", m.conv_c * (m.h / 2) * (m.w / 2))));
         if n == 0 {
             return Pending::ready(Ok(Vec::new()));
         }
@@ -251,6 +253,13 @@ const GEMM_CAPPED_K: usize = 32_768;
 /// Loop iterations per invocation allowed on a device that ends loops after 65,535 in all
 /// (lavapipe), with a margin for a kernel's short loops (tile loads, zeroing).
 pub(crate) const LOOP_BUDGET: usize = 60_000;
+
+/// Loop iterations of K-means' assignment per point, counted as lavapipe counts them (a loop of
+/// N iterations costs N + 1): k centroids × d dimensions, and the centres' copy to workgroup
+/// memory.
+pub(crate) fn kmeans_assign_loops(k: usize, d: usize) -> usize {
+    k * (d + 2) + (k * d).div_ceil(64) + 2
+}
 
 /// Points per block of the K-means update (`slice` in kmeans.wgsl): one workgroup's share in the
 /// reduction; every shader loop stays far below llvmpipe's 65,535 iterations, and a submission's
@@ -459,8 +468,10 @@ impl GpuKernels {
         } else {
             (self.pipeline("kmeans_assign", KMEANS, "assign", 6), ax, ay)
         };
-        // Pass 1: a workgroup per block where one lane's accumulators fit workgroup memory.
-        let update = if lanes > 0 {
+        // Pass 1: a workgroup per block where one lane's accumulators fit workgroup memory (and,
+        // on lavapipe, a lane's loop over its points and their values stays within the limit).
+        let lane_loops = if lanes > 0 { (KMEANS_BLOCK.div_ceil(lanes) + 1) * (d.div_ceil(64 / lanes) + 2) + 2 * (lanes * (k * d + k)).div_ceil(64) + 4 } else { 0 };
+        let update = if lanes > 0 && !(self.loops_capped() && lane_loops > LOOP_BUDGET) {
             (self.pipeline("kmeans_partial", KMEANS, "partial", 6), blocks as u32, 1)
         } else {
             (self.pipeline("kmeans_update", KMEANS, "update", 6), (k * d).div_ceil(64) as u32, blocks as u32)
@@ -492,7 +503,7 @@ impl GpuKernels {
     /// added steps.
     pub fn kmeans_lloyd_step_async(&self, points: &[f32], centroids: &[f32], d: usize) -> Pending<(KmeansStep, Vec<f32>)> {
         let (n, k) = checked!(check_kmeans(points, centroids, d));
-        checked!(self.check_loops(k * (d + 1), "kmeans: assigning a point to k centroids of d dimensions (k·(d + 1))"));
+        checked!(self.check_loops(kmeans_assign_loops(k, d), &format!("kmeans: assigning a point to {k} centroids of {d} dimensions")));
         let limits = self.engine.limits();
         // Centroids and sums are bound whole; the reduction runs one invocation per
         // (centroid, dimension): only points split.

@@ -765,16 +765,57 @@ fn resize_of_an_image_with_many_channels_matches_the_cpu() {
 #[test]
 fn work_beyond_the_loop_limit_is_refused_on_a_device_that_has_one() {
     let Some(g) = gpu() else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
-    let (k, d) = (256, 300);
-    let (points, centroids) = (lcg(1, 10 * d), lcg(2, k * d));
-    match g.kmeans_step(&points, &centroids, d) {
-        Err(e) => {
-            assert!(g.loops_capped(), "refused on a device without the limit: {e}");
-            assert!(e.to_string().contains("65,535") && e.to_string().contains("weir.gpu.enabled"), "{e}");
+    // k·(d + 1) = 60,000 passed the first check; a loop of N iterations costs N + 1 there, so
+    // k·(d + 2) + 1 is what counts (30,000 × 1 and 6,000 × 9 came back with wrong labels).
+    for (k, d) in [(256, 300), (30_000, 1), (6_000, 9)] {
+        let (points, centroids) = (lcg(1, 10 * d), lcg(2, k * d));
+        match g.kmeans_step(&points, &centroids, d) {
+            Err(e) => {
+                assert!(g.loops_capped(), "refused on a device without the limit: {e}");
+                assert!(e.to_string().contains("65,535") && e.to_string().contains("weir.gpu.enabled"), "{e}");
+            }
+            Ok(step) => {
+                assert!(!g.loops_capped(), "lavapipe computed k = {k}, d = {d} past its loop limit");
+                assert_eq!(step, CpuKernels::new(1).kmeans_step(&points, &centroids, d).unwrap());
+            }
         }
-        Ok(step) => {
-            assert!(!g.loops_capped(), "lavapipe computed past its loop limit");
-            assert_eq!(step, CpuKernels::new(1).kmeans_step(&points, &centroids, d).unwrap());
+    }
+    // A CNN whose logits loop over 17 × 64 × 64 = 69,632 features.
+    let cnn = crate::cnn::SmallCnn {
+        in_c: 1,
+        h: 128,
+        w: 128,
+        conv_c: 17,
+        classes: 2,
+        conv_w: lcg(3, 17 * 9),
+        conv_b: vec![0.0; 17],
+        dense_w: lcg(4, 2 * 17 * 64 * 64),
+        dense_b: vec![0.0; 2],
+        metadata: Default::default(),
+    };
+    let images = lcg(5, 128 * 128);
+    match g.cnn_forward(&cnn, &images, 1) {
+        Err(e) => assert!(g.loops_capped() && e.to_string().contains("65,535"), "{e}"),
+        Ok(logits) => {
+            assert!(!g.loops_capped(), "lavapipe computed 69,632-feature logits past its loop limit");
+            let want = CpuKernels::new(1).cnn_forward(&cnn, &images, 1).unwrap();
+            assert!(logits.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-2 * b.abs().max(1.0)), "{logits:?} vs {want:?}");
+        }
+    }
+}
+
+/// K-means with one centroid of 4,000 dimensions: pass 1's lane looped over 1,024 points × 63
+/// value strides, past lavapipe's limit (counts came back 0). There it now takes the per-sum pass.
+#[test]
+fn kmeans_with_thousands_of_dimensions_matches_the_cpu() {
+    let (n, d) = (1024, 4000);
+    let (points, centroids) = (lcg(8, n * d), lcg(9, d));
+    let want = CpuKernels::new(1).kmeans_step(&points, &centroids, d).unwrap();
+    for kern in paths() {
+        let got = kern.kmeans_step(&points, &centroids, d).unwrap();
+        assert_eq!(got.counts, want.counts, "{}", kern.name());
+        for (a, b) in got.sums.iter().zip(&want.sums) {
+            assert!((a - b).abs() <= 1e-2, "{}: {a} vs {b}", kern.name());
         }
     }
 }

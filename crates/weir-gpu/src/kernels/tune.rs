@@ -101,8 +101,22 @@ pub(crate) fn store(path: &Path, adapter: &AdapterDesc, tuning: &AdapterTuning) 
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
-    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path.with_extension("json.lock")).map_err(io)?;
-    lock.lock().map_err(io)?;
+    // flock needs no write access: a lock file another user created serves too.
+    let lock_path = path.with_extension("json.lock");
+    let lock = std::fs::File::open(&lock_path)
+        .or_else(|_| std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path))
+        .map_err(io)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match lock.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(GpuError::Device(format!("GPU tuning file {}: {} held by another writer for 60 s", path.display(), lock_path.display())))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+    }
     let mut entries = match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
             tracing::warn!("GPU tuning file {} does not parse ({e}): replaced", path.display());

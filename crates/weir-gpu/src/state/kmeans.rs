@@ -91,10 +91,10 @@ pub fn step(arena: &mut StateArena, shape: KmeansShape, slots: &[u32], starts: &
     let Some((kernels, _)) = arena.device() else { unreachable!("an arena is on the host or on the device") };
     // An invocation's loops: assign k·d, update twice the chunks of its key's points.
     let most_points = starts.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-    if let Err(e) = kernels.check_loops(k * (d + 1), "kmeans: assigning a point to k centroids of d dimensions (k·(d + 1))") {
+    if let Err(e) = kernels.check_loops(crate::kernels::gpu::kmeans_assign_loops(k, d), &format!("kmeans: assigning a point to {k} centroids of {d} dimensions")) {
         return Pending::ready(Err(e));
     }
-    if let Err(e) = kernels.check_loops(2 * most_points.div_ceil(POINT_CHUNK) as usize, "kmeans: one key's points in one batch (lower weir.gpu.batch.max-records)") {
+    if let Err(e) = kernels.check_loops(2 * most_points.div_ceil(POINT_CHUNK) as usize + 4, "kmeans: one key's points in one batch (lower weir.gpu.batch.max-records)") {
         return Pending::ready(Err(e));
     }
     // Keep every binding of a launch within the device's largest storage binding: split the
@@ -255,9 +255,13 @@ fn cpu_step(arena: &mut [u32], dirty: &mut [u32], chunk: usize, shape: KmeansSha
     // order: the GPU's order of additions, in one pass over the points.
     let mut partial = vec![0f32; k * (d + 1)];
     let mut sums = vec![0f32; k * (d + 1)];
+    // A chunk's counts are exact in f32 (at most 256); their sum is kept in u32, as the
+    // device adds them (f32 would round past 2^24 points).
+    let mut counts = vec![0u32; k];
     for (j, &base) in bases.iter().enumerate() {
         let (first, last) = (starts[j] as usize, starts[j + 1] as usize);
         sums.fill(0.0);
+        counts.fill(0);
         let mut p0 = first;
         while p0 < last {
             let p1 = (p0 + POINT_CHUNK as usize).min(last);
@@ -272,6 +276,9 @@ fn cpu_step(arena: &mut [u32], dirty: &mut [u32], chunk: usize, shape: KmeansSha
             for (s, v) in sums.iter_mut().zip(&partial) {
                 *s += v;
             }
+            for (c, n) in counts.iter_mut().enumerate() {
+                *n += partial[c * (d + 1) + d] as u32;
+            }
             p0 = p1;
         }
         for c in 0..k {
@@ -279,7 +286,7 @@ fn cpu_step(arena: &mut [u32], dirty: &mut [u32], chunk: usize, shape: KmeansSha
             let count_at = base as usize + HEADER + k * d + c;
             let o = (j * k + c) * (d + 1);
             let sums = &sums[c * (d + 1)..(c + 1) * (d + 1)];
-            let cnt = sums[d] as u32;
+            let cnt = counts[c];
             if cnt == 0 {
                 out[o] = arena[count_at];
                 out[o + 1..o + 1 + d].copy_from_slice(&arena[cent..cent + d]);

@@ -543,3 +543,28 @@ fn windowed_steps_report_and_empty_the_window_on_both_paths() {
         assert!(g.cnn_train_step_windowed_async(&shape, &opt, a, past, d, chunk_words, &batches[0].0, &batches[0].1, every).wait().unwrap_err().to_string().contains("beyond the"));
     }
 }
+
+/// A training step whose conv-gradient invocations loop over the batch's pixels past
+/// lavapipe's loop limit (128 images of 28 × 28: about 108 k iterations) is refused there, never
+/// computed wrong; elsewhere it runs.
+#[test]
+fn a_step_past_the_loop_limit_is_refused_where_loops_are_capped() {
+    let shape = CnnShape { in_c: 1, h: 28, w: 28, conv_c: 2, classes: 3 };
+    let n = 128;
+    let opt = Adam::default();
+    let images = lcg(7, n * shape.input_len());
+    let labels: Vec<u32> = (0..n as u32).map(|i| i % 3).collect();
+    for g in gpu_paths() {
+        let slot_word = 4;
+        let mut arena = vec![0.0; slot_word + shape.slot_words()];
+        arena[slot_word..].copy_from_slice(&shape.init_slot(3));
+        let dev = OnDevice::new(g, &arena, 64);
+        match dev.step(g, &shape, &opt, slot_word as u32, &images, &labels).wait() {
+            Err(e) => assert!(g.loops_capped() && e.to_string().contains("65,535"), "{e}"),
+            Ok(stats) => {
+                assert!(!g.loops_capped(), "lavapipe trained past its loop limit");
+                assert_eq!(stats.samples, n as u32);
+            }
+        }
+    }
+}
