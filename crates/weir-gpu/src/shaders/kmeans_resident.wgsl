@@ -100,6 +100,19 @@ fn partial_tiled(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id)
     }
 }
 
+// The points of key `j` assigned to centroid `c` in this launch: its chunks' counts added in
+// chunk order (each exact in f32, at most 256), as u32.
+fn key_count(j: u32, c: u32) -> u32 {
+    let n = dims[1]; let k = dims[2]; let d = dims[3];
+    let q0 = segs[j * 4u + 3u];
+    let qn = (segs[j * 4u + 2u] + CHUNK - 1u) / CHUNK;
+    var cnt = 0u;
+    for (var q = q0; q < q0 + qn; q++) {
+        cnt += u32(bitcast<f32>(scratch[n + (q * k + c) * (d + 1u) + d]));
+    }
+    return cnt;
+}
+
 // `update_values` runs before `update_counts` (a later dispatch): it reads the counts that
 // `update_counts` then overwrites.
 @compute @workgroup_size(64)
@@ -108,21 +121,17 @@ fn update_values(@builtin(global_invocation_id) gid: vec3<u32>) {
     let id = flat(gid);
     if (id >= dims[0] * k * d) { return; }
     let x = id % d; let jc = id / d; let j = jc / k; let c = jc % k;
-    let base = segs[j * 4u]; let len = segs[j * 4u + 2u]; let q0 = segs[j * 4u + 3u];
-    let qn = (len + CHUNK - 1u) / CHUNK;
-    let cent = base + 4u + c * d;
-    let count_at = base + 4u + k * d + c;
+    let cent = segs[j * 4u] + 4u + c * d;
     let o = jc * (d + 1u);
-    var cnt = 0u;
-    for (var q = q0; q < q0 + qn; q++) {
-        cnt += u32(bitcast<f32>(scratch[n + (q * k + c) * (d + 1u) + d]));
-    }
+    let cnt = key_count(j, c);
     if (cnt == 0u) {
         out[o + 1u + x] = arena[cent + x];
         return;
     }
-    let seen = arena[count_at] + cnt;
+    let seen = arena[segs[j * 4u] + 4u + k * d + c] + cnt;
     let eta = f32(cnt) / f32(seen);
+    let q0 = segs[j * 4u + 3u];
+    let qn = (segs[j * 4u + 2u] + CHUNK - 1u) / CHUNK;
     var s = 0.0;
     for (var q = q0; q < q0 + qn; q++) {
         s += bitcast<f32>(scratch[n + (q * k + c) * (d + 1u) + x]);
@@ -137,18 +146,13 @@ fn update_values(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 @compute @workgroup_size(64)
 fn update_counts(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let n = dims[1]; let k = dims[2]; let d = dims[3]; let chunk = dims[4];
+    let k = dims[2]; let d = dims[3]; let chunk = dims[4];
     let id = flat(gid);
     if (id >= dims[0] * k) { return; }
     let j = id / k; let c = id % k;
-    let base = segs[j * 4u]; let len = segs[j * 4u + 2u]; let q0 = segs[j * 4u + 3u];
-    let qn = (len + CHUNK - 1u) / CHUNK;
-    let count_at = base + 4u + k * d + c;
+    let count_at = segs[j * 4u] + 4u + k * d + c;
     let o = id * (d + 1u);
-    var cnt = 0u;
-    for (var q = q0; q < q0 + qn; q++) {
-        cnt += u32(bitcast<f32>(scratch[n + (q * k + c) * (d + 1u) + d]));
-    }
+    let cnt = key_count(j, c);
     if (cnt == 0u) {
         out[o] = arena[count_at];
         return;
