@@ -143,6 +143,9 @@ pub struct GpuContext {
     pub(crate) image_tiled: std::sync::atomic::AtomicBool,
     /// Whether those come from a tuning pass.
     pub(crate) tuned: std::sync::atomic::AtomicBool,
+    /// Whether the device ends an invocation's loops early: a CPU device (Mesa's llvmpipe,
+    /// lavapipe) silently stops them after 65,535 iterations in all.
+    pub(crate) loops_capped: bool,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -232,7 +235,7 @@ impl GpuContext {
         let tuned_any = tuned.is_some();
         // Untuned, the image kernels are tiled except on a CPU "device" (lavapipe), whose
         // workgroup memory is ordinary memory: there tiling only adds barriers (measured 2× slower).
-        let cpu = desc.device_type == format!("{:?}", wgpu::DeviceType::Cpu);
+        let cpu = adapter.get_info().device_type == wgpu::DeviceType::Cpu;
         let (tiled_min_work, deep, image_tiled) = tuned.map_or((crate::kernels::gpu::GEMM_TILED_MIN_WORK, false, !cpu), |t| (t.tiled_min_work, t.deep, t.image_tiled));
         Ok(Some(Arc::new(GpuContext {
             device,
@@ -246,6 +249,7 @@ impl GpuContext {
             gemm_deep: std::sync::atomic::AtomicBool::new(deep),
             image_tiled: std::sync::atomic::AtomicBool::new(image_tiled),
             tuned: std::sync::atomic::AtomicBool::new(tuned_any),
+            loops_capped: cpu,
         })))
     }
 }

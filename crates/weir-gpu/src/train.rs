@@ -620,7 +620,7 @@ impl GpuKernels {
         // weight's gradient over the batch.
         let (h, w) = (shape.h, shape.w);
         let most = (n * (h * (w + 2) + 2) + 2).max(shape.features() + 2).max(2 * (n + 1)).max(4 * (shape.classes + 1));
-        if let Err(e) = self.check_loops(most, &format!("cnn training: a batch of {n} images of {h}×{w}")) {
+        if let Err(e) = self.check_loops(most, || format!("cnn training: a batch of {n} images of {h}×{w}")) {
             return Pending::ready(Err(e));
         }
         let s = Scratch::new(shape, n);

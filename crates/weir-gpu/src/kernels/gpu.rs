@@ -102,17 +102,19 @@ impl GpuKernels {
     /// Whether this device ends an invocation's loops early: Mesa's llvmpipe (lavapipe, a CPU
     /// device) silently stops them after 65,535 iterations in all, leaving wrong results.
     pub(crate) fn loops_capped(&self) -> bool {
-        self.ctx.adapter.device_type == format!("{:?}", wgpu::DeviceType::Cpu)
+        self.ctx.loops_capped
     }
 
     /// Refuse work of `iterations` loop iterations per invocation on a device that would end
-    /// them early ([`GpuKernels::loops_capped`]), naming `what`; Ok elsewhere.
-    pub(crate) fn check_loops(&self, iterations: usize, what: &str) -> Result<(), GpuError> {
+    /// them early ([`GpuKernels::loops_capped`]), naming `what` (built only then); Ok elsewhere.
+    pub(crate) fn check_loops(&self, iterations: usize, what: impl FnOnce() -> String) -> Result<(), GpuError> {
         if self.loops_capped() && iterations > LOOP_BUDGET {
             return Err(GpuError::Input(format!(
-                "{what}: {iterations} loop iterations per GPU invocation; {} ({}) ends an invocation's loops after 65,535, \
+                "{}: {iterations} loop iterations per GPU invocation; {} ({}) ends an invocation's loops after 65,535, \
                  which would give wrong results: use a smaller shape, or the CPU path (weir.gpu.enabled: false)",
-                self.ctx.adapter.name, self.ctx.adapter.driver
+                what(),
+                self.ctx.adapter.name,
+                self.ctx.adapter.driver
             )));
         }
         Ok(())
@@ -215,7 +217,7 @@ impl Kernels for GpuKernels {
     fn cnn_forward_async(&self, m: &crate::cnn::SmallCnn, images: &[f32], n: usize) -> Pending<Vec<f32>> {
         checked!(check_cnn(m, images, n));
         // A logit loops over the features, a convolution over the input channels × 3 × 3.
-        checked!(self.check_loops(m.conv_c * (m.h / 2) * (m.w / 2) + 16 * m.in_c + 8, &format!("cnn: a model of {} features", m.conv_c * (m.h / 2) * (m.w / 2))));
+        checked!(self.check_loops(m.conv_c * (m.h / 2) * (m.w / 2) + 16 * m.in_c + 8, || format!("cnn: a model of {} features", m.conv_c * (m.h / 2) * (m.w / 2))));
         if n == 0 {
             return Pending::ready(Ok(Vec::new()));
         }
@@ -503,7 +505,7 @@ impl GpuKernels {
     /// added steps.
     pub fn kmeans_lloyd_step_async(&self, points: &[f32], centroids: &[f32], d: usize) -> Pending<(KmeansStep, Vec<f32>)> {
         let (n, k) = checked!(check_kmeans(points, centroids, d));
-        checked!(self.check_loops(kmeans_assign_loops(k, d), &format!("kmeans: assigning a point to {k} centroids of {d} dimensions")));
+        checked!(self.check_loops(kmeans_assign_loops(k, d), || format!("kmeans: assigning a point to {k} centroids of {d} dimensions")));
         let limits = self.engine.limits();
         // Centroids and sums are bound whole; the reduction runs one invocation per
         // (centroid, dimension): only points split.
@@ -622,7 +624,7 @@ impl GpuKernels {
         checked!(img.check());
         let weights = gaussian_weights(sigma);
         let r = weights.len() / 2;
-        checked!(self.check_loops(2 * r + 64, &format!("gaussian blur σ = {sigma} (radius {r})")));
+        checked!(self.check_loops(2 * r + 64, || format!("gaussian blur σ = {sigma} (radius {r})")));
         let plan = ImagePlan::new(img, self.engine.limits().max_groups as usize, tiled);
         let (h, v) = (plan.blur_h(r), plan.blur_v(r));
         let th = v.map_or(0, |_| IMAGE_TILE_ROWS - 2 * r);

@@ -91,10 +91,10 @@ pub fn step(arena: &mut StateArena, shape: KmeansShape, slots: &[u32], starts: &
     let Some((kernels, _)) = arena.device() else { unreachable!("an arena is on the host or on the device") };
     // An invocation's loops: assign k·d, update twice the chunks of its key's points.
     let most_points = starts.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-    if let Err(e) = kernels.check_loops(crate::kernels::gpu::kmeans_assign_loops(k, d), &format!("kmeans: assigning a point to {k} centroids of {d} dimensions")) {
+    if let Err(e) = kernels.check_loops(crate::kernels::gpu::kmeans_assign_loops(k, d), || format!("kmeans: assigning a point to {k} centroids of {d} dimensions")) {
         return Pending::ready(Err(e));
     }
-    if let Err(e) = kernels.check_loops(2 * most_points.div_ceil(POINT_CHUNK) as usize + 4, "kmeans: one key's points in one batch (lower weir.gpu.batch.max-records)") {
+    if let Err(e) = kernels.check_loops(2 * most_points.div_ceil(POINT_CHUNK) as usize + 4, || "kmeans: one key's points in one batch (lower weir.gpu.batch.max-records)".into()) {
         return Pending::ready(Err(e));
     }
     // Keep every binding of a launch within the device's largest storage binding: split the

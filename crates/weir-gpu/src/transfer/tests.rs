@@ -103,7 +103,7 @@ fn in_use(ctx: &GpuContext) -> u64 {
 /// leave the queue waiting for it: the next caller is served.
 #[test]
 fn a_caller_failing_after_taking_its_ticket_does_not_block_the_queue() {
-    let Some(ctx) = context(64 << 20) else { return };
+    let Some(ctx) = context(64 << 20) else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
     let engine = Engine::new(ctx.clone(), TransferMode::Auto, 1).unwrap();
     let pipe = add_one(&ctx);
     check_add_one(&engine, &pipe, 100);
@@ -117,7 +117,7 @@ fn a_caller_failing_after_taking_its_ticket_does_not_block_the_queue() {
 /// already unmapped) gives back the slot and the pool blocks.
 #[test]
 fn a_panic_between_acquire_and_submit_frees_the_slot_and_its_blocks() {
-    let Some(ctx) = context(64 << 20) else { return };
+    let Some(ctx) = context(64 << 20) else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
     let engine = Engine::new(ctx.clone(), TransferMode::Staged, 1).unwrap();
     let pipe = add_one(&ctx);
     check_add_one(&engine, &pipe, 1000);
@@ -137,7 +137,7 @@ fn a_panic_between_acquire_and_submit_frees_the_slot_and_its_blocks() {
 /// re-map is pending) must not leave the slot dead: the next batch gets a fresh buffer.
 #[test]
 fn a_failed_re_map_does_not_kill_the_slot() {
-    let Some(ctx) = context(64 << 20) else { return };
+    let Some(ctx) = context(64 << 20) else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
     let engine = Engine::new(ctx.clone(), TransferMode::Auto, 1).unwrap();
     let pipe = add_one(&ctx);
     check_add_one(&engine, &pipe, 100);
@@ -156,7 +156,7 @@ fn a_failed_re_map_does_not_kill_the_slot() {
 /// error of that batch's result, not wgpu's panic; the engine goes on.
 #[test]
 fn a_device_validation_error_is_the_batch_result() {
-    let Some(ctx) = context(64 << 20) else { return };
+    let Some(ctx) = context(64 << 20) else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
     let pipe = add_one(&ctx);
     for mode in [TransferMode::Auto, TransferMode::Staged] {
         let engine = Engine::new(ctx.clone(), mode, 2).unwrap();
@@ -179,7 +179,7 @@ fn a_device_validation_error_is_the_batch_result() {
 /// buffers shrink back once recent batches are much smaller than one huge batch.
 #[test]
 fn staging_buffers_count_against_the_budget_and_shrink() {
-    let Some(ctx) = context(64 << 20) else { return };
+    let Some(ctx) = context(64 << 20) else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
     let engine = Engine::new(ctx.clone(), TransferMode::Staged, 2).unwrap();
     let pipe = add_one(&ctx);
     let staging = |e: &Engine| -> u64 { e.lock().slots.iter().flat_map(|s| [&s.upload, &s.download]).flatten().map(|b| b.size()).sum() };
@@ -202,7 +202,7 @@ fn staging_buffers_count_against_the_budget_and_shrink() {
 #[test]
 fn pool_and_ring_locks_are_taken_in_one_order() {
     use crate::kernels::{gpu::GpuKernels, Kernels};
-    let Some(ctx) = context(64 << 20) else { return };
+    let Some(ctx) = context(64 << 20) else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
     let g = Arc::new(GpuKernels::with_transfer(ctx, TransferMode::Auto, 2).unwrap());
     let stop = Arc::new(AtomicBool::new(false));
     let (g2, stop2) = (g.clone(), stop.clone());
@@ -228,7 +228,7 @@ fn pool_and_ring_locks_are_taken_in_one_order() {
 /// recorded (wgpu would panic), naming the sizes and the limit.
 #[test]
 fn batches_beyond_the_device_limits_are_refused_with_the_sizes() {
-    let Some(ctx) = context(64 << 20) else { return };
+    let Some(ctx) = context(64 << 20) else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
     let limits = Limits { max_binding: 4096, max_groups: 8 };
     let engine = Engine::with_limits(ctx.clone(), TransferMode::Auto, 2, limits).unwrap();
     let pipe = add_one(&ctx);
@@ -252,7 +252,7 @@ fn batches_beyond_the_device_limits_are_refused_with_the_sizes() {
 #[test]
 fn kernels_split_batches_beyond_the_limits() {
     use crate::kernels::{cpu::CpuKernels, gpu::GpuKernels, Kernels};
-    let Some(ctx) = context(64 << 20) else { return };
+    let Some(ctx) = context(64 << 20) else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
     let limits = Limits { max_binding: 4096, max_groups: 2 };
     let cpu = CpuKernels::new(1);
     let lcg = |seed: u64, n: usize| -> Vec<f32> {
@@ -301,7 +301,7 @@ fn kernels_split_batches_beyond_the_limits() {
 /// A result conversion that panics fails its own batch only: the slot and blocks come back.
 #[test]
 fn a_panicking_result_conversion_fails_only_its_batch() {
-    let Some(ctx) = context(64 << 20) else { return };
+    let Some(ctx) = context(64 << 20) else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
     let engine = Engine::new(ctx.clone(), TransferMode::Staged, 1).unwrap();
     let pipe = add_one(&ctx);
     check_add_one(&engine, &pipe, 10);
@@ -326,7 +326,7 @@ fn on_ready_reports_each_batch_once_with_its_transfer_time() {
     let p = Pending::ready(Ok(7)).on_ready(move |t| s.borrow_mut().push(t));
     assert_eq!(p.wait().unwrap(), 7);
     assert_eq!(*seen.borrow(), vec![Duration::ZERO]);
-    let Some(ctx) = context(64 << 20) else { return };
+    let Some(ctx) = context(64 << 20) else { return assert!(std::env::var("WEIR_REQUIRE_GPU").map_or(true, |v| v != "1")) };
     let k = crate::kernels::gpu::GpuKernels::new(ctx);
     use crate::kernels::Kernels;
     let a: Vec<f32> = (0..64 * 32).map(|x| (x % 7) as f32).collect();
